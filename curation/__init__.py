@@ -1,0 +1,1 @@
+"""Data curation: read category sources, normalise, filter, deduplicate (exact, near), decontaminate."""

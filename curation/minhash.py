@@ -1,0 +1,194 @@
+"""Vectorised MinHash (one-permutation hashing with optimal densification) and LSH near-dedup.
+
+Why not datasketch or rensa row by row: both need one Python call per row (and rensa a Python list of
+shingle strings), which caps them at ~2k and ~13k rows/s here (ENV.md). This module hashes every
+character n-gram of a whole batch in a few NumPy passes and builds all signatures at once. The estimator
+is one-permutation hashing (Li et al., 2012) with optimal densification (Shrivastava, ICML 2017): each
+shingle hash picks one of ``num_perm`` bins and the bin keeps its minimum; empty bins borrow from a bin
+chosen by a fixed per-bin random sequence, which keeps the estimate of Jaccard similarity unbiased.
+LSH parameters (bands x rows) come from datasketch's optimiser for the threshold, and every candidate
+pair from a band collision is verified on the signatures before two rows are merged.
+
+Example::
+
+    sig = signatures(["the quick brown fox", "the quick brown fox!", "something else"])
+    estimated_jaccard(sig[0], sig[1]) > 0.8   # True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+_PRIME = np.uint64(0x100000001B3)  # FNV-1a 64-bit prime, the rolling polynomial base
+_EMPTY = np.uint32(0xFFFFFFFF)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: spreads the bits of a uint64 array (in place safe, returns new)."""
+    with np.errstate(over="ignore"):
+        x = x ^ (x >> np.uint64(30))
+        x = x * np.uint64(0xBF58476D1CE4E5B9)
+        x = x ^ (x >> np.uint64(27))
+        x = x * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+@dataclass(frozen=True)
+class MinHashParams:
+    """Signature and LSH settings. ``bands * rows <= num_perm``."""
+
+    num_perm: int = 128
+    ngram: int = 5
+    threshold: float = 0.8
+    seed: int = 1
+
+    def lsh_shape(self) -> tuple[int, int]:
+        """(bands, rows) minimising weighted FP+FN probability, via datasketch's own optimiser."""
+        from datasketch.lsh import _optimal_param
+
+        b, r = _optimal_param(self.threshold, self.num_perm, 0.5, 0.5)
+        return int(b), int(r)
+
+
+def _fmix32(h: np.ndarray) -> None:
+    """MurmurHash3's 32-bit finaliser, in place (few passes, no temporaries: this is the hot loop)."""
+    h ^= h >> np.uint32(16)
+    h *= np.uint32(0x85EBCA6B)
+    h ^= h >> np.uint32(13)
+    h *= np.uint32(0xC2B2AE35)
+    h ^= h >> np.uint32(16)
+
+
+def shingle_hashes(texts: list[str], ngram: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Hash every character n-gram of every text (one pass per n-gram position, in place).
+
+    Returns ``(hashes, rows)``: uint32 hashes of shape ``(W,)`` over all windows of the concatenated
+    texts, and the int64 row of each window, ``-1`` for windows that straddle two texts. Texts shorter
+    than ``ngram`` (including empty ones) are padded with NUL so they give exactly one shingle.
+    """
+    n = len(texts)
+    padded = [t if len(t) >= ngram else t + "\x00" * (ngram - len(t)) for t in texts]
+    lens = np.fromiter(map(len, padded), dtype=np.int64, count=n)
+    cps = np.frombuffer("".join(padded).encode("utf-32-le"), dtype=np.uint32)
+    n_win = int(lens.sum()) - ngram + 1
+    h = np.full(n_win, np.uint32(seed * 0x9E3779B1 & 0xFFFFFFFF), dtype=np.uint32)
+    for j in range(ngram):
+        h *= np.uint32(0x01000193)  # FNV-1a 32-bit prime
+        h ^= cps[j : j + n_win]
+    _fmix32(h)
+    rows = np.repeat(np.arange(n, dtype=np.int64), lens)[:n_win]
+    ends = np.cumsum(lens)
+    for d in range(1, ngram):  # the last ngram-1 windows of each text run into the next text
+        idx = ends - d
+        rows[idx[idx < n_win]] = -1
+    return h, rows
+
+
+def _densify_table(num_perm: int, seed: int, attempts: int = 64) -> np.ndarray:
+    """For each bin j, a fixed random sequence of donor bins (the same for every set)."""
+    rng = np.random.default_rng(seed + 7919)
+    return rng.integers(0, num_perm, size=(attempts, num_perm))
+
+
+def signatures(texts: list[str], params: MinHashParams | None = None) -> np.ndarray:
+    """MinHash signatures, uint32 array of shape ``(len(texts), num_perm)``."""
+    p = params or MinHashParams()
+    n, k = len(texts), p.num_perm
+    if n == 0:
+        return np.empty((0, k), dtype=np.uint32)
+    hashes, rows = shingle_hashes(texts, p.ngram, p.seed)
+    flat = np.where(rows >= 0, rows * k, n * k)  # straddling windows land in a spare row
+    flat += hashes % np.uint32(k)
+    sig = np.full((n + 1) * k, _EMPTY, dtype=np.uint32)
+    np.minimum.at(sig, flat, hashes // np.uint32(k))
+    sig = sig[: n * k]
+    sig = sig.reshape(n, k)
+    empty = sig == _EMPTY
+    if empty.any():
+        table = _densify_table(k, p.seed)
+        filled = ~empty
+        for attempt in range(table.shape[0]):
+            r_idx, b_idx = np.nonzero(empty)
+            if r_idx.size == 0:
+                break
+            donor = table[attempt, b_idx]
+            ok = filled[r_idx, donor]
+            sig[r_idx[ok], b_idx[ok]] = sig[r_idx[ok], donor[ok]]
+            empty[r_idx[ok], b_idx[ok]] = False
+        # Extremely rare leftovers: take the row's minimum over filled bins (deterministic).
+        r_idx, b_idx = np.nonzero(empty)
+        if r_idx.size:
+            row_min = np.where(filled, sig, _EMPTY).min(axis=1)
+            sig[r_idx, b_idx] = row_min[r_idx]
+    return sig
+
+
+def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Fraction of equal signature slots; works row-wise on 2-D arrays."""
+    return np.asarray((a == b).mean(axis=-1))
+
+
+def band_hashes(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """uint64 array ``(n, bands)``: one hash per band of ``rows`` signature slots (band index mixed in)."""
+    n = sig.shape[0]
+    out = np.empty((n, bands), dtype=np.uint64)
+    s64 = sig.astype(np.uint64)
+    with np.errstate(over="ignore"):
+        for b in range(bands):
+            h = np.full(n, np.uint64(b + 1) * np.uint64(0x9E3779B97F4A7C15), dtype=np.uint64)
+            for j in range(rows):
+                h = (h * _PRIME) ^ s64[:, b * rows + j]
+            out[:, b] = _mix64(h)
+    return out
+
+
+def duplicate_clusters(
+    bands: np.ndarray, sig: np.ndarray, threshold: float, chunk: int = 1_000_000
+) -> np.ndarray:
+    """Cluster label per row: rows joined by a band collision *and* verified similarity >= threshold.
+
+    ``bands``: ``(n, B)`` band hashes; ``sig``: ``(n, num_perm)`` signatures (an np.memmap is fine: only
+    candidate rows are touched). Returns int labels whose smallest member is the first row of each cluster.
+    """
+    n = bands.shape[0]
+    src_all, dst_all = [], []
+    for b in range(bands.shape[1]):
+        col = bands[:, b]
+        order = np.argsort(col, kind="stable")
+        sorted_col = col[order]
+        same = sorted_col[1:] == sorted_col[:-1]
+        if not same.any():
+            continue
+        # star edges: every member of a bucket to the bucket's first (lowest-index) member
+        group_start = np.concatenate([[True], ~same])
+        head = order[np.maximum.accumulate(np.where(group_start, np.arange(n), 0))]
+        members = np.nonzero(~group_start)[0]
+        src_all.append(head[members])
+        dst_all.append(order[members])
+    if not src_all:
+        return np.arange(n)
+    src = np.concatenate(src_all)
+    dst = np.concatenate(dst_all)
+    pairs = np.unique(np.stack([np.minimum(src, dst), np.maximum(src, dst)], axis=1), axis=0)
+    keep = np.zeros(len(pairs), dtype=bool)
+    for i in range(0, len(pairs), chunk):
+        a, b = pairs[i : i + chunk, 0], pairs[i : i + chunk, 1]
+        keep[i : i + chunk] = estimated_jaccard(np.asarray(sig[a]), np.asarray(sig[b])) >= threshold
+    pairs = pairs[keep]
+    if len(pairs) == 0:
+        return np.arange(n)
+    graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    return np.asarray(labels)
+
+
+def first_of_clusters(labels: np.ndarray) -> np.ndarray:
+    """Boolean keep-mask: True for the first (lowest-index) row of each cluster."""
+    _, first = np.unique(labels, return_index=True)
+    keep = np.zeros(len(labels), dtype=bool)
+    keep[first] = True
+    return keep

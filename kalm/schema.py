@@ -1,0 +1,64 @@
+"""The one record schema of every shard (pre-training, fine-tuning, mined), declared once.
+
+Columns and who consumes them:
+- ``id``: stable content hash of the normalised (query, first positive); exact dedup key.
+- ``query``: the anchor text, without instruction (instructions are applied at encode time).
+- ``pos``: list of positives (>= 1). ``neg``: list of hard negatives (may be empty; filled by mining).
+- ``instruction``: the task instruction for the query side; ``symmetric``: instruction on both sides.
+- ``category``, ``task_type``, ``recipe``, ``stage``, ``lang``: provenance, used for homogeneous batching.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+STAGES = ("pretrain", "finetune")
+TASK_TYPES = (
+    "retrieval",
+    "sts",
+    "classification",
+    "clustering",
+    "pair_classification",
+    "reranking",
+    "bitext",
+)
+# Task types whose instruction goes on both sides (METHOD.md: symmetric tasks).
+SYMMETRIC_TASK_TYPES = frozenset({"sts", "pair_classification", "clustering", "bitext"})
+
+ROW_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("query", pa.string(), nullable=False),
+        pa.field("pos", pa.list_(pa.string()), nullable=False),
+        pa.field("neg", pa.list_(pa.string()), nullable=False),
+        pa.field("instruction", pa.string(), nullable=False),
+        pa.field("symmetric", pa.bool_(), nullable=False),
+        pa.field("category", pa.string(), nullable=False),
+        pa.field("task_type", pa.string(), nullable=False),
+        pa.field("recipe", pa.string(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("lang", pa.string(), nullable=False),
+    ],
+    metadata={"kalm_schema_version": str(SCHEMA_VERSION)},
+)
+COLUMNS = tuple(ROW_SCHEMA.names)
+
+
+def dedup_key(query: str, pos: str) -> str:
+    """The exact-dedup key of a pair: case-folded, already-normalised query and first positive."""
+    return query.casefold() + "\x1f" + pos.casefold()
+
+
+def row_id(query: str, pos: str) -> str:
+    """Stable 16-hex-digit content hash of a pair, e.g. ``row_id("a", "b") == row_id("A", "b")``."""
+    return hashlib.blake2b(dedup_key(query, pos).encode("utf-8"), digest_size=8).hexdigest()
+
+
+def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Build a table with the explicit schema (never inferred)."""
+    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
