@@ -353,7 +353,7 @@ def _write_shards(
     if pending:
         flush(pending)
     rows_out = sum(f["rows"] for f in files)
-    drops = {k: v for k, v in sorted(stats.items()) if k not in ("records", "neg_removed")}
+    drops = {k: v for k, v in sorted(stats.items()) if v and k not in ("records", "neg_removed")}
     manifest: dict[str, Any] = {
         **meta,
         "rows_in": stats["records"] + sum(stats[k] for k in READER_SKIPS),

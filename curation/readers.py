@@ -173,22 +173,26 @@ def read_python_ast(files: list[str], stats: Counter[str]) -> Iterator[Record]:
             stats["unparsable_file"] += 1
             continue
         module = Path(path).stem
+        lines = src.splitlines(keepends=True)
         for node in ast.walk(tree):
             if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 continue
             doc = ast.get_docstring(node)
             if not doc:
                 continue
+            # the body after the docstring, by line numbers (ast.get_source_segment re-splits the whole
+            # file on every call, which made this reader quadratic)
             body = node.body[1:] if len(node.body) > 1 else node.body
-            code = "\n".join(ast.get_source_segment(src, b) or "" for b in body)
-            signature = ""
+            first, last = body[0].lineno, body[-1].end_lineno or body[-1].lineno
+            code = "".join(lines[first - 1 : last])
+            signature = node.name
             if not isinstance(node, ast.ClassDef):
                 signature = f"{node.name}({ast.unparse(node.args)})"
             yield {
                 "module": module,
                 "name": node.name,
                 "kind": "class" if isinstance(node, ast.ClassDef) else "function",
-                "signature": signature or node.name,
+                "signature": signature,
                 "docstring": doc,
                 "summary": doc.strip().split("\n\n")[0],
                 "code": code,

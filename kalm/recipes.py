@@ -86,6 +86,7 @@ class Recipe(StrictModel):
     fields: dict[str, str] = Field(default_factory=dict)
     instruction: str = ""
     description: str = ""
+    tags: list[str] = Field(default_factory=list)
     samples: str | None = None
     filters: FilterSpec = Field(default_factory=FilterSpec)
     max_rows: int | None = Field(None, ge=1)

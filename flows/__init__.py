@@ -1,0 +1,1 @@
+"""Prefect flows only: they wire tasks together and hold no logic of their own."""
