@@ -40,15 +40,23 @@ def ingest_recipe_flow(
 def ingest_stage_flow(
     stages: list[str] | None = None,
     recipes: list[str] | None = None,
+    tags: list[str] | None = None,
     data_root: str | None = None,
     recipes_dirs: list[str] | None = None,
     config_path: str | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Ingest all recipes of the given stages (default: both) in parallel, then build each mixture."""
+    """Ingest the recipes of the given stages (default: both; optionally only ``recipes`` or those with one
+    of ``tags``) in parallel, then build each stage's mixture from every recipe that has shards."""
     found = discover(recipes_dirs or [])
     wanted = stages or ["pretrain", "finetune"]
-    names = [n for n, r in found.items() if r.recipe.stage in wanted and (not recipes or n in recipes)]
+    names = [
+        n
+        for n, r in found.items()
+        if r.recipe.stage in wanted
+        and (not recipes or n in recipes)
+        and (not tags or set(tags) & set(r.recipe.tags))
+    ]
     futures = [ingest_recipe_task.submit(n, data_root, recipes_dirs, config_path, force) for n in names]
     results = [f.result() for f in futures]
     stage_reports = []

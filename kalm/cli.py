@@ -174,6 +174,7 @@ def data_run(
     name: str | None = typer.Argument(None, help="Recipe name; omit with --all."),
     all_: bool = typer.Option(False, "--all", help="Every recipe (of --stage if given)."),
     stage: str | None = typer.Option(None, help="pretrain | finetune (with --all)."),
+    tag: list[str] | None = typer.Option(None, "--tag", help="Only recipes with this tag (with --all)."),
     force: bool = typer.Option(False, help="Rebuild even when unchanged."),
     data_root: str | None = DataRootOpt,
     recipes_dir: list[str] | None = RecipesDirOpt,
@@ -198,7 +199,7 @@ def data_run(
     else:
         from flows.ingest import ingest_stage_flow
 
-        out = ingest_stage_flow([stage] if stage else None, None, root, dirs, config, force)
+        out = ingest_stage_flow([stage] if stage else None, None, tag or None, root, dirs, config, force)
     typer.echo(data_report_markdown("Data report", out["recipes"], out["stages"]))
 
 
@@ -217,7 +218,7 @@ def demo(data_root: str | None = DataRootOpt, force: bool = typer.Option(False, 
     from flows.ingest import ingest_stage_flow
     from kalm.reports import data_report_markdown
 
-    out = ingest_stage_flow(None, None, _root_str(data_root), [], None, force)
+    out = ingest_stage_flow(None, None, ["demo"], _root_str(data_root), [], None, force)
     typer.echo(data_report_markdown("Demo: data stage", out["recipes"], out["stages"]))
 
 

@@ -1,0 +1,71 @@
+"""Shared test setup: offline, quiet Prefect, tiny real data written per test."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.pop("KALM_RECIPES_PATH", None)
+os.environ.pop("KALM_DATA_ROOT", None)
+
+FAQ_YAML = """\
+name: {name}
+category: faq
+stage: {stage}
+task_type: retrieval
+language: en
+source:
+  format: jsonl
+  path: "raw/{name}/*.jsonl"
+fields: {{query: question, pos: answer}}
+instruction: "Given a question, retrieve the answer that addresses it"
+"""
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        for r in rows:
+            f.write(r if isinstance(r, bytes) else json.dumps(r).encode() if not isinstance(r, str) else r.encode())
+            f.write(b"\n")
+
+
+def faq_rows(n: int, prefix: str = "item", seed: int = 0) -> list[dict[str, str]]:
+    """Distinct question/answer pairs that are far apart in character 5-gram space."""
+    import random
+
+    rng = random.Random(seed)
+    words = ("river mountain lantern copper violet harbor meadow quartz falcon orchard tundra saffron "
+             "glacier ember willow canyon marble thistle cobalt prairie").split()
+    out = []
+    for i in range(n):
+        q = f"{prefix} {i}: how does the {' '.join(rng.sample(words, 4))} process work?"
+        a = f"The {prefix} {i} answer: " + " ".join(rng.choice(words) for _ in range(30))
+        out.append({"question": q, "answer": a})
+    return out
+
+
+@pytest.fixture
+def recipe_dir(tmp_path: Path) -> Callable[..., Path]:
+    """Create a YAML recipe plus raw JSONL source in a private recipes folder; returns the folder."""
+    folder = tmp_path / "recipes"
+
+    def make(name: str, rows: list[Any], stage: str = "finetune", yaml_text: str | None = None) -> Path:
+        folder.mkdir(exist_ok=True)
+        (folder / f"{name}.yaml").write_text(yaml_text or FAQ_YAML.format(name=name, stage=stage))
+        write_jsonl(folder / "raw" / name / "part-0.jsonl", rows)
+        write_jsonl(folder / "samples" / f"{name}.jsonl", [r for r in rows if isinstance(r, dict)][:8])
+        return folder
+
+    return make
