@@ -261,12 +261,10 @@ def _stat(p: Path | None) -> list[Any]:
 
 def _batched(rows: Iterator[dict], size: int, limit: int | None) -> Iterator[list[dict]]:
     batch: list[dict] = []
-    total = 0
-    for row in rows:
+    for total, row in enumerate(rows):
         if limit is not None and total >= limit:
             break
         batch.append(row)
-        total += 1
         if len(batch) >= size:
             yield batch
             batch = []
@@ -300,7 +298,9 @@ def _dedup_mask(
 
 
 class _Rows:
-    """Index a memmap through a subset of rows without materialising it: ``_Rows(sig, idx)[a] = sig[idx[a]]``."""
+    """Index a memmap through a subset of rows without materialising it.
+
+    ``_Rows(sig, idx)[a] == sig[idx[a]]``."""
 
     def __init__(self, base: np.ndarray, idx: np.ndarray) -> None:
         self.base, self.idx = base, idx

@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from scipy.sparse import coo_matrix
@@ -103,10 +104,9 @@ def signatures(texts: list[str], params: MinHashParams | None = None) -> np.ndar
     hashes, rows = shingle_hashes(texts, p.ngram, p.seed)
     flat = np.where(rows >= 0, rows * k, n * k)  # straddling windows land in a spare row
     flat += hashes % np.uint32(k)
-    sig = np.full((n + 1) * k, _EMPTY, dtype=np.uint32)
-    np.minimum.at(sig, flat, hashes // np.uint32(k))
-    sig = sig[: n * k]
-    sig = sig.reshape(n, k)
+    flat_sig = np.full((n + 1) * k, _EMPTY, dtype=np.uint32)
+    np.minimum.at(flat_sig, flat, hashes // np.uint32(k))
+    sig = flat_sig[: n * k].reshape(n, k)
     empty = sig == _EMPTY
     if empty.any():
         table = _densify_table(k, p.seed)
@@ -146,8 +146,14 @@ def band_hashes(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return out
 
 
+class RowSource(Protocol):
+    """Anything indexable by an int array that returns signature rows (an array, a memmap view)."""
+
+    def __getitem__(self, idx: np.ndarray, /) -> np.ndarray: ...
+
+
 def duplicate_clusters(
-    bands: np.ndarray, sig: np.ndarray, threshold: float, chunk: int = 1_000_000
+    bands: np.ndarray, sig: np.ndarray | RowSource, threshold: float, chunk: int = 1_000_000
 ) -> np.ndarray:
     """Cluster label per row: rows joined by a band collision *and* verified similarity >= threshold.
 
@@ -156,8 +162,8 @@ def duplicate_clusters(
     """
     n = bands.shape[0]
     src_all, dst_all = [], []
-    for b in range(bands.shape[1]):
-        col = bands[:, b]
+    for band in range(bands.shape[1]):
+        col = bands[:, band]
         order = np.argsort(col, kind="stable")
         sorted_col = col[order]
         same = sorted_col[1:] == sorted_col[:-1]

@@ -146,16 +146,22 @@ def run_build_stage(
         near = minhash.MinHashParams(
             cfg.near_dedup.num_perm, cfg.near_dedup.ngram, cfg.decontamination.threshold, cfg.near_dedup.seed
         )
-        index = EvalIndex.build(load_eval_texts(root, cfg, config_dir, recipe_names), cfg.decontamination, near)
+        index = EvalIndex.build(
+            load_eval_texts(root, cfg, config_dir, recipe_names), cfg.decontamination, near
+        )
     # Who owns each id: the first recipe (by name) that has it.
     frames = []
     for order, name in enumerate(names):
         ids = read_rows(root, shard_dir(stage, name), ["id"]).column("id")
-        frames.append(pl.DataFrame({"id": ids.to_numpy(zero_copy_only=False)}).with_columns(
-            pl.lit(order, dtype=pl.Int32).alias("order")))
+        frames.append(
+            pl.DataFrame({"id": ids.to_numpy(zero_copy_only=False)}).with_columns(
+                pl.lit(order, dtype=pl.Int32).alias("order")
+            )
+        )
     owners = (
         pl.concat(frames).group_by("id").agg(pl.col("order").min().alias("owner"))
-        if frames else pl.DataFrame({"id": [], "owner": []})
+        if frames
+        else pl.DataFrame({"id": [], "owner": []})
     )
     report: dict[str, Any] = {"stage": stage, "recipes": {}, "schema_version": SCHEMA_VERSION}
     for order, name in enumerate(names):
@@ -176,7 +182,10 @@ def run_build_stage(
         if not force and old is not None and old.get("input_fingerprint") == fp:
             report["recipes"][name] = {**_summary(old), "skipped": True}
             continue
-        report["recipes"][name] = {**_summary(_build_one(root, stage, name, dup_ids, index, fp)), "skipped": False}
+        report["recipes"][name] = {
+            **_summary(_build_one(root, stage, name, dup_ids, index, fp)),
+            "skipped": False,
+        }
     report["rows_out"] = sum(r["rows_out"] for r in report["recipes"].values())
     report["seconds"] = round(time.perf_counter() - t0, 3)
     root.write_json(f"mixtures/{stage}/{MANIFEST}", report)

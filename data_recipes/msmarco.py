@@ -1,7 +1,8 @@
 """MS MARCO passage ranking (hub: microsoft/ms_marco, subset v2.1): query -> selected passages.
 
-Layout per row: ``query``, ``query_type``, ``passages: {is_selected: [int], passage_text: [str], url: [str]}``,
-``answers``. Selected passages are positives; the unselected ones are kept as the source's own negatives.
+Layout per row: ``query``, ``query_type``, ``answers`` and
+``passages: {is_selected: [int], passage_text: [str], url: [str]}``. Selected passages are
+positives; the unselected ones are kept as the source's own negatives.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ def ingest_recipe_flow(
     return {"recipes": [result], "stages": [stage]}
 
 
-@flow(name="ingest_stage", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
+@flow(name="ingest_stage", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))  # type: ignore[arg-type]
 def ingest_stage_flow(
     stages: list[str] | None = None,
     recipes: list[str] | None = None,

@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 import tempfile
-
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,22 +23,36 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-app = typer.Typer(help="kalm-pipeline: train compact text-embedding models.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
-data_app = typer.Typer(help="Category sources (data recipes): list, scaffold, check, run.", no_args_is_help=True)
+app = typer.Typer(
+    help="kalm-pipeline: train compact text-embedding models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(
+    help="Category sources (data recipes): list, scaffold, check, run.", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
 
 F = TypeVar("F", bound=Callable[..., Any])
-DataRootOpt = typer.Option(None, "--data-root", help="Output root: a folder or s3://bucket/prefix "
-                           "(default: $KALM_DATA_ROOT or ./data).")
-RecipesDirOpt = typer.Option(None, "--recipes-dir", help="Extra recipe folder (repeatable; also "
-                             "$KALM_RECIPES_PATH).")
+DataRootOpt = typer.Option(
+    None,
+    "--data-root",
+    help="Output root: a folder or s3://bucket/prefix (default: $KALM_DATA_ROOT or ./data).",
+)
+RecipesDirOpt = typer.Option(
+    None, "--recipes-dir", help="Extra recipe folder (repeatable; also $KALM_RECIPES_PATH)."
+)
 ConfigOpt = typer.Option(None, "--config", help="Ingest config YAML (default: configs/ingest.yaml).")
 
 
 def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
 
 
 def user_errors(fn: F) -> F:
@@ -74,8 +87,9 @@ def data_list(data_root: str | None = DataRootOpt, recipes_dir: list[str] | None
         if root.exists(rel):
             m = root.read_json(rel)
             rows, built = str(m.get("rows_out", "?")), str(m.get("created_at", "?"))
-        typer.echo(f"{name:28} {r.category:16} {r.stage:9} {r.task_type:20} {r.source.format:12} {rows:>9}"
-                   f"  {built}")
+        typer.echo(
+            f"{name:28} {r.category:16} {r.stage:9} {r.task_type:20} {r.source.format:12} {rows:>9}  {built}"
+        )
 
 
 SAMPLE_LINES = [
@@ -112,7 +126,7 @@ def data_new(
         raise KalmError(f"{yaml_path} or {sample} already exists")
     text = (
         f"name: {name}\ncategory: {name}\nstage: {stage}\ntask_type: {task_type}\nlanguage: en\n"
-        f"source:\n  format: jsonl\n  path: \"raw/{name}/*.jsonl\"   # glob relative to this file, "
+        f'source:\n  format: jsonl\n  path: "raw/{name}/*.jsonl"   # glob relative to this file, '
         f"absolute, s3://..., or a hub id with format: hf\n"
         "fields: {query: question, pos: answer}   # canonical column: source field\n"
         'instruction: "Given a question, retrieve the answer that addresses it"\n'
@@ -137,8 +151,10 @@ def data_check(
     """Validate a recipe on its committed samples and print a few canonical rows."""
     _setup_logging()
     rows, manifest = check_recipe(name, recipes_dir or [], config)
-    typer.echo(f"{name}: {manifest['rows_in']} sample records -> {manifest['rows_out']} rows; "
-               f"drops: {manifest['drops'] or 'none'}")
+    typer.echo(
+        f"{name}: {manifest['rows_in']} sample records -> {manifest['rows_out']} rows; "
+        f"drops: {manifest['drops'] or 'none'}"
+    )
     import json
 
     for row in rows[:show]:
@@ -212,7 +228,9 @@ def _root_str(data_root: str | None) -> str:
 
 @app.command("demo")
 @user_errors
-def demo(data_root: str | None = DataRootOpt, force: bool = typer.Option(False, help="Rebuild everything.")) -> None:
+def demo(
+    data_root: str | None = DataRootOpt, force: bool = typer.Option(False, help="Rebuild everything.")
+) -> None:
     """Run the pipeline on its embedded default (the demo recipes) end to end."""
     _setup_logging()
     from flows.ingest import ingest_stage_flow
@@ -224,6 +242,3 @@ def demo(data_root: str | None = DataRootOpt, force: bool = typer.Option(False, 
 
 def main() -> None:
     app()
-
-
-

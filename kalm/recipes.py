@@ -168,8 +168,8 @@ def _file_hash(path: Path) -> str:
 def load_recipe_file(path: Path) -> LoadedRecipe:
     """Load one recipe file, raising a one-line KalmError naming the file on any problem."""
     if path.suffix in (".yaml", ".yml"):
-        recipe = load_model(Recipe, read_yaml(path), str(path))
-        return LoadedRecipe(recipe=recipe, path=path, fingerprint=_file_hash(path))
+        from_yaml = load_model(Recipe, read_yaml(path), str(path))
+        return LoadedRecipe(recipe=from_yaml, path=path, fingerprint=_file_hash(path))
     spec = importlib.util.spec_from_file_location(f"kalm_recipe_{path.stem}", path)
     if spec is None or spec.loader is None:
         raise KalmError(f"{path}: cannot import")
@@ -180,9 +180,10 @@ def load_recipe_file(path: Path) -> LoadedRecipe:
         raise
     except Exception as err:  # a broken recipe file must not crash discovery with a traceback
         raise KalmError(f"{path}: failed to import: {type(err).__name__}: {err}") from None
-    recipe = getattr(module, "RECIPE", None)
-    if not isinstance(recipe, Recipe):
+    recipe_obj = getattr(module, "RECIPE", None)
+    if not isinstance(recipe_obj, Recipe):
         raise KalmError(f"{path}: a Python recipe defines RECIPE = Recipe(...)")
+    recipe: Recipe = recipe_obj
     to_row = getattr(module, "to_row", None)
     if to_row is not None and not callable(to_row):
         raise KalmError(f"{path}: to_row must be a function")

@@ -37,7 +37,13 @@ def write_jsonl(path: Path, rows: list[Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as f:
         for r in rows:
-            f.write(r if isinstance(r, bytes) else json.dumps(r).encode() if not isinstance(r, str) else r.encode())
+            f.write(
+                r
+                if isinstance(r, bytes)
+                else json.dumps(r).encode()
+                if not isinstance(r, str)
+                else r.encode()
+            )
             f.write(b"\n")
 
 
@@ -46,8 +52,28 @@ def faq_rows(n: int, prefix: str = "item", seed: int = 0) -> list[dict[str, str]
     import random
 
     rng = random.Random(seed)
-    words = ("river mountain lantern copper violet harbor meadow quartz falcon orchard tundra saffron "
-             "glacier ember willow canyon marble thistle cobalt prairie").split()
+    words = [
+        "river",
+        "mountain",
+        "lantern",
+        "copper",
+        "violet",
+        "harbor",
+        "meadow",
+        "quartz",
+        "falcon",
+        "orchard",
+        "tundra",
+        "saffron",
+        "glacier",
+        "ember",
+        "willow",
+        "canyon",
+        "marble",
+        "thistle",
+        "cobalt",
+        "prairie",
+    ]
     out = []
     for i in range(n):
         q = f"{prefix} {i}: how does the {' '.join(rng.sample(words, 4))} process work?"

@@ -16,8 +16,9 @@ from tests.conftest import faq_rows
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("args", [[], ["data"], ["data", "list"], ["data", "new"], ["data", "check"],
-                                  ["data", "run"], ["demo"]])
+@pytest.mark.parametrize(
+    "args", [[], ["data"], ["data", "list"], ["data", "new"], ["data", "check"], ["data", "run"], ["demo"]]
+)
 def test_help_everywhere(args: list[str]) -> None:
     res = runner.invoke(app, [*args, "--help"])
     assert res.exit_code == 0 and "Usage" in res.output
@@ -25,7 +26,9 @@ def test_help_everywhere(args: list[str]) -> None:
 
 def test_list_shows_recipes_and_rows(recipe_dir, tmp_path: Path) -> None:
     folder = recipe_dir("faq", faq_rows(10))
-    res = runner.invoke(app, ["data", "list", "--recipes-dir", str(folder), "--data-root", str(tmp_path / "d")])
+    res = runner.invoke(
+        app, ["data", "list", "--recipes-dir", str(folder), "--data-root", str(tmp_path / "d")]
+    )
     assert res.exit_code == 0, res.output
     line = next(ln for ln in res.output.splitlines() if ln.startswith("faq "))
     assert "finetune" in line and "retrieval" in line and "never" in line
@@ -56,14 +59,18 @@ def _one_line_error(args: list[str]) -> str:
 def test_user_mistakes_are_one_line(recipe_dir, tmp_path: Path) -> None:
     folder = recipe_dir("faq", faq_rows(5))
     assert "unknown recipe 'nope'" in _one_line_error(["data", "check", "nope", "--recipes-dir", str(folder)])
-    assert "--stage" in _one_line_error(["data", "run", "--all", "--stage", "middle", "--recipes-dir", str(folder)])
+    assert "--stage" in _one_line_error(
+        ["data", "run", "--all", "--stage", "middle", "--recipes-dir", str(folder)]
+    )
     (folder / "broken.yaml").write_text("name: broken\nstage: finetune\nextra_key: 1\n")
     msg = _one_line_error(["data", "list", "--recipes-dir", str(folder)])
     assert "broken.yaml" in msg and "unknown key 'extra_key'" in msg
     (folder / "broken.yaml").write_text("name: [unclosed\n")
     assert "invalid YAML" in _one_line_error(["data", "list", "--recipes-dir", str(folder)])
     (folder / "broken.yaml").unlink()
-    assert "recipes folder not found" in _one_line_error(["data", "list", "--recipes-dir", str(tmp_path / "no")])
+    assert "recipes folder not found" in _one_line_error(
+        ["data", "list", "--recipes-dir", str(tmp_path / "no")]
+    )
     (folder / "samples" / "faq.jsonl").unlink()
     assert "has no samples" in _one_line_error(["data", "check", "faq", "--recipes-dir", str(folder)])
 
@@ -71,8 +78,10 @@ def test_user_mistakes_are_one_line(recipe_dir, tmp_path: Path) -> None:
 def test_check_fails_when_samples_yield_nothing(tmp_path: Path) -> None:
     d = tmp_path / "r"
     (d / "samples").mkdir(parents=True)
-    (d / "empty.yaml").write_text("name: empty\ncategory: c\nstage: finetune\ntask_type: retrieval\n"
-                                  "source: {format: jsonl, path: raw.jsonl}\nfields: {query: q, pos: a}\n")
+    (d / "empty.yaml").write_text(
+        "name: empty\ncategory: c\nstage: finetune\ntask_type: retrieval\n"
+        "source: {format: jsonl, path: raw.jsonl}\nfields: {query: q, pos: a}\n"
+    )
     (d / "samples" / "empty.jsonl").write_text(json.dumps({"wrong": "field"}) + "\n")
     res = runner.invoke(app, ["data", "check", "empty", "--recipes-dir", str(d)])
     assert res.exit_code == 2 and "produced no rows" in res.output and "missing_field" in res.output

@@ -21,19 +21,31 @@ def test_hf_layout_with_subset_and_split(tmp_path: Path) -> None:
     (repo / "pair").mkdir(parents=True)
     (repo / "README.md").write_text(
         "---\nconfigs:\n- config_name: triplet\n  data_files:\n  - split: train\n    path: triplet/train-*\n"
-        "- config_name: pair\n  data_files:\n  - split: train\n    path: pair/train-*\n---\n# local copy\n")
-    acts = ["rides a bicycle", "plays the violin", "cooks pasta", "reads a newspaper", "paints a fence",
-            "swims in a lake"]
-    rows = [{"anchor": f"A person {a} outdoors.", "positive": f"Someone {a}.",
-             "negative": f"Nobody {a}, ever."} for a in acts]
+        "- config_name: pair\n  data_files:\n  - split: train\n    path: pair/train-*\n---\n# local copy\n"
+    )
+    acts = [
+        "rides a bicycle",
+        "plays the violin",
+        "cooks pasta",
+        "reads a newspaper",
+        "paints a fence",
+        "swims in a lake",
+    ]
+    rows = [
+        {"anchor": f"A person {a} outdoors.", "positive": f"Someone {a}.", "negative": f"Nobody {a}, ever."}
+        for a in acts
+    ]
     pq.write_table(pa.Table.from_pylist(rows), repo / "triplet" / "train-00000-of-00001.parquet")
-    pq.write_table(pa.Table.from_pylist([{"anchor": "x", "positive": "y"}]), repo / "pair" / "train-0.parquet")
+    pq.write_table(
+        pa.Table.from_pylist([{"anchor": "x", "positive": "y"}]), repo / "pair" / "train-0.parquet"
+    )
     d = tmp_path / "recipes"
     d.mkdir()
     (d / "nli.yaml").write_text(
         "name: nli\ncategory: nli\nstage: finetune\ntask_type: sts\n"
         f"source: {{format: hf, path: '{repo}', subset: triplet, split: train}}\n"
-        "fields: {query: anchor, pos: positive, neg: negative}\n")
+        "fields: {query: anchor, pos: positive, neg: negative}\n"
+    )
     root = DataRoot.from_uri(str(tmp_path / "data"))
     m = run_ingest_recipe(get_recipe("nli", [d]), root, IngestConfig()).manifest
     out = read_rows(root, shard_dir("finetune", "nli")).to_pylist()

@@ -71,7 +71,9 @@ def test_bounded_shards_and_skip_when_unchanged(recipe_dir, tmp_path: Path) -> N
     assert again.skipped and again.manifest == first.manifest
     # a changed source is rebuilt
     src = folder / "raw" / "faq" / "part-0.jsonl"
-    src.write_text(src.read_text() + json.dumps({"question": "one more question?", "answer": "yes, one more"}))
+    src.write_text(
+        src.read_text() + json.dumps({"question": "one more question?", "answer": "yes, one more"})
+    )
     assert run_ingest_recipe(lr, root, cfg).manifest["rows_out"] == 96
     # a changed threshold is rebuilt too
     cfg2 = IngestConfig(shard_rows=40, batch_rows=30, near_dedup={"threshold": 0.9})
@@ -127,8 +129,14 @@ def test_missing_source_and_unknown_recipe(recipe_dir, tmp_path: Path) -> None:
 def test_bad_recipe_yaml_is_one_clear_error(tmp_path: Path, patch: dict, message: str) -> None:
     import yaml
 
-    base = {"name": "x", "category": "c", "stage": "finetune", "task_type": "retrieval",
-            "source": {"format": "jsonl", "path": "a.jsonl"}, "fields": {"query": "q", "pos": "a"}}
+    base = {
+        "name": "x",
+        "category": "c",
+        "stage": "finetune",
+        "task_type": "retrieval",
+        "source": {"format": "jsonl", "path": "a.jsonl"},
+        "fields": {"query": "q", "pos": "a"},
+    }
     base.update(patch)
     p = tmp_path / "x.yaml"
     p.write_text(yaml.safe_dump(base))
@@ -140,8 +148,10 @@ def test_bad_recipe_yaml_is_one_clear_error(tmp_path: Path, patch: dict, message
 
 def test_fields_accept_both_directions(tmp_path: Path) -> None:
     p = tmp_path / "x.yaml"
-    p.write_text("name: x\ncategory: c\nstage: finetune\ntask_type: retrieval\n"
-                 "source: {format: jsonl, path: a.jsonl}\nfields: {question: query, answer: pos}\n")
+    p.write_text(
+        "name: x\ncategory: c\nstage: finetune\ntask_type: retrieval\n"
+        "source: {format: jsonl, path: a.jsonl}\nfields: {question: query, answer: pos}\n"
+    )
     assert load_recipe_file(p).recipe.fields == {"query": "question", "pos": "answer"}
 
 
@@ -150,36 +160,64 @@ def test_csv_parquet_and_nested_fields(tmp_path: Path) -> None:
 
     d = tmp_path / "r"
     (d / "raw").mkdir(parents=True)
-    (d / "raw" / "a.csv").write_text('q,a\n"What is 2+2?","It is four, obviously."\n"x","too,many",x\n'
-                                     '"Capital of France?","Paris is the capital."\n')
-    (d / "csvr.yaml").write_text("name: csvr\ncategory: c\nstage: finetune\ntask_type: retrieval\n"
-                                 "source: {format: csv, path: raw/a.csv}\nfields: {query: q, pos: a}\n")
-    pq.write_table(pa.Table.from_pylist([
-        {"question": "Who wrote Hamlet?", "answers": {"text": ["Shakespeare wrote it"]}, "ctx": ["context one", "context two"]},
-        {"question": "Boiling point of water?", "answers": {"text": ["100 degrees Celsius"]}, "ctx": []},
-    ]), d / "raw" / "b.parquet")
-    (d / "pq.yaml").write_text("name: pq\ncategory: c\nstage: finetune\ntask_type: retrieval\n"
-                               "source: {format: parquet, path: raw/*.parquet}\n"
-                               "fields: {query: question, pos: answers.text, neg: ctx}\n")
+    (d / "raw" / "a.csv").write_text(
+        'q,a\n"What is 2+2?","It is four, obviously."\n"x","too,many",x\n'
+        '"Capital of France?","Paris is the capital."\n'
+    )
+    (d / "csvr.yaml").write_text(
+        "name: csvr\ncategory: c\nstage: finetune\ntask_type: retrieval\n"
+        "source: {format: csv, path: raw/a.csv}\nfields: {query: q, pos: a}\n"
+    )
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                {
+                    "question": "Who wrote Hamlet?",
+                    "answers": {"text": ["Shakespeare wrote it"]},
+                    "ctx": ["context one", "context two"],
+                },
+                {
+                    "question": "Boiling point of water?",
+                    "answers": {"text": ["100 degrees Celsius"]},
+                    "ctx": [],
+                },
+            ]
+        ),
+        d / "raw" / "b.parquet",
+    )
+    (d / "pq.yaml").write_text(
+        "name: pq\ncategory: c\nstage: finetune\ntask_type: retrieval\n"
+        "source: {format: parquet, path: raw/*.parquet}\n"
+        "fields: {query: question, pos: answers.text, neg: ctx}\n"
+    )
     root = DataRoot.from_uri(str(tmp_path / "data"))
     m = run_ingest_recipe(get_recipe("csvr", [d]), root, IngestConfig()).manifest
     assert m["rows_out"] == 2 and m["drops"] == {"malformed_csv": 1}
     rows = read_rows(root, shard_dir("finetune", "pq")) if False else None
     m2 = run_ingest_recipe(get_recipe("pq", [d]), root, IngestConfig()).manifest
     rows = read_rows(root, shard_dir("finetune", "pq")).to_pylist()
-    assert m2["rows_out"] == 2 and rows[0]["pos"] == ["Shakespeare wrote it"] and rows[0]["neg"] == ["context one", "context two"]
+    assert (
+        m2["rows_out"] == 2
+        and rows[0]["pos"] == ["Shakespeare wrote it"]
+        and rows[0]["neg"] == ["context one", "context two"]
+    )
 
 
 def test_classification_becomes_pairs(tmp_path: Path) -> None:
     d = tmp_path / "r"
-    rows = [{"t": f"sample text number {i} about {lab} topics and more", "y": lab}
-            for lab in ("sports", "music", "cooking") for i in range(4)] + [{"t": "lonely text here", "y": "solo"}]
+    rows = [
+        {"t": f"sample text number {i} about {lab} topics and more", "y": lab}
+        for lab in ("sports", "music", "cooking")
+        for i in range(4)
+    ] + [{"t": "lonely text here", "y": "solo"}]
     from tests.conftest import write_jsonl
 
     write_jsonl(d / "raw.jsonl", rows)
-    (d / "cls.yaml").write_text("name: cls\ncategory: c\nstage: finetune\ntask_type: classification\n"
-                                "source: {format: jsonl, path: raw.jsonl}\nfields: {text: t, label: y}\n"
-                                "negatives_per_row: 2\n")
+    (d / "cls.yaml").write_text(
+        "name: cls\ncategory: c\nstage: finetune\ntask_type: classification\n"
+        "source: {format: jsonl, path: raw.jsonl}\nfields: {text: t, label: y}\n"
+        "negatives_per_row: 2\n"
+    )
     root = DataRoot.from_uri(str(tmp_path / "data"))
     m = run_ingest_recipe(get_recipe("cls", [d]), root, IngestConfig(near_dedup={"enabled": False})).manifest
     out = read_rows(root, shard_dir("finetune", "cls")).to_pylist()
@@ -194,15 +232,23 @@ def test_python_recipe_adapter_errors_are_counted(tmp_path: Path) -> None:
     d = tmp_path / "r"
     from tests.conftest import write_jsonl
 
-    write_jsonl(d / "raw.jsonl", [{"a": "question one here", "b": "answer one is here"}, {"a": None},
-                                  {"a": "skip me", "b": "x"}, {"a": "question two here", "b": "answer two text"}])
+    write_jsonl(
+        d / "raw.jsonl",
+        [
+            {"a": "question one here", "b": "answer one is here"},
+            {"a": None},
+            {"a": "skip me", "b": "x"},
+            {"a": "question two here", "b": "answer two text"},
+        ],
+    )
     (d / "py.py").write_text(
         "from kalm.recipes import Recipe, SourceSpec\n"
         "RECIPE = Recipe(name='py', category='c', stage='pretrain', task_type='retrieval',\n"
         "                source=SourceSpec(format='jsonl', path='raw.jsonl'))\n"
         "def to_row(raw):\n"
         "    if raw['a'] == 'skip me':\n        return None\n"
-        "    return {'query': raw['a'].upper(), 'pos': raw['b']}\n")
+        "    return {'query': raw['a'].upper(), 'pos': raw['b']}\n"
+    )
     root = DataRoot.from_uri(str(tmp_path / "data"))
     m = run_ingest_recipe(get_recipe("py", [d]), root, IngestConfig()).manifest
     assert m["rows_out"] == 2 and m["drops"] == {"adapter_error": 1, "adapter_skip": 1}

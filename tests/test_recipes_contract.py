@@ -26,8 +26,15 @@ def test_recipe_contract(name: str) -> None:
     lr = RECIPES[name]
     sample = lr.sample_path()
     assert sample.exists(), f"{name}: commit 5-20 real sample lines at {sample}"
-    files = [sample] if sample.is_file() else [p for p in sample.rglob("*") if p.is_file() and p.suffix in
-                                                (".jsonl", ".csv", ".parquet", ".json")]
+    files = (
+        [sample]
+        if sample.is_file()
+        else [
+            p
+            for p in sample.rglob("*")
+            if p.is_file() and p.suffix in (".jsonl", ".csv", ".parquet", ".json")
+        ]
+    )
     n_lines = 0
     for f in files:
         if f.suffix == ".parquet":

@@ -26,8 +26,12 @@ def test_cross_recipe_dedup_and_decontamination(recipe_dir, tmp_path: Path) -> N
     folder = recipe_dir("r_b", b + shared)
     eval_file = tmp_path / "eval.jsonl"
     # an eval query that near-matches (one edit) a training query of r_b, and one exact answer match
-    eval_file.write_text(json.dumps({"query": b[3]["question"].replace("how", "hoW")}) + "\n"
-                         + json.dumps({"text": b[7]["answer"]}) + "\n")
+    eval_file.write_text(
+        json.dumps({"query": b[3]["question"].replace("how", "hoW")})
+        + "\n"
+        + json.dumps({"text": b[7]["answer"]})
+        + "\n"
+    )
     cfg = IngestConfig(decontamination={"eval_sets": [{"name": "ev", "path": str(eval_file)}]})
     root = DataRoot.from_uri(str(tmp_path / "data"))
     _ingest_all(folder, root, cfg)
@@ -57,8 +61,13 @@ def test_rerun_one_recipe_recomputes_only_dependents(recipe_dir, tmp_path: Path)
     # r_b changes: two new rows, one of them an exact copy of an r_c row
     extra = faq_rows(20, "gamma", seed=2)[0]
     src = folder / "raw" / "r_b" / "part-0.jsonl"
-    src.write_text(src.read_text() + json.dumps({"question": "a new question for beta?", "answer": "new answer text"})
-                   + "\n" + json.dumps(extra) + "\n")
+    src.write_text(
+        src.read_text()
+        + json.dumps({"question": "a new question for beta?", "answer": "new answer text"})
+        + "\n"
+        + json.dumps(extra)
+        + "\n"
+    )
     res = _ingest_all(folder, root, cfg)
     assert res["r_b"].skipped is False and res["r_a"].skipped and res["r_c"].skipped
     second = run_build_stage("finetune", names, root, cfg, tmp_path)
