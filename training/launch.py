@@ -1,0 +1,146 @@
+"""Launch a training job as a subprocess under DeepSpeed's launcher, torchrun, or a single process.
+
+The command is built from the config's ``launch`` block; checks that can fail run first, in this process
+(:func:`training.train.preflight`), so a bad config never starts workers. The job's output is streamed to
+the logger line by line; a failure raises with the last lines of the log.
+
+    cmd = launch_command("configs/finetune_demo.yaml", "./data", {"seed": 1}, nproc=2, launcher="torchrun")
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from kalm.errors import KalmError
+from kalm.storage import DataRoot
+
+log = logging.getLogger(__name__)
+
+
+class TrainingFailed(RuntimeError):
+    """The job exited non-zero; the message holds the tail of its log."""
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # torch without CUDA support or a broken driver: CPU
+        return 0
+
+
+def launch_command(
+    config: str,
+    data_root: str | None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    launcher: str = "auto",
+    nproc: int | None = None,
+    hostfile: str | None = None,
+    master_port: int | None = None,
+    deepspeed_enabled: bool = True,
+) -> list[str]:
+    """The argv that runs ``training.train`` with the chosen launcher."""
+    from training.train import free_port
+
+    n = nproc or max(1, _gpu_count())
+    if launcher == "auto":
+        launcher = "single" if n == 1 and not hostfile else ("deepspeed" if deepspeed_enabled else "torchrun")
+    args = ["--config", str(config)]
+    if data_root:
+        args += ["--data-root", data_root]
+    for k, v in (overrides or {}).items():
+        args += ["--set", f"{k}={v}"]
+    port = str(master_port or free_port())
+    if launcher == "single":
+        return [sys.executable, "-m", "training.train", *args]
+    if launcher == "torchrun":
+        if hostfile:
+            raise KalmError("multi-node runs use the deepspeed launcher (launch.launcher: deepspeed)")
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(n),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            port,
+            "-m",
+            "training.train",
+            *args,
+        ]
+    if launcher == "deepspeed":
+        ds = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+        cmd = [ds, "--master_port", port]
+        if hostfile:
+            if not Path(hostfile).exists():
+                raise KalmError(f"hostfile not found: {hostfile}")
+            cmd += ["--hostfile", hostfile]
+        else:
+            cmd += ["--num_gpus", str(n)]
+        return [*cmd, "--module", "training.train", *args]
+    raise KalmError(f"unknown launcher {launcher!r} (allowed: auto, deepspeed, torchrun, single)")
+
+
+def run_training(
+    config: str,
+    data_root: str | None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    nproc: int | None = None,
+    launcher: str | None = None,
+    env: dict[str, str] | None = None,
+    tail_lines: int = 40,
+) -> Path:
+    """Validate, launch, stream the log, and return the final model folder."""
+    from training.config import load_train_config
+    from training.train import output_dir, preflight
+
+    cfg = load_train_config(config, overrides)
+    root = DataRoot.from_uri(data_root)
+    preflight(cfg, root)
+    out = output_dir(cfg, root)
+    cmd = launch_command(
+        config,
+        data_root,
+        overrides,
+        launcher=launcher or cfg.launch.launcher,
+        nproc=nproc or cfg.launch.nproc_per_node,
+        hostfile=cfg.launch.hostfile,
+        master_port=cfg.launch.master_port,
+        deepspeed_enabled=cfg.deepspeed.enabled,
+    )
+    child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    child_env.setdefault("DS_ACCELERATOR", "cpu" if _gpu_count() == 0 else "cuda")
+    # the workers import this project by module name: make sure they find it whatever the cwd
+    project = str(Path(__file__).resolve().parents[1])
+    child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [project, child_env.get("PYTHONPATH", "")]))
+    log.info("launching: %s", " ".join(cmd))
+    tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env, cwd=project
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip()
+            tail.append(line)
+            log.info("%s", line)
+        code = proc.wait()
+    if code != 0:
+        raise TrainingFailed(
+            f"training job {cfg.run_name} failed (exit {code}); last lines:\n" + "\n".join(tail)
+        )
+    final = out / "final"
+    if not (final / "kalm_run.json").exists():
+        raise TrainingFailed(f"training job {cfg.run_name} exited 0 but wrote no final model in {final}")
+    return final
