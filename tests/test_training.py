@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -53,7 +52,21 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 def _rows(n: int, tag: str, negs: int) -> list[dict]:
-    words = "amber basalt cinder dune ember fern granite heron iris jade kestrel lichen moss".split()
+    words = [
+        "amber",
+        "basalt",
+        "cinder",
+        "dune",
+        "ember",
+        "fern",
+        "granite",
+        "heron",
+        "iris",
+        "jade",
+        "kestrel",
+        "lichen",
+        "moss",
+    ]
     out = []
     for i in range(n):
         w = [words[(i * 7 + k * 3) % len(words)] for k in range(5)]
@@ -78,7 +91,8 @@ def data_root(tmp_path_factory) -> str:
         write_jsonl(rec / "raw" / f"{name}.jsonl", _rows(40, name, negs))
         (rec / f"{name}.yaml").write_text(
             f"name: {name}\ncategory: {name}\nstage: {stage}\ntask_type: retrieval\n"
-            f"source: {{format: jsonl, path: raw/{name}.jsonl}}\nfields: {{query: question, pos: answer, neg: negs}}\n"
+            f"source: {{format: jsonl, path: raw/{name}.jsonl}}\n"
+            "fields: {query: question, pos: answer, neg: negs}\n"
             "instruction: Retrieve the answer\n"
         )
     root = DataRoot.from_uri(str(base / "data"))

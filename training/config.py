@@ -111,7 +111,7 @@ class TrainConfig(StrictModel):
 
 
 def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Load and validate; ``overrides`` (dotted keys, e.g. {"seed": 3, "schedule.max_steps": 5}) apply first."""
+    """Load and validate; ``overrides`` (dotted keys, e.g. ``{"schedule.max_steps": 5}``) apply first."""
     p = Path(path)
     if not p.is_absolute() and not p.exists() and (CONFIG_DIR / p).exists():
         p = CONFIG_DIR / p

@@ -278,7 +278,7 @@ def focal_weight_mean(
         return float(focal_weights(losses, focal.gamma, detach=True, normalize=focal.normalize).mean())
 
 
-def train_step(t: Trainer) -> dict[str, float]:
+def train_step(t: Trainer) -> dict[str, Any]:
     batch = t.sampler.next_batch()
     start = time.perf_counter()
     q, p, n, tokens = encode_batch(t, batch)
@@ -336,7 +336,7 @@ def maybe_resume(t: Trainer) -> bool:
     return True
 
 
-def train(t: Trainer) -> list[dict[str, float]]:
+def train(t: Trainer) -> list[dict[str, Any]]:
     metrics_path = t.out / "metrics.jsonl"
     resumed = maybe_resume(t)
     if t.rank == 0 and metrics_path.exists():
@@ -344,7 +344,7 @@ def train(t: Trainer) -> list[dict[str, float]]:
         keep = [ln for ln in metrics_path.read_text().splitlines() if ln.strip()] if resumed else []
         keep = [ln for ln in keep if json.loads(ln)["step"] <= t.sampler.step]
         metrics_path.write_text("".join(ln + "\n" for ln in keep))
-    history: list[dict[str, float]] = []
+    history: list[dict[str, Any]] = []
     t.engine.train()
     while t.sampler.step < t.steps:
         m = train_step(t)
@@ -386,7 +386,7 @@ def save_final(t: Trainer, root: DataRoot, info: dict[str, Any]) -> Path | None:
         "run_name": t.cfg.run_name,
         "config": t.cfg.model_dump(mode="json"),
         "config_hash": t.cfg.config_hash(),
-        "loss": t.loss_fn.config() if hasattr(t.loss_fn, "config") else {},
+        "loss": getattr(t.loss_fn, "config", dict)(),
         "steps": t.sampler.step,
         "world_size": t.world,
         "final_loss": metrics[-1]["loss"] if metrics else None,
