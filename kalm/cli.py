@@ -226,6 +226,24 @@ def _root_str(data_root: str | None) -> str:
     return r if r.startswith("s3://") else str(Path(r).resolve())
 
 
+@app.command("train")
+@user_errors
+def train_cmd(
+    config: str = typer.Option(..., "--config", help="Stage config YAML, e.g. configs/pretrain_demo.yaml."),
+    data_root: str | None = DataRootOpt,
+    nproc: int | None = typer.Option(None, help="Processes per node (default: GPUs, else 1)."),
+    launcher: str | None = typer.Option(None, help="auto | deepspeed | torchrun | single (default: config)."),
+    set_: list[str] | None = typer.Option(None, "--set", help="Override a config key: KEY=VALUE (repeatable)."),
+) -> None:
+    """Launch one training stage (DeepSpeed ZeRO-1/2); rerunning resumes from the newest checkpoint."""
+    _setup_logging()
+    from training.launch import run_training
+    from training.train import parse_overrides
+
+    final = run_training(config, _root_str(data_root), parse_overrides(set_ or []), nproc=nproc, launcher=launcher)
+    typer.echo(f"final model: {final}")
+
+
 @app.command("demo")
 @user_errors
 def demo(

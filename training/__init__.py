@@ -4,12 +4,32 @@ pooling and instruction formatting, and the InfoNCE family of losses (see docs/m
 >>> from training import Embedder, build_loss
 >>> emb = Embedder.from_pretrained(path)
 >>> loss = build_loss({"stage": "finetune"}, embedding_dim=emb.embedding_dim)
+
+Names are imported lazily: ``import training.losses`` stays torch-only (a spawned DDP worker or a loss
+unit test does not pay the ~5 s transformers import).
 """
 
-from training.instructions import DEFAULT_QUERY_TEMPLATE, format_document, format_query, st_prompts
-from training.losses import LOSSES, build_loss
-from training.model import Embedder
-from training.pooling import POOLINGS
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from training.instructions import DEFAULT_QUERY_TEMPLATE, format_document, format_query, st_prompts
+    from training.losses import LOSSES, build_loss
+    from training.model import Embedder
+    from training.pooling import POOLINGS
+
+_EXPORTS = {
+    "DEFAULT_QUERY_TEMPLATE": "training.instructions",
+    "format_document": "training.instructions",
+    "format_query": "training.instructions",
+    "st_prompts": "training.instructions",
+    "LOSSES": "training.losses",
+    "build_loss": "training.losses",
+    "Embedder": "training.model",
+    "POOLINGS": "training.pooling",
+}
 
 __all__ = [
     "DEFAULT_QUERY_TEMPLATE",
@@ -21,3 +41,9 @@ __all__ = [
     "format_query",
     "st_prompts",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'training' has no attribute {name!r}")

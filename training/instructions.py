@@ -22,7 +22,7 @@ DEFAULT_QUERY_TEMPLATE = "Instruct: {instruction} \n Query: {query}"
 
 
 def validate_template(template: str) -> str:
-    """Return ``template`` unchanged, or raise ValueError when its fields are not exactly instruction + query."""
+    """Return ``template``; raise ValueError unless its fields are exactly ``instruction`` and ``query``."""
     fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     if sorted(fields) != ["instruction", "query"]:
         raise ValueError(

@@ -10,6 +10,7 @@ the logger line by line; a failure raises with the last lines of the log.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import os
 import shutil
@@ -22,6 +23,22 @@ from kalm.errors import KalmError
 from kalm.storage import DataRoot
 
 log = logging.getLogger(__name__)
+
+
+def job_fingerprint(cfg: Any, root: DataRoot, model_dir: str) -> str:
+    """What decides a run's result: the full config, the initial model's content, the data's manifests."""
+    from kalm.hashing import hash_model_dir, hash_obj
+    from training.train import data_sources
+
+    data = [[s.name, s.rows, s.weight, s.files] for s in data_sources(cfg, root)]
+    manifests = []
+    for s in data_sources(cfg, root):
+        folder = s.files[0].rsplit("/", 1)[0]
+        m = json.loads(root.fs.open_input_stream(f"{folder}/_manifest.json").read())
+        manifests.append(m.get("input_fingerprint") or m.get("config_hash") or m.get("created_at"))
+    cfg_dump = cfg.model_dump(mode="json")
+    cfg_dump.pop("output_dir", None)
+    return hash_obj({"config": cfg_dump, "model": hash_model_dir(model_dir), "data": data, "manifests": manifests})
 
 
 class TrainingFailed(RuntimeError):
@@ -108,8 +125,23 @@ def run_training(
 
     cfg = load_train_config(config, overrides)
     root = DataRoot.from_uri(data_root)
-    preflight(cfg, root)
+    info = preflight(cfg, root)
     out = output_dir(cfg, root)
+    job = job_fingerprint(cfg, root, info["model_dir"])
+    done = out / "_manifest.json"
+    if (out / "final" / "kalm_run.json").exists() and done.exists():
+        if json.loads(done.read_text()).get("job_fingerprint") == job:
+            log.info("%s: unchanged config, data and initial model; cached final model reused", cfg.run_name)
+            return out / "final"
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / "_job.json"
+    if marker.exists() and json.loads(marker.read_text()).get("job_fingerprint") != job:
+        # another job wrote here before: its checkpoints must not be resumed into this one
+        log.info("%s: config, data or model changed; starting fresh", cfg.run_name)
+        for stale in ("checkpoints", "final", "metrics.jsonl", "_manifest.json"):
+            p = out / stale
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    marker.write_text(json.dumps({"job_fingerprint": job, "config": str(config), "overrides": overrides or {}}))
     cmd = launch_command(
         config,
         data_root,

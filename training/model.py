@@ -1,4 +1,4 @@
-"""Any ``transformers`` backbone as a sentence embedder: encoders as they are, decoder LLMs made bidirectional.
+"""Any ``transformers`` backbone as a sentence embedder: encoders as they are, decoders made bidirectional.
 
 METHOD.md [paper]: the causal mask is removed (every token attends to every non-pad token), embeddings are
 the mean of the last hidden states over non-pad tokens, L2-normalised; similarity is cosine.
@@ -86,7 +86,7 @@ def make_bidirectional(model: PreTrainedModel) -> int:
     changed = 0
     for module in model.modules():
         if getattr(module, "is_causal", None) is True:
-            module.is_causal = False
+            setattr(module, "is_causal", False)  # noqa: B010  (mypy: not a declared Module attribute)
             changed += 1
     return changed
 
@@ -108,13 +108,20 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _read_st_layout(root: Path) -> dict[str, Any]:
     """What a sentence-transformers folder says: transformer subfolder, pooling, max length, query template.
 
-    Returns ``{"model_dir": Path, "pooling": str | None, "max_length": int | None, "template": str | None}``;
-    a plain transformers folder gives ``model_dir=root`` and Nones.
+    Returns ``{"model_dir", "pooling", "max_length", "template", "is_st"}``; a plain transformers folder
+    gives ``model_dir=root``, Nones and ``is_st=False``.
     """
-    layout: dict[str, Any] = {"model_dir": root, "pooling": None, "max_length": None, "template": None}
+    layout: dict[str, Any] = {
+        "model_dir": root,
+        "pooling": None,
+        "max_length": None,
+        "template": None,
+        "is_st": False,
+    }
     modules_file = root / "modules.json"
     if not modules_file.is_file():
         return layout
+    layout["is_st"] = True
     for entry in json.loads(modules_file.read_text(encoding="utf-8")):
         kind = str(entry.get("type", "")).rsplit(".", 1)[-1]
         sub = root / entry.get("path", "")
@@ -195,7 +202,8 @@ class Embedder(nn.Module):
         """Load an encoder or a decoder; weights from safetensors only (never pickles).
 
         ``pooling``, ``max_length`` and ``query_template`` default to what a sentence-transformers folder
-        saved, else to mean pooling, 512 tokens and :data:`DEFAULT_QUERY_TEMPLATE`. ``padding_side`` is the
+        saved (max length: ``sentence_bert_config.json``, or the tokenizer's ``model_max_length`` in ST >= 6
+        folders), else to mean pooling, 512 tokens and :data:`DEFAULT_QUERY_TEMPLATE`. ``padding_side`` is the
         tokenizer's; embeddings do not depend on it (position ids are computed from the mask).
         """
         layout = _read_st_layout(_resolve_dir(path_or_id))
@@ -210,6 +218,12 @@ class Embedder(nn.Module):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         tokenizer.padding_side = padding_side
+        # sentence-transformers >= 6 keeps max_seq_length in the tokenizer's model_max_length.
+        st6_length = (
+            layout["is_st"] and layout["max_length"] is None and tokenizer.model_max_length <= 100_000
+        )
+        if max_length is None and st6_length:
+            max_length = int(tokenizer.model_max_length)
         embedder = cls(
             model,
             tokenizer,
@@ -235,7 +249,7 @@ class Embedder(nn.Module):
     # -- forward ---------------------------------------------------------------------------------------
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
-        """Pad to the longest text (up to ``max_length``) -> {"input_ids": (B, T), "attention_mask": (B, T)}."""
+        """Pad to the longest text, cut at ``max_length`` -> {"input_ids", "attention_mask"}, (B, T) each."""
         batch = self.tokenizer(
             list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
@@ -291,7 +305,7 @@ class Embedder(nn.Module):
     # -- training switches ------------------------------------------------------------------------------
 
     def enable_gradient_checkpointing(self) -> None:
-        """Recompute activations in backward (non-reentrant: keeps dropout RNG and works without input grads)."""
+        """Recompute activations in backward (non-reentrant: replays dropout RNG, needs no input grads)."""
         kwargs = {"use_reentrant": False}
         enable = getattr(self.model, "activation_checkpointing_enable", None)
         if enable is not None:  # transformers >= 5
@@ -342,12 +356,12 @@ class Embedder(nn.Module):
         pooling_cfg["include_prompt"] = True  # the instruction tokens are pooled too (our choice)
         dump("1_Pooling/config.json", pooling_cfg)
         (root / "2_Normalize").mkdir(exist_ok=True)
+        modules = [("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Normalize", "Normalize")]
         dump(
             "modules.json",
             [
-                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-                {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+                {"idx": i, "name": str(i), "path": sub, "type": f"sentence_transformers.models.{kind}"}
+                for i, (sub, kind) in enumerate(modules)
             ],
         )
         dump(

@@ -380,8 +380,10 @@ def save_final(t: Trainer, root: DataRoot, info: dict[str, Any]) -> Path | None:
     model.save(tmp)
     metrics = [json.loads(x) for x in (t.out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     plot_loss(metrics, t.out / "loss.png")
+    job = t.out / "_job.json"
     manifest = {
         **info,
+        "job_fingerprint": json.loads(job.read_text())["job_fingerprint"] if job.exists() else None,
         "stage": t.cfg.stage,
         "run_name": t.cfg.run_name,
         "config": t.cfg.model_dump(mode="json"),

@@ -16,8 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from torch import nn
-
+from training.losses.base import EmbeddingLoss
 from training.losses.distributed import gather_rows, world
 from training.losses.focal import DEFAULT_GAMMA, FocalInfoNCE, focal_weights
 from training.losses.gradcache import GradCache, RandContext
@@ -26,7 +25,7 @@ from training.losses.matryoshka import DEFAULT_DIMS, DEFAULT_WEIGHTS, Matryoshka
 from training.losses.mixing import HardNegativeMixer, sample_beta, sample_dirichlet
 
 # Short name -> class. Each takes its options as keyword arguments; wrappers take the wrapped loss first.
-LOSSES: dict[str, type[nn.Module]] = {
+LOSSES: dict[str, type[EmbeddingLoss]] = {
     "infonce": InfoNCE,
     "focal_infonce": FocalInfoNCE,
     "matryoshka": MatryoshkaLoss,
@@ -63,7 +62,7 @@ STAGE_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def resolve_loss_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Defaults, then the stage preset, then ``cfg``. Unknown keys or stages raise ValueError naming the allowed."""
+    """Defaults, then the stage preset, then ``cfg``. Unknown keys/stages: ValueError naming the allowed."""
     unknown = sorted(set(cfg) - set(LOSS_DEFAULTS))
     if unknown:
         raise ValueError(f"unknown loss option(s) {unknown} (allowed: {', '.join(LOSS_DEFAULTS)})")
@@ -102,7 +101,7 @@ def _check_types(c: Mapping[str, Any]) -> None:
             raise bad(key, "a list or null")
 
 
-def build_loss(cfg: Mapping[str, Any], embedding_dim: int | None = None) -> nn.Module:
+def build_loss(cfg: Mapping[str, Any], embedding_dim: int | None = None) -> EmbeddingLoss:
     """Compose the loss: InfoNCE core (+ mixer) -> focal (γ > 0) -> Matryoshka -> GradCache (chunk size set).
 
     ``embedding_dim`` (the model width) lets explicit Matryoshka dims be checked now instead of at the
@@ -120,16 +119,19 @@ def build_loss(cfg: Mapping[str, Any], embedding_dim: int | None = None) -> nn.M
             softmax_temperature=c["mix_softmax_temperature"],
             seed=c["mix_seed"],
         )
-    loss: nn.Module = InfoNCE(
+    core = InfoNCE(
         temperature=c["temperature"],
         hard_negatives=c["hard_negatives"],
         cross_device=c["cross_device"],
         mixer=mixer,
     )
+    loss: EmbeddingLoss = core
     if c["focal_gamma"] < 0:
         raise ValueError(f"focal_gamma must be >= 0, got {c['focal_gamma']}")
     if c["focal_gamma"] > 0 or c["focal_detach"] or c["focal_normalize"]:
-        loss = FocalInfoNCE(loss, gamma=c["focal_gamma"], detach=c["focal_detach"], normalize=c["focal_normalize"])
+        loss = FocalInfoNCE(
+            core, gamma=c["focal_gamma"], detach=c["focal_detach"], normalize=c["focal_normalize"]
+        )
     if c["matryoshka"]:
         loss = MatryoshkaLoss(loss, dims=c["matryoshka_dims"], weights=c["matryoshka_weights"])
         if embedding_dim is not None:
@@ -146,6 +148,7 @@ __all__ = [
     "DEFAULT_GAMMA",
     "DEFAULT_TEMPERATURE",
     "DEFAULT_WEIGHTS",
+    "EmbeddingLoss",
     "LOSSES",
     "LOSS_DEFAULTS",
     "STAGE_PRESETS",

@@ -48,7 +48,7 @@ class _GatherRows(torch.autograd.Function):
         parts = [torch.empty_like(padded) for _ in sizes]
         dist.all_gather(parts, padded.contiguous())
         ctx.offset, ctx.rows = offset, x.size(0)
-        return torch.cat([part[:n] for part, n in zip(parts, sizes)], dim=0)
+        return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)], dim=0)
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor, None, None]:

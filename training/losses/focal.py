@@ -1,9 +1,10 @@
 """Focal-style reweighting of InfoNCE: hard queries (low probability on their positive) weigh more.
 
-METHOD.md [reported]: ``p_i = e^{s(q_i,p_i)/τ} / Z_i = exp(-L_i)``, ``w_i = (1 - p_i)^γ``, γ = 0.5. Our reduction
-is the mean ``(1/N) Σ_i w_i L_i`` (the paper writes ``Σ_i w_i L_i``; the mean keeps the scale of plain InfoNCE,
-so γ = 0 gives exactly :class:`InfoNCE`). Whether ``w`` is detached and whether it is renormalised to mean 1
-are [open]; both are options, off by default (our choice). Renormalisation uses this rank's queries only.
+METHOD.md [reported]: ``p_i = e^{s(q_i,p_i)/τ} / Z_i = exp(-L_i)``, ``w_i = (1 - p_i)^γ``, γ = 0.5. Our
+reduction is the mean ``(1/N) Σ_i w_i L_i`` (the paper writes ``Σ_i w_i L_i``; the mean keeps the scale of
+plain InfoNCE, so γ = 0 gives exactly :class:`InfoNCE`). Whether ``w`` is detached and whether it is
+renormalised to mean 1 are [open]; both are options, off by default (our choice). Renormalisation uses this
+rank's queries only.
 
 >>> focal_weights(torch.tensor([0.693147]), gamma=0.5)   # L = log 2: p = 0.5 -> w = 0.5 ** 0.5
 tensor([0.7071])
@@ -14,14 +15,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from training.losses.base import EmbeddingLoss
 from training.losses.infonce import InfoNCE
 
 DEFAULT_GAMMA = 0.5  # METHOD.md [reported]
 
 
-def focal_weights(per_query_loss: Tensor, gamma: float, detach: bool = False, normalize: bool = False) -> Tensor:
+def focal_weights(
+    per_query_loss: Tensor, gamma: float, detach: bool = False, normalize: bool = False
+) -> Tensor:
     """``w_i = (1 - exp(-L_i))^γ`` from per-query InfoNCE losses. (N,) -> (N,).
 
     ``1 - exp(-L)`` is computed as ``-expm1(-L)`` (exact for small L) and floored at 1e-12 so a query
@@ -36,7 +40,7 @@ def focal_weights(per_query_loss: Tensor, gamma: float, detach: bool = False, no
     return weights.detach() if detach else weights
 
 
-class FocalInfoNCE(nn.Module):
+class FocalInfoNCE(EmbeddingLoss):
     """Wraps an :class:`InfoNCE` core: ``forward(q (N, D), p (N, D), n (N, M, D) | None) -> mean_i w_i L_i``.
 
     Columns consumed: those of the core (``query``, ``pos``, ``neg``).

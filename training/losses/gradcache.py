@@ -19,17 +19,20 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from types import TracebackType
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.checkpoint import get_device_states, set_device_states
+
+from training.losses.base import EmbeddingLoss
 
 EmbedFn = Callable[..., Tensor]  # (input_ids=(B, T), attention_mask=(B, T)) -> (B, D)
 
 
 class RandContext:
-    """Captures the CPU and accelerator RNG states now; ``with ctx:`` replays them, then restores the outer RNG."""
+    """Captures the CPU and accelerator RNG states; ``with ctx:`` replays them, then restores the outer."""
 
     def __init__(self, *tensors: Tensor) -> None:
         self.cpu_state = torch.get_rng_state()
@@ -42,9 +45,11 @@ class RandContext:
         torch.set_rng_state(self.cpu_state)
         set_device_states(self.devices, self.device_states)
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         assert self._fork is not None
-        self._fork.__exit__(*exc)
+        self._fork.__exit__(exc_type, exc, tb)
         self._fork = None
 
 
@@ -54,7 +59,7 @@ def _chunks(features: dict[str, Tensor], size: int) -> Iterator[dict[str, Tensor
         yield {k: v[start : start + size] for k, v in features.items()}
 
 
-class GradCache(nn.Module):
+class GradCache(EmbeddingLoss):
     """Wraps an embedding loss ``loss(q (N, D), p (N, D), n (N, M, D) | None) -> scalar``.
 
     Args:
@@ -62,7 +67,7 @@ class GradCache(nn.Module):
         chunk_size: rows per forward pass; memory is that of one chunk's activations.
     """
 
-    def __init__(self, loss: nn.Module, chunk_size: int = 32) -> None:
+    def __init__(self, loss: EmbeddingLoss, chunk_size: int = 32) -> None:
         super().__init__()
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -107,7 +112,8 @@ class GradCache(nn.Module):
         n = None
         if "neg" in cached:
             if cached["neg"].size(0) % q.size(0):
-                raise ValueError(f"neg rows ({cached['neg'].size(0)}) are not a multiple of queries ({q.size(0)})")
+                rows = cached["neg"].size(0)
+                raise ValueError(f"neg rows ({rows}) are not a multiple of the queries ({q.size(0)})")
             n = cached["neg"].view(q.size(0), -1, q.size(-1))
         loss = self.loss(q, p, n)
         loss.backward()
@@ -119,6 +125,7 @@ class GradCache(nn.Module):
                 _chunks(features, self.chunk_size),
                 states[name],
                 torch.split(_grad_of(cached[name]), self.chunk_size),
+                strict=True,
             )
         ]
         for i, (chunk, state, grad) in enumerate(jobs):
@@ -129,17 +136,16 @@ class GradCache(nn.Module):
                 (emb * grad).sum().backward()
         return loss.detach()
 
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return self.loss.columns
+
     def forward(self, q: Tensor, p: Tensor, n: Tensor | None = None) -> Tensor:
         """The wrapped loss on ready embeddings (no caching): lets a GradCache stand in for its loss."""
         return self.loss(q, p, n)
 
     def config(self) -> dict[str, Any]:
-        inner_config = getattr(self.loss, "config", None)
-        return {
-            "name": "gradcache",
-            "chunk_size": self.chunk_size,
-            "inner": inner_config() if callable(inner_config) else type(self.loss).__name__,
-        }
+        return {"name": "gradcache", "chunk_size": self.chunk_size, "inner": self.loss.config()}
 
 
 def _grad_of(x: Tensor) -> Tensor:

@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from training.losses.base import EmbeddingLoss
 from training.losses.distributed import gather_rows
 
 if TYPE_CHECKING:
@@ -69,7 +70,8 @@ def infonce_logits(
         blocks.append(q @ n.reshape(-1, n.size(-1)).T)
     elif n is not None and hard_negatives == "own":
         if n.size(0) != q.size(0):
-            raise ValueError(f"'own' hard negatives need one row per query: n {tuple(n.shape)}, q {tuple(q.shape)}")
+            shapes = f"n {tuple(n.shape)}, q {tuple(q.shape)}"
+            raise ValueError(f"'own' hard negatives need one row of negatives per query: {shapes}")
         blocks.append(torch.einsum("nd,nmd->nm", q, n))
     if extra_negatives is not None and extra_negatives.size(1) > 0:
         blocks.append(torch.einsum("nd,nkd->nk", q, extra_negatives))
@@ -102,7 +104,7 @@ def infonce_per_query(
     return F.cross_entropy(logits, labels, reduction="none")
 
 
-class InfoNCE(nn.Module):
+class InfoNCE(EmbeddingLoss):
     """InfoNCE over in-batch and hard negatives; the core every other loss wraps.
 
     ``forward(q (N, D), p (N, D), n (N, M, D) | None) -> scalar`` = mean over this rank's queries.

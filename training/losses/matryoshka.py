@@ -18,8 +18,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
+from training.losses.base import EmbeddingLoss
 from training.pooling import truncate
 
 DEFAULT_DIMS: tuple[int, ...] = (896, 512, 256, 128, 64)  # [paper: code]
@@ -29,12 +30,12 @@ DEFAULT_WEIGHTS: tuple[float, ...] = (1.0, 0.3, 0.2, 0.1, 0.1)  # [paper: code]
 def resolve_dims(
     width: int, dims: Sequence[int] | None = None, weights: Sequence[float] | None = None
 ) -> list[tuple[int, float]]:
-    """The (dim, weight) pairs for a model of width ``width``, largest dim first (see the module docstring)."""
+    """(dim, weight) pairs for a model of width ``width``, largest dim first (see the module docstring)."""
     if dims is None:
         if weights is not None:
             raise ValueError("matryoshka weights given without dims: give dims too")
         # The first default stands for "the full embedding": it becomes the width, whatever the width is.
-        rest = [(d, w) for d, w in zip(DEFAULT_DIMS[1:], DEFAULT_WEIGHTS[1:]) if d < width]
+        rest = [(d, w) for d, w in zip(DEFAULT_DIMS[1:], DEFAULT_WEIGHTS[1:], strict=True) if d < width]
         return [(width, DEFAULT_WEIGHTS[0]), *rest]
     if not dims:
         raise ValueError("matryoshka dims must not be empty")
@@ -49,7 +50,8 @@ def resolve_dims(
         raise ValueError(f"matryoshka dims must be distinct positive integers, got {list(dims)}")
     if any(w < 0 for w in weights):
         raise ValueError(f"matryoshka weights must be >= 0, got {list(weights)}")
-    return sorted(zip((int(d) for d in dims), (float(w) for w in weights)), key=lambda dw: -dw[0])
+    pairs = zip((int(d) for d in dims), (float(w) for w in weights), strict=True)
+    return sorted(pairs, key=lambda dw: -dw[0])
 
 
 def _cut(x: Tensor, dim: int) -> Tensor:
@@ -58,7 +60,7 @@ def _cut(x: Tensor, dim: int) -> Tensor:
     return x if dim == x.size(-1) else truncate(x, dim)
 
 
-class MatryoshkaLoss(nn.Module):
+class MatryoshkaLoss(EmbeddingLoss):
     """``forward(q (N, D), p (N, D), n (N, M, D) | None) -> Σ_d w_d · inner(q[:, :d], p[:, :d], n[..., :d])``.
 
     Each truncation is renormalised (inputs are unit vectors; the full width D is passed through as is, so
@@ -67,12 +69,13 @@ class MatryoshkaLoss(nn.Module):
     """
 
     def __init__(
-        self, inner: nn.Module, dims: Sequence[int] | None = None, weights: Sequence[float] | None = None
+        self, inner: EmbeddingLoss, dims: Sequence[int] | None = None, weights: Sequence[float] | None = None
     ) -> None:
         super().__init__()
         self.inner = inner
         self.dims = list(dims) if dims is not None else None
         self.weights = list(weights) if weights is not None else None
+        self.resolved: list[tuple[int, float]] | None = None  # the (dim, weight) pairs of the last call
         if self.dims is not None:  # catch length/sign mistakes now; the width is checked on first use
             resolve_dims(max(self.dims), self.dims, self.weights)
         elif self.weights is not None:
@@ -80,21 +83,22 @@ class MatryoshkaLoss(nn.Module):
 
     @property
     def columns(self) -> tuple[str, ...]:
-        return tuple(getattr(self.inner, "columns", ("query", "pos", "neg")))
+        return self.inner.columns
 
     def forward(self, q: Tensor, p: Tensor, n: Tensor | None = None) -> Tensor:
         total: Tensor | None = None
-        for dim, weight in resolve_dims(q.size(-1), self.dims, self.weights):
+        self.resolved = resolve_dims(q.size(-1), self.dims, self.weights)
+        for dim, weight in self.resolved:
             term = weight * self.inner(_cut(q, dim), _cut(p, dim), _cut(n, dim) if n is not None else None)
             total = term if total is None else total + term
         assert total is not None  # resolve_dims never returns an empty list
         return total
 
     def config(self) -> dict[str, Any]:
-        inner_config = getattr(self.inner, "config", None)
         return {
             "name": "matryoshka",
             "dims": self.dims if self.dims is not None else "default",
             "weights": self.weights if self.weights is not None else "default",
-            "inner": inner_config() if callable(inner_config) else type(self.inner).__name__,
+            "resolved": [list(dw) for dw in self.resolved] if self.resolved is not None else None,
+            "inner": self.inner.config(),
         }

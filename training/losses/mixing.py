@@ -69,7 +69,10 @@ def sample_dirichlet(alpha: float, shape: tuple[int, ...], generator: torch.Gene
 
 
 def mix_pairs(n: Tensor, idx_a: Tensor, idx_b: Tensor, lam: Tensor) -> Tensor:
-    """``normalize(λ·n[a] + (1-λ)·n[b])`` per query. n (N, M, D), idx_a/idx_b (N, K) int, lam (N, K) -> (N, K, D)."""
+    """``normalize(λ·n[a] + (1-λ)·n[b])`` per query.
+
+    n (N, M, D), idx_a and idx_b (N, K) int64 positions in M, lam (N, K) -> (N, K, D).
+    """
     d = n.size(-1)
     h_a = torch.gather(n, 1, idx_a.unsqueeze(-1).expand(-1, -1, d))
     h_b = torch.gather(n, 1, idx_b.unsqueeze(-1).expand(-1, -1, d))
@@ -83,7 +86,7 @@ def mix_weighted(n: Tensor, weights: Tensor) -> Tensor:
 
 
 class HardNegativeMixer(nn.Module):
-    """Draws ``k`` synthetic negatives per query: ``mixer(q (N, D), n (N, M, D)) -> (N, k, D)`` or None if k = 0.
+    """``k`` synthetic negatives per query: ``mixer(q (N, D), n (N, M, D)) -> (N, k, D)``, None when k = 0.
 
     Args:
         k: synthetic negatives per query; 0 disables mixing (the loss is then exactly the unmixed one).
