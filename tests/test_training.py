@@ -229,3 +229,13 @@ def test_exact_resume_after_kill(tmp_path: Path, tiny_model: Path, data_root: st
     assert [m["step"] for m in mb] == list(range(1, 9))
     assert [round(m["loss"], 5) for m in ma] == [round(m["loss"], 5) for m in mb]
     assert [m["source"] for m in ma] == [m["source"] for m in mb]  # the same batch order
+    # an unchanged rerun is a cache hit: no process is launched, the final model is untouched
+    stamp = (uninterrupted / "model.safetensors").stat().st_mtime_ns
+    assert run_training(str(cfg_full), data_root, launcher="single", env=ENV) == uninterrupted
+    assert (uninterrupted / "model.safetensors").stat().st_mtime_ns == stamp
+    # a changed config starts fresh instead of resuming the old checkpoints
+    cfg_full.write_text(cfg_full.read_text().replace("seed: 3", "seed: 4"))
+    reseeded = run_training(str(cfg_full), data_root, launcher="single", env=ENV)
+    assert not torch.equal(
+        _weights(reseeded)["embeddings.word_embeddings.weight"], a["embeddings.word_embeddings.weight"]
+    )

@@ -30,15 +30,17 @@ def job_fingerprint(cfg: Any, root: DataRoot, model_dir: str) -> str:
     from kalm.hashing import hash_model_dir, hash_obj
     from training.train import data_sources
 
-    data = [[s.name, s.rows, s.weight, s.files] for s in data_sources(cfg, root)]
+    sources = data_sources(cfg, root)
+    data = [[s.name, s.rows, s.weight, s.files] for s in sources]
     manifests = []
-    for s in data_sources(cfg, root):
+    for s in sources:
         folder = s.files[0].rsplit("/", 1)[0]
         m = json.loads(root.fs.open_input_stream(f"{folder}/_manifest.json").read())
         manifests.append(m.get("input_fingerprint") or m.get("config_hash") or m.get("created_at"))
     cfg_dump = cfg.model_dump(mode="json")
     cfg_dump.pop("output_dir", None)
-    return hash_obj({"config": cfg_dump, "model": hash_model_dir(model_dir), "data": data, "manifests": manifests})
+    model_fp = hash_model_dir(model_dir)
+    return hash_obj({"config": cfg_dump, "model": model_fp, "data": data, "manifests": manifests})
 
 
 class TrainingFailed(RuntimeError):
@@ -129,10 +131,10 @@ def run_training(
     out = output_dir(cfg, root)
     job = job_fingerprint(cfg, root, info["model_dir"])
     done = out / "_manifest.json"
-    if (out / "final" / "kalm_run.json").exists() and done.exists():
-        if json.loads(done.read_text()).get("job_fingerprint") == job:
-            log.info("%s: unchanged config, data and initial model; cached final model reused", cfg.run_name)
-            return out / "final"
+    finished = (out / "final" / "kalm_run.json").exists() and done.exists()
+    if finished and json.loads(done.read_text()).get("job_fingerprint") == job:
+        log.info("%s: unchanged config, data and initial model; cached final model reused", cfg.run_name)
+        return out / "final"
     out.mkdir(parents=True, exist_ok=True)
     marker = out / "_job.json"
     if marker.exists() and json.loads(marker.read_text()).get("job_fingerprint") != job:
@@ -141,7 +143,8 @@ def run_training(
         for stale in ("checkpoints", "final", "metrics.jsonl", "_manifest.json"):
             p = out / stale
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    marker.write_text(json.dumps({"job_fingerprint": job, "config": str(config), "overrides": overrides or {}}))
+    record = {"job_fingerprint": job, "config": str(config), "overrides": overrides or {}}
+    marker.write_text(json.dumps(record))
     cmd = launch_command(
         config,
         data_root,
