@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from curation.normalize import has_invalid_unicode
 from kalm.errors import KalmError
 from kalm.recipes import SourceSpec
-from kalm.storage import s3_options_from_env
+from kalm.storage import s3_filesystem
 
 log = logging.getLogger(__name__)
 Record = dict[str, Any]
@@ -40,7 +40,7 @@ def resolve_files(spec: SourceSpec, base_dir: Path) -> tuple[pafs.FileSystem, li
     """Expand the source glob to concrete files (sorted), locally or on S3."""
     path = _expand(spec.path)
     if path.startswith("s3://"):
-        fs: pafs.FileSystem = pafs.S3FileSystem(**s3_options_from_env())
+        fs: pafs.FileSystem = s3_filesystem()
         bare = path[len("s3://") :]
         prefix = bare.split("*", 1)[0].rsplit("/", 1)[0]
         try:

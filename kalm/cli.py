@@ -65,6 +65,11 @@ def user_errors(fn: F) -> F:
         except KalmError as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(2) from None
+        except OSError as err:  # storage outages after retries: one line, not a traceback
+            from kalm.storage import explain_s3_error
+
+            typer.echo(f"error: {explain_s3_error(err, 'I/O failed')}", err=True)
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -233,14 +238,18 @@ def train_cmd(
     data_root: str | None = DataRootOpt,
     nproc: int | None = typer.Option(None, help="Processes per node (default: GPUs, else 1)."),
     launcher: str | None = typer.Option(None, help="auto | deepspeed | torchrun | single (default: config)."),
-    set_: list[str] | None = typer.Option(None, "--set", help="Override a config key: KEY=VALUE (repeatable)."),
+    set_: list[str] | None = typer.Option(
+        None, "--set", help="Override a config key: KEY=VALUE (repeatable)."
+    ),
 ) -> None:
     """Launch one training stage (DeepSpeed ZeRO-1/2); rerunning resumes from the newest checkpoint."""
     _setup_logging()
     from training.launch import run_training
     from training.train import parse_overrides
 
-    final = run_training(config, _root_str(data_root), parse_overrides(set_ or []), nproc=nproc, launcher=launcher)
+    final = run_training(
+        config, _root_str(data_root), parse_overrides(set_ or []), nproc=nproc, launcher=launcher
+    )
     typer.echo(f"final model: {final}")
 
 

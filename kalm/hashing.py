@@ -25,7 +25,9 @@ def hash_model_dir(path: str, n: int = 16) -> str:
 
     h = hashlib.sha256()
     root = Path(path)
-    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".txt")):
+    for f in sorted(
+        p for p in root.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".txt")
+    ):
         if f.name == "kalm_run.json":
             continue  # run metadata (timestamps) is not the model
         h.update(str(f.relative_to(root)).encode())

@@ -50,6 +50,35 @@ def s3_options_from_env() -> dict[str, Any]:
     return opts
 
 
+def s3_filesystem() -> pafs.FileSystem:
+    """pyarrow's S3 client with retries on transient errors (throttling, 5xx, resets)."""
+    opts = s3_options_from_env()
+    return pafs.S3FileSystem(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=5), **opts)
+
+
+def explain_s3_error(err: OSError, what: str) -> str:
+    """A one-line reason for an S3 failure; never includes credentials (pyarrow's messages do not)."""
+    text = str(err)
+    low = text.lower()
+    if "access_denied" in low or "accessdenied" in low or "invalidaccesskeyid" in low or "403" in low:
+        return f"{what}: access denied (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
+    if "nosuchbucket" in low or "no such bucket" in low:
+        return f"{what}: bucket does not exist"
+    if "curl" in low or "connect" in low or "timed out" in low:
+        return f"{what}: cannot reach the S3 endpoint ({text.splitlines()[0][:200]})"
+    return f"{what}: {text.splitlines()[0][:300]}"
+
+
+def check_bucket(fs: pafs.FileSystem, bucket: str) -> None:
+    """Fail fast with a clear message for a missing bucket or bad credentials."""
+    try:
+        info = fs.get_file_info(bucket)
+    except OSError as err:
+        raise KalmError(explain_s3_error(err, f"s3://{bucket}")) from None
+    if info.type == pafs.FileType.NotFound:
+        raise KalmError(f"s3://{bucket}: bucket does not exist")
+
+
 @dataclass(frozen=True)
 class DataRoot:
     """A filesystem plus a base path; every stage path is relative to it."""
@@ -63,7 +92,10 @@ class DataRoot:
         uri = resolve_root(uri)
         if uri.startswith("s3://"):
             parsed = urlparse(uri)
-            fs: pafs.FileSystem = pafs.S3FileSystem(**s3_options_from_env())
+            if not parsed.netloc:
+                raise KalmError(f"invalid S3 data root {uri!r}: use s3://bucket/prefix")
+            fs = s3_filesystem()
+            check_bucket(fs, parsed.netloc)
             return cls(uri=uri.rstrip("/"), fs=fs, base=(parsed.netloc + parsed.path).rstrip("/"))
         if "://" in uri:
             raise KalmError(f"unsupported data root {uri!r}: use a local path or s3://bucket/prefix")
