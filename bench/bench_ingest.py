@@ -18,11 +18,51 @@ import tempfile
 import time
 from pathlib import Path
 
-WORDS = (
-    "river mountain lantern copper violet harbor meadow quartz falcon orchard tundra saffron glacier ember "
-    "willow canyon marble thistle cobalt prairie beacon cedar delta fjord garnet hazel indigo juniper kelp "
-    "lagoon mesa nectar onyx pebble quill reef sable timber umber vale wharf yarrow zephyr"
-).split()
+WORDS = [
+    "river",
+    "mountain",
+    "lantern",
+    "copper",
+    "violet",
+    "harbor",
+    "meadow",
+    "quartz",
+    "falcon",
+    "orchard",
+    "tundra",
+    "saffron",
+    "glacier",
+    "ember",
+    "willow",
+    "canyon",
+    "marble",
+    "thistle",
+    "cobalt",
+    "prairie",
+    "beacon",
+    "cedar",
+    "delta",
+    "fjord",
+    "garnet",
+    "hazel",
+    "indigo",
+    "juniper",
+    "kelp",
+    "lagoon",
+    "mesa",
+    "nectar",
+    "onyx",
+    "pebble",
+    "quill",
+    "reef",
+    "sable",
+    "timber",
+    "umber",
+    "vale",
+    "wharf",
+    "yarrow",
+    "zephyr",
+]
 
 
 def generate(path: Path, rows: int, seed: int = 0) -> None:
@@ -69,8 +109,17 @@ def run_one(workdir: Path) -> None:
     m = run_ingest_recipe(lr, DataRoot.from_uri(str(workdir / "data")), IngestConfig(), force=True).manifest
     dt = time.perf_counter() - t
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"rows_in": m["rows_in"], "rows_out": m["rows_out"], "drops": m["drops"],
-                      "seconds": dt, "peak_mb": peak_mb}))
+    print(
+        json.dumps(
+            {
+                "rows_in": m["rows_in"],
+                "rows_out": m["rows_out"],
+                "drops": m["drops"],
+                "seconds": dt,
+                "peak_mb": peak_mb,
+            }
+        )
+    )
 
 
 def near_dup_peers(src: Path, n: int) -> dict[str, float]:
@@ -147,26 +196,39 @@ def main() -> None:
             t = time.perf_counter()
             generate(work / "src.jsonl", size)
             gen_s = time.perf_counter() - t
-            proc = subprocess.run([sys.executable, __file__, "--child", str(work)], capture_output=True,
-                                  text=True, check=True)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child", str(work)], capture_output=True, text=True, check=True
+            )
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             r["size"] = size
             r["rows_per_s"] = r["rows_in"] / r["seconds"]
             results.append(r)
-            print(f"ingest {size:>9,} rows: {r['rows_per_s']:>9,.0f} rows/s  peak RSS {r['peak_mb']:>7,.0f} MB  "
-                  f"out {r['rows_out']:,}  drops {r['drops']}  (generation {gen_s:.0f} s)", flush=True)
+            print(
+                f"ingest {size:>9,} rows: {r['rows_per_s']:>9,.0f} rows/s  "
+                f"peak RSS {r['peak_mb']:>7,.0f} MB  "
+                f"out {r['rows_out']:,}  drops {r['drops']}  (generation {gen_s:.0f} s)",
+                flush=True,
+            )
         peers = near_dup_peers(Path(tmp) / f"n{sizes[0]}" / "src.jsonl", args.peer_rows)
-    print(f"near-dup on the same {args.peer_rows:,} rows: ours {peers['ours_rows_per_s']:,.0f} rows/s "
-          f"({peers['ours_near_dups']} dups), datasketch MinHashLSH {peers['datasketch_rows_per_s']:,.0f} rows/s "
-          f"({peers['datasketch_near_dups']} dups)")
+    print(
+        f"near-dup on the same {args.peer_rows:,} rows: ours {peers['ours_rows_per_s']:,.0f} rows/s "
+        f"({peers['ours_near_dups']} dups), "
+        f"datasketch MinHashLSH {peers['datasketch_rows_per_s']:,.0f} rows/s "
+        f"({peers['datasketch_near_dups']} dups)"
+    )
     print(f"RATIO ours/datasketch near-dup: {peers['ours_rows_per_s'] / peers['datasketch_rows_per_s']:.1f}x")
     if "rensa_rows_per_s" in peers:
-        print(f"RATIO ours/rensa near-dup: {peers['ours_rows_per_s'] / peers['rensa_rows_per_s']:.1f}x "
-              f"(rensa {peers['rensa_rows_per_s']:,.0f} rows/s, {peers['rensa_near_dups']} dups)")
+        print(
+            f"RATIO ours/rensa near-dup: {peers['ours_rows_per_s'] / peers['rensa_rows_per_s']:.1f}x "
+            f"(rensa {peers['rensa_rows_per_s']:,.0f} rows/s, {peers['rensa_near_dups']} dups)"
+        )
     if len(results) > 1:
         a, b = results[0], results[-1]
-        print(f"memory: {a['peak_mb']:.0f} MB at {a['size']:,} rows -> {b['peak_mb']:.0f} MB at {b['size']:,} rows "
-              f"({(b['peak_mb'] - a['peak_mb']) * 1024 / max(1, b['size'] - a['size']):.2f} KB per extra row)")
+        print(
+            f"memory: {a['peak_mb']:.0f} MB at {a['size']:,} rows -> "
+            f"{b['peak_mb']:.0f} MB at {b['size']:,} rows "
+            f"({(b['peak_mb'] - a['peak_mb']) * 1024 / max(1, b['size'] - a['size']):.2f} KB per extra row)"
+        )
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ def data_sources(cfg: TrainConfig, root: DataRoot) -> list[ShardSource]:
     stage = cfg.data.stage or cfg.stage
     folders: list[str] = list(cfg.data.paths)
     if not folders:
-        base = f"mixtures/{stage}" if cfg.data.source == "mixtures" else f"mined/{stage}/current"
+        base = f"mixtures/{stage}" if cfg.data.source == "mixtures" else f"mined/{stage}"
         names = cfg.data.recipes or root.list_dirs(base)
         folders = [f"{base}/{n}" for n in names]
     sources = []
