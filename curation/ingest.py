@@ -243,6 +243,7 @@ def run_ingest_recipe(
             "task_type": r.task_type,
             "language": r.language,
             "recipe_path": str(lr.path),
+            "recipe_file": lr.fingerprint,  # the recipe file's content hash: lineage of "recipe version"
             "config_hash": fp,
             "source_fingerprint": src_fp,
             "used_samples": use_samples,

@@ -72,10 +72,16 @@ def ensure_server(state_dir: Path, port: int = DEFAULT_PORT, wait_s: float = 120
     raise KalmError(f"prefect server did not answer within {wait_s:.0f} s; see {state_dir / 'server.log'}")
 
 
+def state_dir_for(data_root: str) -> Path:
+    """The local server's state (SQLite): under a local data root, else under ~/.kalm."""
+    if data_root.startswith("s3://"):
+        return Path.home() / ".kalm" / "prefect"
+    return Path(data_root) / "prefect"
+
+
 def deployments(pipeline_config: str, data_root: str | None) -> list[Any]:
     """The pipeline's deployments, ready for ``prefect.serve``."""
-    from flows.ingest import ingest_recipe_flow
-    from flows.retrain import evaluate_flow, retrain_flow
+    from flows.retrain import evaluate_flow, rerun_recipe_flow, retrain_flow
     from kalm.pipeline import load_pipeline_config
 
     pc = load_pipeline_config(pipeline_config)
@@ -88,15 +94,15 @@ def deployments(pipeline_config: str, data_root: str | None) -> list[Any]:
             description="Full retraining DAG; edit the parameters in the UI before a custom run.",
             tags=["kalm", "retrain"],
         ),
-        ingest_recipe_flow.to_deployment(
+        rerun_recipe_flow.to_deployment(
             name="rerun-recipe",
-            parameters={"name": "api_docs", **common},
-            description="Rebuild one recipe's shards and its stage mixture (set `name`).",
+            parameters={"recipe": "api_docs", "config": str(pipeline_config), **common},
+            description="Re-ingest one recipe (set `recipe`) and recompute only what depends on it.",
             tags=["kalm", "data"],
         ),
         evaluate_flow.to_deployment(
             name="evaluate",
-            parameters={"model": "minilm", **common},
+            parameters={"model": "minilm", "config": pc.eval.config, **common},
             description="Evaluate one model folder on the configured tasks (set `model`).",
             tags=["kalm", "eval"],
         ),

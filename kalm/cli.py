@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import functools
-import logging
 import os
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +10,7 @@ from typing import Any, TypeVar
 
 import typer
 
+from kalm.clikit import _setup_logging, user_errors
 from kalm.errors import KalmError
 
 # Prefect reads these at import time: keep them before any prefect import (all imports below are lazy).
@@ -44,34 +42,6 @@ RecipesDirOpt = typer.Option(
     None, "--recipes-dir", help="Extra recipe folder (repeatable; also $KALM_RECIPES_PATH)."
 )
 ConfigOpt = typer.Option(None, "--config", help="Ingest config YAML (default: configs/ingest.yaml).")
-
-
-def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-
-
-def user_errors(fn: F) -> F:
-    """Turn a KalmError into one line on stderr and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except KalmError as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(2) from None
-        except OSError as err:  # storage outages after retries: one line, not a traceback
-            from kalm.storage import explain_s3_error
-
-            typer.echo(f"error: {explain_s3_error(err, 'I/O failed')}", err=True)
-            raise typer.Exit(1) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 @data_app.command("list")
@@ -253,19 +223,105 @@ def train_cmd(
     typer.echo(f"final model: {final}")
 
 
+PipelineOpt = typer.Option("pipeline_demo.yaml", "--config", help="Pipeline YAML (path or name in configs/).")
+
+
+@app.command("retrain")
+@user_errors
+def retrain_cmd(
+    config: str = PipelineOpt,
+    data_root: str | None = DataRootOpt,
+    stage: list[str] | None = typer.Option(
+        None,
+        "--stage",
+        help="Only these stages (repeatable): ingest mine pretrain refresh finetune soup eval",
+    ),
+    recipe: list[str] | None = typer.Option(None, "--recipe", help="Only (re)ingest these recipes."),
+    no_resume: bool = typer.Option(False, "--no-resume", help="Recompute every selected stage."),
+    recipes_dir: list[str] | None = RecipesDirOpt,
+) -> None:
+    """Run the full retraining DAG (a Prefect flow): ingest -> mine -> pretrain -> refresh -> finetune -> soup
+    -> eval. Unchanged stages are cache hits."""
+    _setup_logging()
+    from flows.retrain import retrain_flow
+
+    out = retrain_flow(
+        config=config,
+        stages=stage or None,
+        recipes=recipe or None,
+        data_root=_root_str(data_root),
+        resume=not no_resume,
+        recipes_dirs=recipes_dir or [],
+    )
+    _print_run(out)
+
+
+def _print_run(out: dict[str, Any]) -> None:
+    timings = out.get("timings_s", {})
+    hits = out.get("cache_hits", {})
+    typer.echo("\n| stage | seconds | cache hit |\n|---|---:|---|")
+    for k, v in timings.items():
+        typer.echo(f"| {k} | {v:.1f} | {'yes' if hits.get(k) else 'no'} |")
+    typer.echo(f"| total | {out.get('seconds', 0):.1f} | |")
+    md = (out.get("scores") or {}).get("markdown")
+    if md:
+        typer.echo("\n" + md)
+    root = out.get("data_root", "")
+    typer.echo(f"\nrun manifest: {root}/pipeline/{out.get('pipeline')}/latest.json")
+
+
 @app.command("demo")
 @user_errors
 def demo(
     data_root: str | None = DataRootOpt, force: bool = typer.Option(False, help="Rebuild everything.")
 ) -> None:
-    """Run the pipeline on its embedded default (the demo recipes) end to end."""
+    """Run the whole DAG on its embedded default (configs/pipeline_demo.yaml: the offline demo recipes,
+    all-MiniLM-L6-v2, two fine-tuning seeds, a soup, local evaluation). A second run is all cache hits."""
     _setup_logging()
-    from flows.ingest import ingest_stage_flow
-    from kalm.reports import data_report_markdown
+    from flows.retrain import retrain_flow
 
-    out = ingest_stage_flow(None, None, ["demo"], _root_str(data_root), [], None, force)
-    typer.echo(data_report_markdown("Demo: data stage", out["recipes"], out["stages"]))
+    out = retrain_flow(config="pipeline_demo.yaml", data_root=_root_str(data_root), resume=not force)
+    _print_run(out)
+
+
+@app.command("server")
+@user_errors
+def server_cmd(
+    config: str = PipelineOpt,
+    data_root: str | None = DataRootOpt,
+    port: int = typer.Option(4200, help="Port of the local server (when none runs)."),
+) -> None:
+    """Start a local Prefect server on 127.0.0.1 (unless PREFECT_API_URL answers), register the deployments
+    (retrain on the config's cron, rerun-recipe, evaluate) and run their flow runs until Ctrl-C."""
+    _setup_logging()
+    from flows.server import ensure_server, serve_deployments, state_dir_for
+
+    root = _root_str(data_root)
+    api, proc = ensure_server(state_dir_for(root), port)
+    os.environ["PREFECT_API_URL"] = api
+    typer.echo(f"Prefect UI: {api.removesuffix('/api')}  (deployments: retrain, rerun-recipe, evaluate)")
+    try:
+        serve_deployments(config, root)
+    finally:
+        if proc is not None:
+            proc.terminate()
+
+
+def _mount() -> None:
+    """Stage packages bring their own commands (kept next to their code); they join the top level."""
+    from evaluation.cli import eval_app
+    from mining.cli import app as mine_app
+
+    app.add_typer(mine_app)
+    app.add_typer(eval_app)
+
+
+_mount()
 
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

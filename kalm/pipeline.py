@@ -7,6 +7,7 @@ base model for the first mining pass, how many fine-tuning runs feed the soup, t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -36,6 +37,8 @@ class MiningCfg(StrictModel):
 class TrainStageCfg(StrictModel):
     config: str
     nproc: int | None = None  # processes per node (default: GPUs, else 1)
+    # dotted keys applied on top of the stage config, e.g. {"schedule.max_steps": 5}
+    overrides: dict[str, Any] = Field(default_factory=dict)
 
 
 class FinetuneCfg(TrainStageCfg):
@@ -43,12 +46,13 @@ class FinetuneCfg(TrainStageCfg):
 
 
 class SoupCfg(StrictModel):
-    method: str = "uniform"  # uniform | weighted | greedy
+    method: Literal["uniform", "weighted", "greedy"] = "uniform"
     weights: list[float] | None = None
 
 
 class EvalCfg(StrictModel):
     config: str = "eval.yaml"
+    compare_base: bool = True  # score the base model next to each stage and the soup
 
 
 class PipelineConfig(StrictModel):

@@ -36,7 +36,11 @@ def job_fingerprint(cfg: Any, root: DataRoot, model_dir: str) -> str:
     for s in sources:
         folder = s.files[0].rsplit("/", 1)[0]
         m = json.loads(root.fs.open_input_stream(f"{folder}/_manifest.json").read())
-        manifests.append(m.get("input_fingerprint") or m.get("config_hash") or m.get("created_at"))
+        # what identifies the folder's content: its inputs, config, miner (mined shards) and files; a folder
+        # rebuilt from other inputs gets other values even when its file names and row counts repeat
+        keys = ("input_fingerprint", "fingerprint", "config_hash", "miner", "files")
+        ident = {k: m[k] for k in keys if k in m}
+        manifests.append(ident or m.get("created_at"))
     cfg_dump = cfg.model_dump(mode="json")
     cfg_dump.pop("output_dir", None)
     model_fp = hash_model_dir(model_dir)

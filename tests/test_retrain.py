@@ -1,0 +1,151 @@
+"""The whole retraining DAG end to end on a tiny setup, through Prefect: ingest -> mixtures -> mine (base)
+-> pretrain -> refresh -> finetune x2 -> soup -> eval -> run manifest. Then an unchanged rerun (every
+stage a cache hit) and a rerun after one recipe changed (that recipe and only its dependents recompute).
+
+Real parts throughout: the packaged all-MiniLM-L6-v2, DeepSpeed ZeRO on CPU in a subprocess, FAISS, mteb.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kalm.pipeline import CONFIG_DIR
+from tests.conftest import faq_rows, write_jsonl
+
+FT_YAML = """\
+name: e2e_ft
+category: faq
+stage: finetune
+task_type: retrieval
+language: en
+holdout: 0.2
+source:
+  format: jsonl
+  path: "raw/e2e_ft/*.jsonl"
+fields: {query: question, pos: answer}
+instruction: "Given a question, retrieve the answer that addresses it"
+"""
+TINY = {
+    "schedule.max_steps": 2,
+    "schedule.checkpoint_every": 2,
+    "model.max_length": 32,
+    "launch.launcher": "single",
+}
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture
+def setup(tmp_path: Path, recipe_dir) -> dict[str, Any]:
+    recipe_dir("e2e_pre", faq_rows(48, "pre", seed=1), stage="pretrain")
+    folder = recipe_dir("e2e_ft", faq_rows(60, "ft", seed=2), yaml_text=FT_YAML)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(
+        "window: [4, 16]\nnum_negatives: 3\ntop_k: 16\nbatch_size: 32\n"
+        "max_seq_length: 32\nchunk_queries: 16\n"
+    )
+    ev = tmp_path / "eval.yaml"
+    ev.write_text(
+        f"holdout_tasks: true\ndims: [128]\nbatch_size: 32\nmax_seq_length: 32\n"
+        f"instructions: {CONFIG_DIR / 'eval_instructions.yaml'}\n"
+    )
+    pipe = tmp_path / "pipeline.yaml"
+    pipe.write_text(
+        json.dumps(
+            {
+                "name": "e2e",
+                "data": {"recipes": ["e2e_pre", "e2e_ft"]},
+                "mining": {"config": str(mine), "base_model": "minilm", "stages": ["finetune"]},
+                "pretrain": {"config": "pretrain_demo.yaml", "overrides": {**TINY, "per_device_batch": 8}},
+                "finetune": {
+                    "config": "finetune_demo.yaml",
+                    "seeds": [0, 1],
+                    "overrides": {**TINY, "per_device_batch": 4, "data.group_size": 3},
+                },
+                "soup": {"method": "uniform"},
+                "eval": {"config": str(ev)},
+            }
+        )
+    )
+    return {"config": str(pipe), "root": str(tmp_path / "data"), "recipes": folder}
+
+
+def test_retrain_dag_caches_and_partial_rerun(prefect_server, setup: dict[str, Any]) -> None:
+    from flows.retrain import retrain_flow
+
+    def run() -> dict[str, Any]:
+        dirs = [str(setup["recipes"])]
+        return retrain_flow(config=setup["config"], data_root=setup["root"], recipes_dirs=dirs)
+
+    first = run()
+    assert set(first["timings_s"]) == {"ingest", "mine", "pretrain", "refresh", "finetune", "soup", "eval"}
+    assert not any(first["cache_hits"].values()), first["cache_hits"]
+    # lineage: recipe versions -> mixtures -> mined negatives and their miner -> checkpoints -> soup -> scores
+    assert set(first["recipes"]) == {"e2e_pre", "e2e_ft"}
+    assert first["recipes"]["e2e_ft"]["recipe_file"]
+    mined = first["mined"]["finetune"]["e2e_ft"]
+    assert Path(mined["miner"]["path"]) == Path(first["checkpoints"]["pretrain"])  # refreshed by our model
+    assert len(first["checkpoints"]["finetune"]) == 2
+    assert first["soup"]["inputs"] or first["soup"].get("checkpoints")
+    labels = {r["label"] for r in first["scores"]["rows"]}
+    assert {"base", "pretrain", "soup"} <= labels
+    assert not first["stale_negatives"]
+    latest = json.loads((Path(setup["root"]) / "pipeline" / "e2e" / "latest.json").read_text())
+    assert latest["checkpoints"] == first["checkpoints"]
+
+    again = run()
+    assert all(again["cache_hits"].values()), again["cache_hits"]
+    assert again["checkpoints"] == first["checkpoints"]
+    assert again["seconds"] < 0.5 * first["seconds"]
+
+    # one recipe grows: it is re-ingested; pre-training (other stage) stays cached; its negatives are re-mined
+    # and fine-tuning, soup and scores recompute
+    write_jsonl(setup["recipes"] / "raw" / "e2e_ft" / "part-1.jsonl", faq_rows(10, "extra", seed=9))
+    third = run()
+    hits = third["cache_hits"]
+    assert hits["pretrain"] and hits["mine"]
+    assert not hits["ingest"] and not hits["refresh"] and not hits["finetune"] and not hits["soup"]
+    assert third["recipes"]["e2e_ft"]["rows_in"] == 70
+    assert third["mined"]["finetune"]["e2e_ft"]["fingerprint"] != mined["fingerprint"]
+
+
+def test_pipeline_configs_load_and_reject_typos(tmp_path: Path) -> None:
+    from kalm.errors import KalmError
+    from kalm.pipeline import load_pipeline_config
+
+    for p in sorted(CONFIG_DIR.glob("pipeline_*.yaml")):
+        pc = load_pipeline_config(p)
+        assert pc.finetune.seeds and pc.pretrain.config
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "name: x\npretrain: {config: a.yaml}\nfinetune: {config: b.yaml}\nsoup: {methd: uniform}\n"
+    )
+    with pytest.raises(KalmError, match="methd"):
+        load_pipeline_config(bad)
+    bad.write_text(
+        "name: x\npretrain: {config: a.yaml}\nfinetune: {config: b.yaml}\nsoup: {method: average}\n"
+    )
+    with pytest.raises(KalmError, match="method"):
+        load_pipeline_config(bad)
+
+
+def test_bad_stage_and_recipe_are_one_line_errors(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from kalm.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["retrain", "--stage", "bake", "--data-root", str(tmp_path)])
+    assert res.exit_code == 2 and "unknown stages ['bake']" in res.output
+    res = runner.invoke(app, ["retrain", "--recipe", "nope", "--data-root", str(tmp_path)])
+    assert res.exit_code == 2 and "nope" in res.output and "Traceback" not in res.output

@@ -1,0 +1,116 @@
+"""`kalm server` for real: a Prefect server on loopback, the three deployments registered and served by a
+`kalm server` process, and a single-recipe rerun triggered through the API until it completes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from curation.stage import read_manifest
+from kalm.storage import DataRoot
+from tests.conftest import faq_rows
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    from flows.server import ensure_server
+
+    state = tmp_path_factory.mktemp("prefect")
+    old = os.environ.pop("PREFECT_API_URL", None)
+    api, proc = ensure_server(state, _free_port(), wait_s=180)
+    assert proc is not None, "a fresh server must have been started"
+    yield api
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    if old is not None:
+        os.environ["PREFECT_API_URL"] = old
+
+
+def test_deployments_and_rerun_via_api(server: str, recipe_dir, tmp_path: Path) -> None:
+    folder = recipe_dir("srv_faq", faq_rows(20, "srv"))
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(
+        "name: srvtest\nschedule: {cron: '0 4 * * 1', timezone: UTC}\n"
+        "data: {recipes: [srv_faq]}\n"
+        "pretrain: {config: pretrain_demo.yaml}\nfinetune: {config: finetune_demo.yaml}\n"
+    )
+    root = tmp_path / "data"
+    env = {**os.environ, "PREFECT_API_URL": server, "KALM_RECIPES_PATH": str(folder)}
+    log = (tmp_path / "serve.log").open("wb")
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "kalm.cli", "server", "--config", str(pipeline), "--data-root", str(root)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        os.environ["PREFECT_API_URL"] = server
+        names = _wait_deployments(serve, tmp_path / "serve.log")
+        assert {"retrain/retrain", "rerun_recipe/rerun-recipe", "evaluate/evaluate"} <= names
+
+        from prefect.deployments import run_deployment
+
+        run = run_deployment(
+            "rerun_recipe/rerun-recipe",
+            parameters={"recipe": "srv_faq", "downstream": False},
+            timeout=300,
+        )
+        assert run.state is not None and run.state.is_completed(), (
+            run.state,
+            (tmp_path / "serve.log").read_text()[-3000:],
+        )
+        m = read_manifest(DataRoot.from_uri(str(root)), "mixtures/finetune/srv_faq")
+        assert m is not None and m["rows_out"] == 20
+        assert (root / "pipeline" / "srvtest" / "latest.json").exists()
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        os.killpg(serve.pid, signal.SIGTERM)
+        try:
+            serve.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+
+
+def _wait_deployments(serve: subprocess.Popen[bytes], log: Path, wait_s: float = 180) -> set[str]:
+    """Full names (flow/deployment) once the serve process has registered them; the retrain one must carry
+    the config's cron schedule."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def listed() -> tuple[set[str], list[str]]:
+        async with get_client() as client:
+            deps = await client.read_deployments()
+            flows = {f.id: f.name for f in await client.read_flows()}
+            crons = [
+                getattr(s.schedule, "cron", "") for d in deps if d.name == "retrain" for s in d.schedules
+            ]
+            return {f"{flows[d.flow_id]}/{d.name}" for d in deps}, crons
+
+    deadline = time.time() + wait_s
+    while time.time() < deadline:
+        if serve.poll() is not None:
+            pytest.fail(f"kalm server exited {serve.returncode}: {log.read_text()[-3000:]}")
+        names, crons = asyncio.run(listed())
+        if len(names) >= 3:
+            assert "0 4 * * 1" in crons
+            return names
+        time.sleep(2)
+    pytest.fail(f"deployments not registered in {wait_s} s: {log.read_text()[-3000:]}")
