@@ -369,7 +369,10 @@ def retrain_flow(
             models["soup"] = soup_path
         comparison = _call(compare_task, models, cfg_eval, root_uri, force)
         cached["eval"] = bool(comparison.get("reused"))
-        manifest["scores"] = {"models": models, **{k: comparison.get(k) for k in ("table_path", "rows")}}
+        manifest["scores"] = {
+            "models": models,
+            **{k: comparison.get(k) for k in ("table_path", "markdown_path", "charts", "markdown", "rows")},
+        }
         _artifact(
             "markdown",
             markdown=comparison.get("markdown", ""),

@@ -23,6 +23,8 @@ def _setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    for noisy in ("httpx", "httpcore", "urllib3", "botocore", "filelock"):  # one line per HTTP request
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def user_errors(fn: F) -> F:
