@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import sysconfig
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -163,12 +164,22 @@ def read_hf(spec: SourceSpec, base_dir: Path, path_override: Path | None) -> Ite
         raise KalmError(f"cannot load dataset {target!r} split {spec.split!r}: {err}") from None
 
 
+_AST_LOCK = threading.Lock()
+
+
+def parse_python(src: str) -> ast.Module:
+    """``ast.parse`` under a lock: 3.11's parser is not thread-safe (concurrent ingest tasks run in threads
+    and failed with "SystemError: AST constructor recursion depth mismatch")."""
+    with _AST_LOCK:
+        return ast.parse(src)
+
+
 def read_python_ast(files: list[str], stats: Counter[str]) -> Iterator[Record]:
     """Functions and classes that have a docstring: name, signature, docstring, code without docstring."""
     for path in files:
         try:
             src = Path(path).read_text(encoding="utf-8")
-            tree = ast.parse(src)
+            tree = parse_python(src)
         except (SyntaxError, UnicodeDecodeError, ValueError):
             stats["unparsable_file"] += 1
             continue

@@ -51,6 +51,7 @@ from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
 from mteb.abstasks.sts import AbsTaskSTS
 from mteb.abstasks.task_metadata import TaskMetadata
 
+from curation.readers import parse_python
 from evaluation.config import LocalTaskSpec
 from kalm.errors import KalmError
 from kalm.storage import MANIFEST, DataRoot, s3_filesystem
@@ -359,7 +360,7 @@ def _docstring_summaries(files: list[Path]) -> set[str]:
     found: set[str] = set()
     for f in files:
         try:
-            tree = ast.parse(f.read_text(encoding="utf-8"))
+            tree = parse_python(f.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue
         for node in ast.walk(tree):
