@@ -60,27 +60,30 @@ def test_deployments_and_rerun_via_api(server: str, recipe_dir, tmp_path: Path) 
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    # Prefect reads its settings once: an earlier test may have imported it without PREFECT_API_URL
+    # (ephemeral mode), so the client here must be pointed at the server explicitly.
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     try:
-        os.environ["PREFECT_API_URL"] = server
-        names = _wait_deployments(serve, tmp_path / "serve.log")
-        assert {"retrain/retrain", "rerun_recipe/rerun-recipe", "evaluate/evaluate"} <= names
+        with temporary_settings({PREFECT_API_URL: server}):
+            names = _wait_deployments(serve, tmp_path / "serve.log")
+            assert {"retrain/retrain", "rerun_recipe/rerun-recipe", "evaluate/evaluate"} <= names
 
-        from prefect.deployments import run_deployment
+            from prefect.deployments import run_deployment
 
-        run = run_deployment(
-            "rerun_recipe/rerun-recipe",
-            parameters={"recipe": "srv_faq", "downstream": False},
-            timeout=300,
-        )
-        assert run.state is not None and run.state.is_completed(), (
-            run.state,
-            (tmp_path / "serve.log").read_text()[-3000:],
-        )
-        m = read_manifest(DataRoot.from_uri(str(root)), "mixtures/finetune/srv_faq")
-        assert m is not None and m["rows_out"] == 20
-        assert (root / "pipeline" / "srvtest" / "latest.json").exists()
+            run = run_deployment(
+                "rerun_recipe/rerun-recipe",
+                parameters={"recipe": "srv_faq", "downstream": False},
+                timeout=300,
+            )
+            assert run.state is not None and run.state.is_completed(), (
+                run.state,
+                (tmp_path / "serve.log").read_text()[-3000:],
+            )
+            m = read_manifest(DataRoot.from_uri(str(root)), "mixtures/finetune/srv_faq")
+            assert m is not None and m["rows_out"] == 20
+            assert (root / "pipeline" / "srvtest" / "latest.json").exists()
     finally:
-        os.environ.pop("PREFECT_API_URL", None)
         os.killpg(serve.pid, signal.SIGTERM)
         try:
             serve.wait(30)

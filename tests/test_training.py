@@ -148,6 +148,8 @@ def test_config_errors_before_launch(tmp_path: Path, tiny_model: Path, data_root
         load_train_config(bad)
     with pytest.raises(KalmError, match="unknown loss option"):
         load_train_config(_config(tmp_path, tiny_model, loss={"focal_gama": 1}))
+    with pytest.raises(KalmError, match="gradcache_chunk_size is not supported by the training job"):
+        load_train_config(_config(tmp_path, tiny_model, loss={"gradcache_chunk_size": 4}))
     with pytest.raises(KalmError, match="64"):
         preflight(
             load_train_config(_config(tmp_path, tiny_model, **{"loss.matryoshka_dims": [64, 16]})), root
@@ -202,7 +204,13 @@ def test_exact_resume_after_kill(tmp_path: Path, tiny_model: Path, data_root: st
     full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
     full_dir.mkdir()
     killed_dir.mkdir()
-    over = {"schedule.max_steps": 8, "schedule.checkpoint_every": 2, "loss.mix_k": 2, "loss.focal_gamma": 0.5}
+    steps = 24  # long enough that a loaded machine still kills it mid-run (after the step-4 checkpoint)
+    over = {
+        "schedule.max_steps": steps,
+        "schedule.checkpoint_every": 2,
+        "loss.mix_k": 2,
+        "loss.focal_gamma": 0.5,
+    }
     cfg_full = _config(full_dir, tiny_model, **over)
     cfg_killed = _config(killed_dir, tiny_model, **over)
     env = {**os.environ, **ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -226,7 +234,7 @@ def test_exact_resume_after_kill(tmp_path: Path, tiny_model: Path, data_root: st
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
     ma = [json.loads(x) for x in (full_dir / "run" / "metrics.jsonl").read_text().splitlines()]
     mb = [json.loads(x) for x in (killed_dir / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in mb] == list(range(1, 9))
+    assert [m["step"] for m in mb] == list(range(1, steps + 1))
     assert [round(m["loss"], 5) for m in ma] == [round(m["loss"], 5) for m in mb]
     assert [m["source"] for m in ma] == [m["source"] for m in mb]  # the same batch order
     # an unchanged rerun is a cache hit: no process is launched, the final model is untouched
