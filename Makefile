@@ -35,7 +35,7 @@ demo: venv
 	$(BIN)/kalm demo
 
 bench: venv
-	$(BIN)/python bench/bench_ingest.py
+	for b in ingest mining train pipeline; do $(BIN)/python bench/bench_$$b.py || exit 1; done
 
 clean:
 	rm -rf data .pytest_cache .mypy_cache .ruff_cache
