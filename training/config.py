@@ -104,13 +104,6 @@ class TrainConfig(StrictModel):
             resolve_loss_config({"stage": self.stage, **self.loss})
         except ValueError as err:
             raise ValueError(f"loss: {err}") from None
-        if self.loss.get("gradcache_chunk_size") is not None:
-            # GradCache.step needs tokenised inputs and several backward passes per optimizer step, which
-            # the DeepSpeed step does not do yet: refuse rather than silently train without chunking.
-            raise ValueError(
-                "loss.gradcache_chunk_size is not supported by the training job yet (GradCache is a library "
-                "API: training.losses.GradCache.step); remove it, or lower per_device_batch"
-            )
         return self
 
     def loss_config(self) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from kalm.errors import KalmError
 from kalm.storage import MANIFEST, DataRoot
 from training.config import TrainConfig, load_train_config, model_width, resolve_model_path
 from training.data import Batch, HomogeneousSampler, ShardSource
+from training.losses.gradcache import GradCache
 
 log = logging.getLogger("training.train")
 
@@ -150,7 +151,9 @@ def lr_lambda(cfg: TrainConfig, steps: int) -> Any:
     return f
 
 
-def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict[str, Any]:
+def deepspeed_config(cfg: TrainConfig, bf16: bool, grad_accum: int = 1) -> dict[str, Any]:
+    """The DeepSpeed config: the JSON file plus what the training config decides. ``grad_accum`` > 1 only for
+    GradCache, whose chunk backward passes are DeepSpeed micro-steps of one optimizer step."""
     from training.config import CONFIG_DIR
 
     path = Path(cfg.deepspeed.config)
@@ -159,7 +162,7 @@ def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict[str, Any]:
         raise KalmError(f"DeepSpeed config not found: {path}")
     ds = json.loads(path.read_text())
     ds["train_micro_batch_size_per_gpu"] = cfg.per_device_batch
-    ds["gradient_accumulation_steps"] = 1
+    ds["gradient_accumulation_steps"] = grad_accum
     ds["gradient_clipping"] = cfg.optim.grad_clip
     ds["bf16"] = {"enabled": bf16}
     ds.setdefault("zero_optimization", {})
@@ -212,6 +215,9 @@ def setup(cfg: TrainConfig, root: DataRoot, out: Path) -> Trainer:
         sources, cfg.per_device_batch, world, rank, cfg.data.group_size, cfg.seed, cfg.data.homogeneous
     )
     steps = total_steps(cfg, sources, world)
+    grad_accum = 1
+    if isinstance(loss_fn, GradCache):
+        grad_accum = loss_fn.backward_passes(cfg.per_device_batch, cfg.data.group_size - 1)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -236,7 +242,7 @@ def setup(cfg: TrainConfig, root: DataRoot, out: Path) -> Trainer:
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, bf16),
+        config=deepspeed_config(cfg, bf16, grad_accum),
         dist_init_required=False,
     )
     return Trainer(cfg, engine, model, loss_fn, sampler, steps, out, rank, world)
@@ -278,13 +284,62 @@ def focal_weight_mean(
         return float(focal_weights(losses, focal.gamma, detach=True, normalize=focal.normalize).mean())
 
 
+Embeddings = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+def gradcache_step(t: Trainer, batch: Batch) -> tuple[Embeddings, torch.Tensor, int, int]:
+    """One optimizer step with GradCache: embeddings in chunks without grad, the loss on them, then one
+    DeepSpeed micro-step (``engine.backward`` + ``engine.step``) per re-embedded chunk; the optimizer
+    steps at the last one (``gradient_accumulation_steps`` = the number of chunks, loss not rescaled).
+    Same loss and gradients as the full batch, activation memory of one chunk."""
+    from training.instructions import format_document, format_query
+
+    tmpl = t.model.query_template
+    q_texts = [format_query(q, i, tmpl) for q, i in zip(batch.queries, batch.instructions, strict=True)]
+    fmt = [
+        [format_document(d, i, s, tmpl) for d in docs]
+        for docs, i, s in zip(batch.docs, batch.instructions, batch.symmetric, strict=True)
+    ]
+    q_tok = t.model.tokenize(q_texts)
+    p_tok = t.model.tokenize([docs[0] for docs in fmt])
+    negs = [d for docs in fmt for d in docs[1:]]
+    if len(negs) != batch.size * (t.cfg.data.group_size - 1):  # micro-steps per step are fixed at setup
+        raise KalmError(
+            f"step {batch.step + 1}: rows without negatives for group size {t.cfg.data.group_size}"
+        )
+    n_tok = t.model.tokenize(negs) if negs else None
+    tokens = sum(int(x["attention_mask"].sum()) for x in (q_tok, p_tok, n_tok) if x is not None)
+
+    passes = [0]
+
+    def micro_step(surrogate: torch.Tensor) -> None:
+        t.engine.backward(surrogate, scale_wrt_gas=False)
+        t.engine.step()
+        passes[0] += 1
+
+    cache = t.loss_fn
+    assert isinstance(cache, GradCache)
+    loss = cache.step(
+        lambda **f: t.engine(**f).float(), query=q_tok, pos=p_tok, neg=n_tok, backward=micro_step
+    )
+    assert cache.last is not None
+    expected = t.engine.gradient_accumulation_steps()
+    if passes[0] != expected:  # the optimizer would step mid-batch or not at all
+        raise KalmError(f"GradCache ran {passes[0]} chunk passes where DeepSpeed expects {expected}")
+    return cache.last, loss, tokens, passes[0]
+
+
 def train_step(t: Trainer) -> dict[str, Any]:
     batch = t.sampler.next_batch()
     start = time.perf_counter()
-    q, p, n, tokens = encode_batch(t, batch)
-    loss = t.loss_fn(q, p, n)
-    t.engine.backward(loss)
-    t.engine.step()
+    if isinstance(t.loss_fn, GradCache):
+        (q, p, n), loss, tokens, passes = gradcache_step(t, batch)
+    else:
+        q, p, n, tokens = encode_batch(t, batch)
+        passes = 1
+        loss = t.loss_fn(q, p, n)
+        t.engine.backward(loss)
+        t.engine.step()
     dt = time.perf_counter() - start
     grad_norm = t.engine.get_global_grad_norm()
     return {
@@ -296,6 +351,7 @@ def train_step(t: Trainer) -> dict[str, Any]:
         "samples_per_s": batch.size * t.world / dt,
         "tokens_per_s": tokens * t.world / dt,
         "source": batch.sources[0] if batch.sources else "",
+        "backward_passes": passes,
     }
 
 

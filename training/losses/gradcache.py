@@ -73,6 +73,8 @@ class GradCache(EmbeddingLoss):
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.loss = loss
         self.chunk_size = int(chunk_size)
+        # the cached embeddings of the last step (for metrics)
+        self.last: tuple[Tensor, Tensor, Tensor | None] | None = None
 
     def _embed_no_grad(self, model: EmbedFn, features: dict[str, Tensor]) -> tuple[Tensor, list[RandContext]]:
         states: list[RandContext] = []
@@ -90,6 +92,7 @@ class GradCache(EmbeddingLoss):
         pos: dict[str, Tensor],
         neg: dict[str, Tensor] | None = None,
         no_sync: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+        backward: Callable[[Tensor], Any] | None = None,
     ) -> Tensor:
         """Forward + backward of one batch; returns the loss (detached). Gradients land in the parameters.
 
@@ -99,6 +102,9 @@ class GradCache(EmbeddingLoss):
             neg: tokenized hard negatives, (N·M, T), query-major (query i's negatives are rows i·M..i·M+M-1).
             no_sync: e.g. ``ddp_model.no_sync``; wraps every chunk backward but the last, so DDP all-reduces
                 gradients once per step.
+            backward: runs each chunk's backward (default ``t.backward()``); a DeepSpeed job passes one that
+                calls ``engine.backward`` then ``engine.step`` (one gradient-accumulation micro-step per
+                chunk, see :func:`backward_passes`).
         """
         groups = {"query": query, "pos": pos}
         if neg is not None:
@@ -133,8 +139,19 @@ class GradCache(EmbeddingLoss):
             with sync, state:
                 emb = model(**chunk)
                 # d/dθ Σ <emb, g> = (∂emb/∂θ)^T g: the chain rule with the cached dL/d(emb).
-                (emb * grad).sum().backward()
+                surrogate = (emb * grad).sum()
+                if backward is None:
+                    surrogate.backward()
+                else:
+                    backward(surrogate)
+        self.last = (q.detach(), p.detach(), None if n is None else n.detach())
         return loss.detach()
+
+    def backward_passes(self, rows: int, negatives_per_row: int) -> int:
+        """How many chunk backward passes :meth:`step` runs for ``rows`` queries with M negatives each."""
+        per = -(-rows // self.chunk_size)
+        negs = -(-(rows * negatives_per_row) // self.chunk_size)
+        return 2 * per + negs
 
     @property
     def columns(self) -> tuple[str, ...]:
