@@ -68,7 +68,6 @@ No GPU was used: device ``cpu`` for every contender; ``--threads`` torch/OMP/FAI
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import random
@@ -114,20 +113,17 @@ def _clean(text: str) -> str:
 
 def stdlib_docstrings() -> list[str]:
     """Every module, class and function docstring of the standard library's sources, in a fixed order."""
+    from curation.readers import module_docstrings
+
     lib = Path(sysconfig.get_paths()["stdlib"])
     docs: list[str] = []
     for f in sorted(lib.rglob("*.py")):
         if set(f.relative_to(lib).parts) & SKIP_DIRS or f.parent.name.startswith("config-"):
             continue
         try:
-            tree = ast.parse(f.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
+            docs += module_docstrings(f.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError):
             continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc:
-                    docs.append(doc)
     return docs
 
 

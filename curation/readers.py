@@ -174,6 +174,16 @@ def parse_python(src: str) -> ast.Module:
         return ast.parse(src)
 
 
+def module_docstrings(src: str) -> list[str]:
+    """Every docstring of a Python source (module, classes, functions), in walk order; [] if unparsable."""
+    try:
+        tree = parse_python(src)
+    except (SyntaxError, ValueError):
+        return []
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    return [d for node in ast.walk(tree) if isinstance(node, kinds) and (d := ast.get_docstring(node))]
+
+
 def read_python_ast(files: list[str], stats: Counter[str]) -> Iterator[Record]:
     """Functions and classes that have a docstring: name, signature, docstring, code without docstring."""
     for path in files:

@@ -25,7 +25,6 @@ Two builders make demo tasks from data we really have offline:
 
 from __future__ import annotations
 
-import ast
 import glob
 import hashlib
 import logging
@@ -51,7 +50,7 @@ from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
 from mteb.abstasks.sts import AbsTaskSTS
 from mteb.abstasks.task_metadata import TaskMetadata
 
-from curation.readers import parse_python
+from curation.readers import module_docstrings
 from evaluation.config import LocalTaskSpec
 from kalm.errors import KalmError
 from kalm.storage import MANIFEST, DataRoot, s3_filesystem
@@ -360,16 +359,13 @@ def _docstring_summaries(files: list[Path]) -> set[str]:
     found: set[str] = set()
     for f in files:
         try:
-            tree = parse_python(f.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
+            src = f.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, ValueError):
             continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc:
-                    text = " ".join(doc.strip().split("\n\n")[0].split())
-                    if len(text) >= 25:
-                        found.add(text)
+        for doc in module_docstrings(src):
+            text = " ".join(doc.strip().split("\n\n")[0].split())
+            if len(text) >= 25:
+                found.add(text)
     return found
 
 

@@ -249,18 +249,24 @@ def setup(cfg: TrainConfig, root: DataRoot, out: Path) -> Trainer:
 
 
 # ----------------------------------------------------------------------------------------------- step
-def encode_batch(t: Trainer, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
-    """Queries with their instruction, documents bare (or with it for symmetric tasks).
-    Returns q (N, D), p (N, D), n (N, M, D) or None, and the number of real tokens."""
+def format_batch(t: Trainer, batch: Batch) -> tuple[list[str], list[list[str]]]:
+    """Queries with their instruction; documents bare (or with it for symmetric tasks), one list per row:
+    [positive, negative_1, ..., negative_M]."""
     from training.instructions import format_document, format_query
 
     tmpl = t.model.query_template
     q_texts = [format_query(q, i, tmpl) for q, i in zip(batch.queries, batch.instructions, strict=True)]
-    d_texts = [
-        format_document(d, i, s, tmpl)
-        for docs, i, s in zip(batch.docs, batch.instructions, batch.symmetric, strict=True)
-        for d in docs
+    docs = [
+        [format_document(d, i, s, tmpl) for d in row]
+        for row, i, s in zip(batch.docs, batch.instructions, batch.symmetric, strict=True)
     ]
+    return q_texts, docs
+
+
+def encode_batch(t: Trainer, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """Returns q (N, D), p (N, D), n (N, M, D) or None, and the number of real tokens."""
+    q_texts, docs = format_batch(t, batch)
+    d_texts = [d for row in docs for d in row]
     q_tok = t.model.tokenize(q_texts)
     d_tok = t.model.tokenize(d_texts)
     q = t.engine(**q_tok).float()
@@ -292,14 +298,7 @@ def gradcache_step(t: Trainer, batch: Batch) -> tuple[Embeddings, torch.Tensor, 
     DeepSpeed micro-step (``engine.backward`` + ``engine.step``) per re-embedded chunk; the optimizer
     steps at the last one (``gradient_accumulation_steps`` = the number of chunks, loss not rescaled).
     Same loss and gradients as the full batch, activation memory of one chunk."""
-    from training.instructions import format_document, format_query
-
-    tmpl = t.model.query_template
-    q_texts = [format_query(q, i, tmpl) for q, i in zip(batch.queries, batch.instructions, strict=True)]
-    fmt = [
-        [format_document(d, i, s, tmpl) for d in docs]
-        for docs, i, s in zip(batch.docs, batch.instructions, batch.symmetric, strict=True)
-    ]
+    q_texts, fmt = format_batch(t, batch)
     q_tok = t.model.tokenize(q_texts)
     p_tok = t.model.tokenize([docs[0] for docs in fmt])
     negs = [d for docs in fmt for d in docs[1:]]
