@@ -99,10 +99,10 @@ fields: {query: question, pos: answer}
 
 def run_one(workdir: Path) -> None:
     """Child process: ingest the recipe in ``workdir``; print JSON with timing and peak RSS."""
-    from curation.config import IngestConfig
-    from curation.ingest import run_ingest_recipe
-    from kalm.recipes import load_recipe_file
-    from kalm.storage import DataRoot
+    from kalm.core.storage import DataRoot
+    from kalm.data.config import IngestConfig
+    from kalm.data.ingest import run_ingest_recipe
+    from kalm.data.recipes import load_recipe_file
 
     lr = load_recipe_file(workdir / "bench.yaml")
     t = time.perf_counter()
@@ -127,8 +127,8 @@ def near_dup_peers(src: Path, n: int) -> dict[str, float]:
     import numpy as np
     from datasketch import MinHash, MinHashLSH
 
-    from curation import minhash
-    from curation.normalize import normalize_text
+    from kalm.data import minhash
+    from kalm.data.normalize import normalize_text
 
     texts = []
     with src.open() as f:

@@ -9,10 +9,10 @@ subprocess with the model loaded before the clock starts::
 
 Contenders (wall time of one mining run, model already loaded; everything else inside the clock):
 
-- ``ours``: ``mining.mine.run_mine_recipe`` as ``kalm mine`` runs it, default precision (``auto``: bf16 where
-  the CPU has native bf16, else fp32; the line says which), on a fresh data root with an empty embedding
-  cache (**cold**): read the mixture Parquet and the corpus, hash and look up every text in the cache,
-  encode the misses (sorted by token count), write cache shards, FAISS ``IndexFlatIP``, search, filters
+- ``ours``: ``kalm.mining.mine.run_mine_recipe`` as ``kalm mine`` runs it, default precision (``auto``:
+  bf16 where the CPU has native bf16, else fp32; the line says which), on a fresh data root with an empty
+  embedding cache (**cold**): read the mixture Parquet and the corpus, hash and look up every text in the
+  cache, encode the misses (sorted by token count), write cache shards, FAISS ``IndexFlatIP``, search, filters
   (ranking consistency top-k, positives, query, duplicates), seeded sampling, chunk files + markers,
   publish Parquet + manifest. Then the same call again with ``force=True`` (**warm**): the mined output is
   redone, every embedding comes from the on-disk cache;
@@ -113,7 +113,7 @@ def _clean(text: str) -> str:
 
 def stdlib_docstrings() -> list[str]:
     """Every module, class and function docstring of the standard library's sources, in a fixed order."""
-    from curation.readers import module_docstrings
+    from kalm.data.readers import module_docstrings
 
     lib = Path(sysconfig.get_paths()["stdlib"])
     docs: list[str] = []
@@ -157,10 +157,10 @@ def make_corpus(n_queries: int, n_corpus: int, seed: int) -> tuple[list[tuple[st
 
 def build_inputs(work: Path, pairs: list[tuple[str, str]], corpus: list[str]) -> dict[str, Any]:
     """A data root holding the mixture ``mixtures/finetune/bench`` (as the stage writes it) + the corpus."""
-    from curation.stage import mixture_dir
-    from kalm.hashing import hash_obj
-    from kalm.schema import row_id, rows_to_table
-    from kalm.storage import MANIFEST, DataRoot
+    from kalm.core.hashing import hash_obj
+    from kalm.core.layout import MANIFEST, mixture_dir
+    from kalm.core.schema import row_id, rows_to_table
+    from kalm.core.storage import DataRoot
 
     rows = [
         {
@@ -232,7 +232,7 @@ def full_rank_window(
 
 def prefix() -> str:
     """Our query template as a plain prefix: the string ST's ``query_prompt`` and FlagEmbedding prepend."""
-    from training.instructions import DEFAULT_QUERY_TEMPLATE, format_query, prompt_prefix
+    from kalm.training.instructions import DEFAULT_QUERY_TEMPLATE, format_query, prompt_prefix
 
     pre = prompt_prefix(INSTRUCTION, DEFAULT_QUERY_TEMPLATE)
     assert pre + "q?" == format_query("q?", INSTRUCTION, DEFAULT_QUERY_TEMPLATE)
@@ -240,12 +240,12 @@ def prefix() -> str:
 
 
 def child_ours(spec: dict[str, Any]) -> dict[str, Any]:
-    from curation.stage import read_rows
-    from kalm.storage import DataRoot
-    from mining.cache import EmbeddingStore, cache_dir, embed_texts
-    from mining.config import MineConfig, PoolSpec
-    from mining.encode import load_encoder
-    from mining.mine import mined_dir, run_mine_recipe
+    from kalm.core.layout import embedding_cache_dir, mined_dir
+    from kalm.core.storage import DataRoot, read_rows
+    from kalm.mining.cache import EmbeddingStore, embed_texts
+    from kalm.mining.config import MineConfig, PoolSpec
+    from kalm.mining.encode import load_encoder
+    from kalm.mining.mine import run_mine_recipe
 
     lo, hi = spec["window"]
     data = Path(spec["work"]) / f"{spec['name']}-{spec['round']}"
@@ -263,19 +263,19 @@ def child_ours(spec: dict[str, Any]) -> dict[str, Any]:
     )
     enc = load_encoder("minilm", root, cfg.max_seq_length, cfg.precision, cfg.devices)
     t0 = time.perf_counter()
-    cold = run_mine_recipe(root, STAGE, RECIPE, "minilm", cfg, encoder=enc)
+    cold = run_mine_recipe(root, STAGE, RECIPE, "minilm", cfg, encoder=enc).manifest
     cold_s = time.perf_counter() - t0
     warm_s, warm = None, None
     if spec["warm"]:
         t0 = time.perf_counter()
-        warm = run_mine_recipe(root, STAGE, RECIPE, "minilm", cfg, force=True, encoder=enc)
+        warm = run_mine_recipe(root, STAGE, RECIPE, "minilm", cfg, force=True, encoder=enc).manifest
         warm_s = time.perf_counter() - t0
     # Untimed: our windows, from the cached vectors (the pool as build_pool makes it: corpus, then positives).
     pairs = [tuple(p) for p in json.loads((Path(spec["work"]) / "pairs.json").read_text())]
     corpus = [json.loads(line)["text"] for line in Path(spec["corpus_path"]).read_text().splitlines()]
     pool = list(dict.fromkeys([*corpus, *(p for _, p in pairs)]))
     queries = [enc.format_query(q, INSTRUCTION) for q, _ in pairs]
-    store = EmbeddingStore(root, cache_dir(enc.key), enc.dim)
+    store = EmbeddingStore(root, embedding_cache_dir(enc.key), enc.dim)
     vecs, st = embed_texts(enc, pool + queries, store, batch_size=cfg.batch_size)
     assert st["encoded"] == 0, st
     ids = rank(vecs[: len(pool)], vecs[len(pool) :], hi, spec["threads"])
@@ -312,7 +312,7 @@ def child_st(spec: dict[str, Any]) -> dict[str, Any]:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.util import mine_hard_negatives
 
-    from training.config import resolve_model_path
+    from kalm.training.config import resolve_model_path
 
     lo, hi = spec["window"]
     pairs = [tuple(p) for p in json.loads((Path(spec["work"]) / "pairs.json").read_text())]
@@ -399,7 +399,7 @@ def child_fe(spec: dict[str, Any]) -> dict[str, Any]:
 
     import numpy as np
 
-    from training.config import resolve_model_path
+    from kalm.training.config import resolve_model_path
 
     hn_mine = importlib.import_module(FE_MODULE)  # after the shim (see run_child)
     lo, hi = spec["window"]
@@ -471,8 +471,8 @@ def child_encode(spec: dict[str, Any]) -> dict[str, Any]:
     """Texts/s of our Encoder (default precision, fp32) and SentenceTransformer.encode on the same texts."""
     from sentence_transformers import SentenceTransformer
 
-    from mining.encode import load_encoder
-    from training.config import resolve_model_path
+    from kalm.mining.encode import load_encoder
+    from kalm.training.config import resolve_model_path
 
     pairs = [tuple(p) for p in json.loads((Path(spec["work"]) / "pairs.json").read_text())]
     corpus = [json.loads(line)["text"] for line in Path(spec["corpus_path"]).read_text().splitlines()]

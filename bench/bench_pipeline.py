@@ -3,7 +3,7 @@
 1. an unchanged rerun takes <= 10% of the first run (content-keyed caching end to end);
 2. Prefect's own overhead is <= 5% of the wall time: the same DAG, same config, run once as a Prefect flow
    (tasks, futures, state tracking, logs and artifacts sent to a server) and once as plain function calls
-   (``flows.retrain.PLAIN``), each on a fresh data root.
+   (:func:`kalm.pipeline.dag.run_retrain` on a ``LocalRunner``), each on a fresh data root.
 
     python bench/bench_pipeline.py                 # the demo pipeline (configs/pipeline_demo.yaml)
     python bench/bench_pipeline.py --steps 6       # shorter training, for a quick look
@@ -31,7 +31,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 def pipeline_yaml(base: Path, steps: int | None) -> Path:
     import yaml
 
-    from kalm.pipeline import config_path
+    from kalm.core.config import config_path
 
     cfg = yaml.safe_load(config_path("pipeline_demo.yaml").read_text())
     cfg["name"] = "bench"
@@ -46,17 +46,16 @@ def pipeline_yaml(base: Path, steps: int | None) -> Path:
 
 
 def run(config: Path, root: Path, plain: bool) -> float:
-    from flows.retrain import PLAIN, retrain_flow
+    from kalm.orchestration.flows import retrain_flow
+    from kalm.pipeline.config import load_pipeline
+    from kalm.pipeline.dag import run_retrain
+    from kalm.pipeline.runner import LocalRunner
 
-    token = PLAIN.set(plain)
     t0 = time.perf_counter()
-    try:
-        if plain:
-            retrain_flow.fn(config=str(config), data_root=str(root))
-        else:
-            retrain_flow(config=str(config), data_root=str(root))
-    finally:
-        PLAIN.reset(token)
+    if plain:
+        run_retrain(load_pipeline(config, str(root)), LocalRunner())
+    else:
+        retrain_flow(config=str(config), data_root=str(root))
     return time.perf_counter() - t0
 
 

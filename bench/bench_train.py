@@ -1,7 +1,7 @@
 """Benchmark of the training step (issue #4): our step against sentence-transformers' trainer.
 
-Training samples/s and peak memory of ``training.train`` (``setup`` + ``train_step``, the code ``kalm train``
-runs, under DeepSpeed ZeRO-1 in one process) against ``SentenceTransformerTrainer`` with
+Training samples/s and peak memory of ``kalm.training.train`` (``setup`` + ``train_step``, the code
+``kalm train`` runs, under DeepSpeed ZeRO-1 in one process) against ``SentenceTransformerTrainer`` with
 ``MultipleNegativesRankingLoss`` and ``CachedMultipleNegativesRankingLoss``, on the same model
 (all-MiniLM-L6-v2, the packaged ``minilm``), rows, batch, sequence length, optimizer settings, precision
 (fp32) and threads, in one run on CPU::
@@ -19,7 +19,7 @@ Contenders (each run in a fresh subprocess, so ``ru_maxrss`` is that contender's
   what the extra features cost;
 - ``st-cmnrl``: the same trainer with CachedMultipleNegativesRankingLoss (``mini_batch_size`` = ``--chunk``);
 - ``ours-gradcache``: plain InfoNCE with ``loss.gradcache_chunk_size`` = ``--chunk``, our CMNRL counterpart
-  (``training.train.gradcache_step``: one DeepSpeed micro-step per chunk). The child counts the calls of
+  (``kalm.training.train.gradcache_step``: one DeepSpeed micro-step per chunk). The child counts the calls of
   ``GradCache.step``; zero calls means the step did not chunk (printed);
 - ``ours-torch``: ``ours-infonce`` with ``deepspeed.initialize`` replaced by a plain-torch engine (same
   AdamW, scheduler and clipping), to separate DeepSpeed's cost from ours. Not what ``kalm train`` runs:
@@ -198,12 +198,12 @@ def make_rows(
 
 
 def build_data_root(base: Path, rows: list[dict[str, Any]]) -> str:
-    """One fine-tuning recipe, ingested and mixed for real (the path ``training.train`` reads)."""
-    from curation.config import IngestConfig
-    from curation.ingest import run_ingest_recipe
-    from curation.stage import run_build_stage
-    from kalm.recipes import get_recipe
-    from kalm.storage import DataRoot
+    """One fine-tuning recipe, ingested and mixed for real (the path ``kalm.training.train`` reads)."""
+    from kalm.core.storage import DataRoot
+    from kalm.data.config import IngestConfig
+    from kalm.data.ingest import run_ingest_recipe
+    from kalm.data.mixtures import run_build_stage
+    from kalm.data.recipes import get_recipe
 
     rec = base / "recipes"
     (rec / "raw").mkdir(parents=True, exist_ok=True)
@@ -220,13 +220,13 @@ def build_data_root(base: Path, rows: list[dict[str, Any]]) -> str:
     m = run_ingest_recipe(get_recipe("bench", [rec]), root, cfg).manifest
     if m["rows_out"] != len(rows):
         raise SystemExit(f"ingest kept {m['rows_out']} of {len(rows)} rows: {m.get('drops')}")
-    run_build_stage("finetune", ["bench"], root, cfg, base)
+    run_build_stage("finetune", ["bench"], root, cfg)
     return root.uri
 
 
 def st_columns(rows: list[dict[str, Any]], negatives: int) -> dict[str, list[str]]:
     """(anchor, positive, negative_1..M): anchors formatted exactly as our step formats queries."""
-    from training.instructions import DEFAULT_QUERY_TEMPLATE, format_query
+    from kalm.training.instructions import DEFAULT_QUERY_TEMPLATE, format_query
 
     cols: dict[str, list[str]] = {"anchor": [], "positive": []}
     for j in range(negatives):
@@ -342,7 +342,7 @@ class TorchEngine:
 
 
 def use_torch_engine() -> None:
-    """Make ``deepspeed.initialize`` (called by ``training.train.setup``) return a :class:`TorchEngine`."""
+    """Make ``deepspeed.initialize`` (``kalm.training.train.setup`` calls it) return a TorchEngine."""
     import deepspeed
 
     def initialize(*, model: Any, optimizer: Any, lr_scheduler: Any, config: dict[str, Any], **_: Any) -> Any:
@@ -353,7 +353,7 @@ def use_torch_engine() -> None:
 
 def count_gradcache_steps() -> dict[str, int]:
     """Count ``GradCache.step`` calls (the chunked forward/backward); behaviour unchanged."""
-    from training.losses import GradCache
+    from kalm.training.losses import GradCache
 
     calls = {"n": 0}
     original = GradCache.step
@@ -392,9 +392,9 @@ def stop_profile(profiler: Any, spec: dict[str, Any]) -> None:
 def child_ours(spec: dict[str, Any]) -> dict[str, Any]:
     import yaml
 
-    from kalm.storage import DataRoot
-    from training.config import load_train_config
-    from training.train import preflight, setup, train_step
+    from kalm.core.storage import DataRoot
+    from kalm.training.config import load_train_config
+    from kalm.training.train import preflight, setup, train_step
 
     work = Path(spec["work"]) / f"{spec['name']}-{spec['round']}"
     work.mkdir(parents=True, exist_ok=True)
@@ -479,7 +479,7 @@ def child_st(spec: dict[str, Any]) -> dict[str, Any]:
     )
     from transformers import TrainerCallback
 
-    from training.config import resolve_model_path
+    from kalm.training.config import resolve_model_path
 
     work = Path(spec["work"]) / f"{spec['name']}-{spec['round']}"
     work.mkdir(parents=True, exist_ok=True)
@@ -678,7 +678,7 @@ def main() -> None:
     for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}.items():
         os.environ.setdefault(key, value)
     sys.path.insert(0, str(REPO))
-    from training.config import resolve_model_path
+    from kalm.training.config import resolve_model_path
 
     model = resolve_model_path("minilm")
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_train_"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kalm.recipes import FilterSpec, Recipe, SourceSpec
+from kalm.data.recipes import FilterSpec, Recipe, SourceSpec
 
 RECIPE = Recipe(
     name="api_docs",

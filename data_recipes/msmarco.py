@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kalm.recipes import Recipe, SourceSpec
+from kalm.data.recipes import Recipe, SourceSpec
 
 RECIPE = Recipe(
     name="msmarco",

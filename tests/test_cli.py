@@ -62,11 +62,22 @@ def test_user_mistakes_are_one_line(recipe_dir, tmp_path: Path) -> None:
     assert "--stage" in _one_line_error(
         ["data", "run", "--all", "--stage", "middle", "--recipes-dir", str(folder)]
     )
+    # a broken recipe file: reported in one line and left out; only commands that need it fail
     (folder / "broken.yaml").write_text("name: broken\nstage: finetune\nextra_key: 1\n")
-    msg = _one_line_error(["data", "list", "--recipes-dir", str(folder)])
+    listed = subprocess.run(
+        [sys.executable, "-m", "kalm", "data", "list", "--recipes-dir", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert listed.returncode == 0 and "faq " in listed.stdout and "broken" not in listed.stdout
+    (warning,) = [ln for ln in listed.stderr.splitlines() if ln.strip()]
+    assert warning.startswith("warning: recipe skipped: ") and "broken.yaml" in warning
+    assert "unknown key 'extra_key'" in warning
+    msg = _one_line_error(["data", "check", "broken", "--recipes-dir", str(folder)])
     assert "broken.yaml" in msg and "unknown key 'extra_key'" in msg
     (folder / "broken.yaml").write_text("name: [unclosed\n")
-    assert "invalid YAML" in _one_line_error(["data", "list", "--recipes-dir", str(folder)])
+    assert "invalid YAML" in _one_line_error(["data", "check", "broken", "--recipes-dir", str(folder)])
     (folder / "broken.yaml").unlink()
     assert "recipes folder not found" in _one_line_error(
         ["data", "list", "--recipes-dir", str(tmp_path / "no")]

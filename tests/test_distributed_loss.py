@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from training.losses import FocalInfoNCE, InfoNCE, build_loss
+from kalm.training.losses import FocalInfoNCE, InfoNCE, build_loss
 
 WORLD = 2
 D_IN, D, M = 12, 16, 2
@@ -143,7 +143,7 @@ def test_two_processes_equal_one_process(ranks: list[dict[str, dict[str, torch.T
 
 
 def test_single_process_gather_is_identity() -> None:
-    from training.losses import gather_rows, world
+    from kalm.training.losses import gather_rows, world
 
     assert world() == (0, 1)
     x = torch.randn(3, 4)

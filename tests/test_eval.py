@@ -15,13 +15,14 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from evaluation.config import EvalConfig, LocalTaskSpec, load_eval_config, load_local_tasks
-from evaluation.instructions import load_instructions
-from evaluation.mteb_eval import check_offline, resolve_tasks, run_eval
-from kalm.errors import KalmError
-from kalm.schema import ROW_SCHEMA, row_id
-from kalm.storage import DataRoot
-from training.instructions import DEFAULT_QUERY_TEMPLATE
+from kalm.core.errors import KalmError
+from kalm.core.schema import ROW_SCHEMA, row_id
+from kalm.core.storage import DataRoot
+from kalm.evaluation.config import EvalConfig, LocalTaskSpec, load_eval_config, load_local_tasks
+from kalm.evaluation.instructions import load_instructions
+from kalm.evaluation.mteb_tasks import check_offline, resolve_tasks
+from kalm.evaluation.results import run_eval
+from kalm.training.instructions import DEFAULT_QUERY_TEMPLATE
 
 # Real sentences written for these tests: 12 questions, each with its answer and a near-miss distractor.
 QA = [
@@ -120,7 +121,7 @@ def stdlib_spec(tmp_path_factory: pytest.TempPathFactory) -> LocalTaskSpec:
     import shutil
     import sysconfig
 
-    from evaluation.local_tasks import build_stdlib_docstring_task
+    from kalm.evaluation.local_tasks import build_stdlib_docstring_task
 
     lib = tmp_path_factory.mktemp("stdlib")
     for pkg in ("email", "json", "logging"):
@@ -177,24 +178,24 @@ def test_a_changed_input_rescores_only_what_it_touches(
 ) -> None:
     import shutil
 
-    from evaluation import mteb_eval
+    from kalm.evaluation import results, scoring
 
     root = tmp_path / "root"
     shutil.copytree(evaluated["root"], root)  # the shared fixture's results stay as they are
     qa, sts = evaluated["specs"]
     qa = qa.model_copy(update={"instruction": "Find the answer"})
     boom = sts.model_copy(update={"name": "Boom"})
-    real = mteb_eval.evaluate_task_dims
+    real = scoring.evaluate_task_dims
 
     def crash_on_boom(encoder: Any, rt: Any, *args: Any) -> list[dict[str, Any]]:
         if rt.name == "Boom":
             raise RuntimeError("worker lost")
         return real(encoder, rt, *args)
 
-    monkeypatch.setattr(mteb_eval, "evaluate_task_dims", crash_on_boom)
+    monkeypatch.setattr(scoring, "evaluate_task_dims", crash_on_boom)
     with pytest.raises(RuntimeError, match="worker lost"):
         run_eval(minilm(), [], [qa, sts, boom], dims=[128], data_root=str(root))
-    monkeypatch.setattr(mteb_eval, "evaluate_task_dims", real)
+    monkeypatch.setattr(scoring, "evaluate_task_dims", real)
     # the new instruction re-scored the retrieval task only (STS was reused), and each finished task was
     # stored at once: the crash in the last task lost nothing
     res = run_eval(minilm(), [], [qa, sts], dims=[128], data_root=str(root))
@@ -206,25 +207,25 @@ def test_a_changed_input_rescores_only_what_it_touches(
 
     # the reuse key covers the model, data revision, dim, instruction and its version, template, mteb
     (rt,) = resolve_tasks([], [sts])
-    key = mteb_eval.result_key("f" * 16, rt, 384, None, "v1", DEFAULT_QUERY_TEMPLATE, None)
+    key = results.result_key("f" * 16, rt, 384, None, "v1", DEFAULT_QUERY_TEMPLATE, None)
     variants = [
-        mteb_eval.result_key("e" * 16, rt, 384, None, "v1", DEFAULT_QUERY_TEMPLATE, None),
-        mteb_eval.result_key("f" * 16, rt, 128, None, "v1", DEFAULT_QUERY_TEMPLATE, None),
-        mteb_eval.result_key("f" * 16, rt, 384, "x", "v1", DEFAULT_QUERY_TEMPLATE, None),
-        mteb_eval.result_key("f" * 16, rt, 384, None, "v2", DEFAULT_QUERY_TEMPLATE, None),
-        mteb_eval.result_key("f" * 16, rt, 384, None, "v1", "{instruction}: {query}", None),
-        mteb_eval.result_key("f" * 16, rt, 384, None, "v1", DEFAULT_QUERY_TEMPLATE, 128),
+        results.result_key("e" * 16, rt, 384, None, "v1", DEFAULT_QUERY_TEMPLATE, None),
+        results.result_key("f" * 16, rt, 128, None, "v1", DEFAULT_QUERY_TEMPLATE, None),
+        results.result_key("f" * 16, rt, 384, "x", "v1", DEFAULT_QUERY_TEMPLATE, None),
+        results.result_key("f" * 16, rt, 384, None, "v2", DEFAULT_QUERY_TEMPLATE, None),
+        results.result_key("f" * 16, rt, 384, None, "v1", "{instruction}: {query}", None),
+        results.result_key("f" * 16, rt, 384, None, "v1", DEFAULT_QUERY_TEMPLATE, 128),
     ]
-    monkeypatch.setattr(mteb_eval, "_mteb_version", lambda: "0.0.1")
-    variants.append(mteb_eval.result_key("f" * 16, rt, 384, None, "v1", DEFAULT_QUERY_TEMPLATE, None))
+    monkeypatch.setattr(results, "mteb_version", lambda: "0.0.1")
+    variants.append(results.result_key("f" * 16, rt, 384, None, "v1", DEFAULT_QUERY_TEMPLATE, None))
     assert len({key, *variants}) == 8
 
 
 def test_encoder_applies_instructions_and_matryoshka(tmp_path: Path) -> None:
     import shutil
 
-    from evaluation.encoder import KalmEncoder
-    from evaluation.instructions import format_query
+    from kalm.evaluation.encoder import KalmEncoder
+    from kalm.evaluation.instructions import format_query
 
     ins = load_instructions().with_overrides({"Mine": "Find the answer"})
     enc = KalmEncoder(minilm(), instructions=ins)
@@ -267,8 +268,8 @@ def test_encoder_applies_instructions_and_matryoshka(tmp_path: Path) -> None:
         enc.set_dim(500)
     assert format_query("x", None) == "x"
 
-    # a model folder carrying its own template (training.model.Embedder writes prompts.query_template)
-    from evaluation.instructions import model_query_template
+    # a model folder carrying its own template (kalm.training.model.Embedder writes prompts.query_template)
+    from kalm.evaluation.instructions import model_query_template
 
     own = tmp_path / "own"
     shutil.copytree(minilm(), own)
@@ -284,8 +285,8 @@ def test_encoder_applies_instructions_and_matryoshka(tmp_path: Path) -> None:
 
 def test_evaluation_formats_queries_with_the_training_code() -> None:
     """One template grammar: evaluation re-uses training's constant, formatter and validator."""
-    import evaluation.instructions as ev
-    import training.instructions as tr
+    import kalm.evaluation.instructions as ev
+    import kalm.training.instructions as tr
 
     assert ev.format_query is tr.format_query and ev.validate_template is tr.validate_template
     assert ev.DEFAULT_QUERY_TEMPLATE is tr.DEFAULT_QUERY_TEMPLATE
@@ -337,7 +338,7 @@ def test_task_selection_from_the_config_and_the_command_line(
     tiny_eval_specs: list[LocalTaskSpec], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No --tasks: the config's mteb and local tasks. --tasks: only those; a name may pick a local task."""
-    from evaluation.mteb_eval import select_tasks
+    from kalm.evaluation.mteb_tasks import select_tasks
 
     cfg = EvalConfig(tasks=["STSBenchmark"], local_tasks=tiny_eval_specs, stdlib_task=True)
     root = str(tmp_path)
@@ -401,7 +402,7 @@ def test_configs_load_and_reject_unknown_keys(tmp_path: Path) -> None:
 def test_pinned_instructions_follow_the_policy_and_name_real_tasks() -> None:
     import mteb
 
-    from evaluation.mteb_eval import mteb_names
+    from kalm.evaluation.mteb_tasks import mteb_names
 
     ins = load_instructions()
     known, _ = mteb_names()
@@ -417,7 +418,7 @@ def test_pinned_instructions_follow_the_policy_and_name_real_tasks() -> None:
 
 
 def test_holdout_rows_and_stdlib_docstrings_make_tasks(tmp_path: Path, stdlib_spec: LocalTaskSpec) -> None:
-    from evaluation.local_tasks import holdout_task_specs, make_local_task
+    from kalm.evaluation.local_tasks import holdout_task_specs, make_local_task
 
     root = DataRoot.from_uri(str(tmp_path / "root"))
     rows = [
@@ -445,7 +446,7 @@ def test_holdout_rows_and_stdlib_docstrings_make_tasks(tmp_path: Path, stdlib_sp
 
 def test_stdlib_task_is_decontaminated_and_built_once(tmp_path: Path) -> None:
     """Texts of top-level modules (what the demo trains on) and texts shared by packages are dropped."""
-    from evaluation.local_tasks import build_stdlib_docstring_task, stdlib_docstrings
+    from kalm.evaluation.local_tasks import build_stdlib_docstring_task, stdlib_docstrings
 
     lib = tmp_path / "lib"
 
@@ -487,8 +488,8 @@ def test_classification_task_runs_through_mteb(tmp_path: Path, stdlib_spec: Loca
 
 
 def test_comparison_tables_and_charts(evaluated: dict[str, Any], tmp_path: Path) -> None:
-    from evaluation.mteb_eval import compare_results
-    from evaluation.report import summary_table
+    from kalm.evaluation.compare import compare_results
+    from kalm.evaluation.report import summary_table
 
     res = evaluated["res"]
     worse = summary_table([{**r, "model": "worse", "fingerprint": "0" * 16, "main_score": r["main_score"] / 2}
@@ -515,8 +516,9 @@ def test_compare_models_scores_the_soup_against_the_base(evaluated: dict[str, An
     """The flow's call: base and a soup of it (bit-identical: same fingerprint, every result reused)."""
     import yaml
 
-    from evaluation.soup import run_soup
-    from tasks.evaluation import compare_task
+    from kalm.evaluation.config import load_eval_config
+    from kalm.evaluation.soup import run_soup
+    from kalm.orchestration.tasks import compare_task
 
     soup = tmp_path / "soup"
     run_soup("uniform", [minilm()], soup)
@@ -524,7 +526,10 @@ def test_compare_models_scores_the_soup_against_the_base(evaluated: dict[str, An
     cfg.write_text(
         yaml.safe_dump({"local_tasks": [s.model_dump() for s in evaluated["specs"]], "dims": [128]})
     )
-    out = compare_task.fn({"base": str(minilm()), "soup": str(soup)}, str(cfg), str(evaluated["root"]))
+    models = {"base": str(minilm()), "soup": str(soup)}
+    out = compare_task.fn(
+        models=models, config=load_eval_config(cfg), data_root=str(evaluated["root"])
+    ).to_dict()
     assert json.loads(json.dumps(out)) == out  # JSON-serialisable, as a Prefect result and a manifest
     assert out["fingerprints"]["soup"] == out["fingerprints"]["base"] == evaluated["res"].fingerprint
     assert out["reused"] is True and out["results_new"] == 0 and out["results_reused"] == 8
@@ -535,13 +540,17 @@ def test_compare_models_scores_the_soup_against_the_base(evaluated: dict[str, An
     assert Path(out["table_path"]).parent.parent.name == "compare"
 
     with pytest.raises(KalmError, match="model folder not found: .*nowhere"):
-        compare_task.fn({"base": str(minilm()), "soup": str(tmp_path / "nowhere")}, str(cfg), str(tmp_path))
+        compare_task.fn(
+            models={"base": str(minilm()), "soup": str(tmp_path / "nowhere")},
+            config=cfg,
+            data_root=str(tmp_path),
+        )
 
 
 def test_cli_eval_prefect_tasks_and_errors(evaluated: dict[str, Any], tmp_path: Path) -> None:
     import yaml
 
-    from evaluation.cli import eval_app
+    from kalm.cli.eval import eval_app
 
     local = tmp_path / "local.yaml"
     local.write_text(yaml.safe_dump({"local_tasks": [s.model_dump() for s in evaluated["specs"]]}))
@@ -568,18 +577,18 @@ def test_cli_eval_prefect_tasks_and_errors(evaluated: dict[str, Any], tmp_path: 
         res = runner.invoke(eval_app, [command, "--help"])
         assert res.exit_code == 0 and len(res.output) > 300, command
 
-    from tasks.evaluation import evaluate_task
+    from kalm.orchestration.tasks import evaluate_task
 
-    out = evaluate_task.fn(str(minilm()), "base", str(cfg), str(evaluated["root"]))
-    assert out["results_reused"] == 4 and out["reused"] and out["fingerprint"] == evaluated["res"].fingerprint
+    out = evaluate_task.fn(model_path=str(minilm()), config=str(cfg), data_root=str(evaluated["root"]))
+    assert out.reused == 4 and out.new == 0 and out.fingerprint == evaluated["res"].fingerprint
 
 
 def test_results_and_comparisons_on_s3(
     tiny_eval_specs: list[LocalTaskSpec], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An s3:// data root works end to end through kalm.storage.DataRoot (SeaweedFS on loopback), local task
+    """An s3:// data root works end to end through DataRoot (SeaweedFS on loopback), local task
     data included; model folders stay local."""
-    from evaluation.mteb_eval import compare_results
+    from kalm.evaluation.compare import compare_results
     from tests.test_s3 import KEY, SECRET, WEED, Weed
 
     if not Path(WEED).exists():
@@ -611,7 +620,7 @@ def test_results_and_comparisons_on_s3(
 
 
 def _fake_worker(device: str, run: Any, jobs: Any, results: Any) -> None:
-    """A stand-in for evaluation.mteb_eval._queue_worker (spawned: must live at module level)."""
+    """A stand-in for kalm.evaluation.scoring._queue_worker (spawned: must live at module level)."""
     if device == "broken":
         results.put(("fatal", device, "RuntimeError: no such device"))
         return
@@ -626,7 +635,7 @@ def _fake_worker(device: str, run: Any, jobs: Any, results: Any) -> None:
 def test_device_queue_spreads_tasks_and_reports_failures(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from evaluation.mteb_eval import run_queue, visible_devices
+    from kalm.evaluation.scoring import run_queue, visible_devices
 
     jobs = [(f"T{i}", [384, 128]) for i in range(6)]
     done: list[str] = []

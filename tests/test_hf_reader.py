@@ -8,11 +8,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.config import IngestConfig
-from curation.ingest import run_ingest_recipe, shard_dir
-from curation.stage import read_rows
-from kalm.recipes import get_recipe
-from kalm.storage import DataRoot
+from kalm.core.layout import shard_dir
+from kalm.core.storage import DataRoot, read_rows
+from kalm.data.config import IngestConfig
+from kalm.data.ingest import run_ingest_recipe
+from kalm.data.recipes import get_recipe
 
 
 def test_hf_layout_with_subset_and_split(tmp_path: Path) -> None:

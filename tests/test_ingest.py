@@ -9,13 +9,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from curation.config import IngestConfig
-from curation.ingest import run_ingest_recipe, shard_dir
-from curation.stage import read_rows
-from kalm.errors import KalmError
-from kalm.recipes import get_recipe, load_recipe_file
-from kalm.schema import ROW_SCHEMA
-from kalm.storage import MANIFEST, DataRoot
+from kalm.core.errors import KalmError
+from kalm.core.layout import MANIFEST, shard_dir
+from kalm.core.schema import ROW_SCHEMA
+from kalm.core.storage import DataRoot, read_rows
+from kalm.data.config import IngestConfig
+from kalm.data.ingest import run_ingest_recipe
+from kalm.data.recipes import get_recipe, load_recipe_file
 from tests.conftest import faq_rows
 
 
@@ -68,7 +68,7 @@ def test_bounded_shards_and_skip_when_unchanged(recipe_dir, tmp_path: Path) -> N
     first = run_ingest_recipe(lr, root, cfg)
     assert [f["rows"] for f in first.manifest["files"]] == [40, 40, 15]
     again = run_ingest_recipe(lr, root, cfg)
-    assert again.skipped and again.manifest == first.manifest
+    assert again.cached and again.manifest == first.manifest
     # a changed source is rebuilt
     src = folder / "raw" / "faq" / "part-0.jsonl"
     src.write_text(
@@ -77,7 +77,7 @@ def test_bounded_shards_and_skip_when_unchanged(recipe_dir, tmp_path: Path) -> N
     assert run_ingest_recipe(lr, root, cfg).manifest["rows_out"] == 96
     # a changed threshold is rebuilt too
     cfg2 = IngestConfig(shard_rows=40, batch_rows=30, near_dedup={"threshold": 0.9})
-    assert not run_ingest_recipe(lr, root, cfg2).skipped
+    assert not run_ingest_recipe(lr, root, cfg2).cached
 
 
 def test_crash_mid_write_leaves_nothing_that_looks_complete(recipe_dir, tmp_path: Path, monkeypatch) -> None:
@@ -242,7 +242,7 @@ def test_python_recipe_adapter_errors_are_counted(tmp_path: Path) -> None:
         ],
     )
     (d / "py.py").write_text(
-        "from kalm.recipes import Recipe, SourceSpec\n"
+        "from kalm.data.recipes import Recipe, SourceSpec\n"
         "RECIPE = Recipe(name='py', category='c', stage='pretrain', task_type='retrieval',\n"
         "                source=SourceSpec(format='jsonl', path='raw.jsonl'))\n"
         "def to_row(raw):\n"
@@ -256,12 +256,35 @@ def test_python_recipe_adapter_errors_are_counted(tmp_path: Path) -> None:
 
 def test_recipes_path_env_and_duplicate_names(recipe_dir, tmp_path: Path, monkeypatch) -> None:
     folder = recipe_dir("faq", faq_rows(5))
+    recipe_dir("other_faq", faq_rows(5))
     monkeypatch.setenv("KALM_RECIPES_PATH", str(folder))
     assert get_recipe("faq").path == folder / "faq.yaml"
-    with pytest.raises(KalmError, match="defined twice"):
-        get_recipe("faq", [tmp_path / "recipes"]) if False else None
-        other = tmp_path / "other"
-        other.mkdir()
-        (other / "faq.yaml").write_text((folder / "faq.yaml").read_text())
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "faq.yaml").write_text((folder / "faq.yaml").read_text())
+    with pytest.raises(KalmError, match="defined twice"):  # ambiguous: neither file is used
         get_recipe("faq", [other])
+    assert get_recipe("other_faq", [other]).name == "other_faq"  # the others are unaffected
     assert os.environ["KALM_RECIPES_PATH"] == str(folder)
+
+
+def test_broken_recipe_file_is_reported_and_only_its_users_fail(recipe_dir, tmp_path: Path) -> None:
+    """One broken file does not stop discovery: it is reported (path + error, one line) and excluded;
+    only asking for that recipe fails. Discovery runs once per set of files (memoised per process)."""
+    from kalm.data.recipes import discover
+
+    folder = recipe_dir("faq", faq_rows(5))
+    (folder / "broken.yaml").write_text("name: broken\nstage: finetune\nextra_key: 1\n")
+    (folder / "bad_py.py").write_text("raise RuntimeError('boom')\n")
+    found = discover([folder])
+    assert "faq" in found and "broken" not in found and "api_docs" in found
+    assert set(found.broken) == {str(folder / "broken.yaml"), str(folder / "bad_py.py")}
+    assert all("\n" not in e for e in found.broken.values())
+    with pytest.raises(KalmError, match="broken.yaml.*unknown key 'extra_key'"):
+        found.get("broken")
+    with pytest.raises(KalmError, match="bad_py.py: failed to import: RuntimeError: boom"):
+        found.get("bad_py")
+    assert discover([folder]) is found  # same files: not imported again
+    (folder / "broken.yaml").unlink()
+    (folder / "bad_py.py").unlink()
+    assert discover([folder]) is not found and not discover([folder]).broken

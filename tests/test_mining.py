@@ -23,16 +23,16 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from curation.stage import mixture_dir, read_manifest, read_rows
-from kalm.errors import KalmError
-from kalm.hashing import hash_obj
-from kalm.schema import row_id, rows_to_table
-from kalm.storage import MANIFEST, DataRoot
-from mining.cache import EmbeddingStore, cache_dir, embed_texts, text_key
-from mining.config import MineConfig, load_mine_config
-from mining.encode import Encoder, load_encoder
-from mining.mine import mined_dir, run_mine_recipe, run_mine_stage, stale_negatives, work_root
-from mining.sample import effective_window, norm_key
+from kalm.core.errors import KalmError
+from kalm.core.hashing import hash_obj
+from kalm.core.layout import MANIFEST, embedding_cache_dir, mined_dir, mined_work_dir, mixture_dir
+from kalm.core.schema import row_id, rows_to_table
+from kalm.core.storage import DataRoot, read_manifest, read_rows
+from kalm.mining.cache import EmbeddingStore, embed_texts, text_key
+from kalm.mining.config import MineConfig, load_mine_config
+from kalm.mining.encode import Encoder, load_encoder
+from kalm.mining.mine import run_mine_recipe, run_mine_stage, stale_negatives
+from kalm.mining.sample import effective_window, norm_key
 
 REPO = Path(__file__).resolve().parents[1]
 INSTR = "Given a how-to question, retrieve the answer"
@@ -128,7 +128,9 @@ def root(tmp_path: Path) -> DataRoot:
 
 
 def mine(root: DataRoot, enc: Encoder, cfg: MineConfig, recipe: str = "howto", **kw: Any) -> dict[str, Any]:
-    return run_mine_recipe(root, "finetune", recipe, "minilm", cfg, encoder=enc, **kw)
+    """The mined manifest plus ``cached`` (the result says whether it was a cache hit)."""
+    res = run_mine_recipe(root, "finetune", recipe, "minilm", cfg, encoder=enc, **kw)
+    return {**res.manifest, "cached": res.cached}
 
 
 def mined(root: DataRoot, recipe: str = "howto") -> list[dict]:
@@ -189,7 +191,7 @@ def test_window_m_and_seed_are_deterministic(tmp_path: Path, enc: Encoder) -> No
     assert all(len(r["neg"]) == cfg.num_negatives for r in a) and m_a["stats"]["short_rows"] == 0
     # every negative comes from ranks [lo, hi) of the ranking the miner saw (vectors from its cache)
     pool = list(dict.fromkeys(p for r in rows for p in r["pos"]))
-    store = EmbeddingStore(roots[0], cache_dir(enc.key), enc.dim)
+    store = EmbeddingStore(roots[0], embedding_cache_dir(enc.key), enc.dim)
     pvecs, found, _ = store.lookup(np.array([text_key(t) for t in pool], dtype="S16"))
     assert found.all()
     lo, hi = cfg.window
@@ -242,7 +244,7 @@ def test_small_pool_scales_window_or_drops(root: DataRoot, enc: Encoder) -> None
 def test_manifest_lineage_and_training_reads_it(root: DataRoot, enc: Encoder) -> None:
     write_mixture(root, make_rows(all_pairs(10, 6)))
     cfg = MineConfig(**SMALL)
-    m = run_mine_stage(root, "finetune", "minilm", cfg, encoder=enc)[0]
+    m = run_mine_stage(root, "finetune", "minilm", cfg, encoder=enc)[0].manifest
     disk = read_manifest(root, mined_dir("finetune", "howto"))
     assert disk is not None and disk["fingerprint"] == m["fingerprint"]
     for key in (
@@ -275,14 +277,14 @@ def test_manifest_lineage_and_training_reads_it(root: DataRoot, enc: Encoder) ->
         == read_manifest(root, mixture_dir("finetune", "howto"))["input_fingerprint"]
     )  # type: ignore[index]
     assert disk["category"] == "howto" and sum(f["rows"] for f in disk["files"]) == disk["rows_out"]
-    assert not root.exists(work_root("finetune", "howto"))  # the work folder went after publishing
+    assert not root.exists(mined_work_dir("finetune", "howto"))  # the work folder went after publishing
     stage_report = root.read_json(f"mined/finetune/{MANIFEST}")
     assert stage_report["recipes"]["howto"]["rows_out"] == m["rows_out"]
     assert stale_negatives(root, "finetune", enc.fingerprint) == []
     assert stale_negatives(root, "finetune", "another-model") == ["howto"]
 
-    from training.config import TrainConfig
-    from training.train import data_sources
+    from kalm.training.config import TrainConfig
+    from kalm.training.train import data_sources
 
     tcfg = TrainConfig(
         stage="finetune",
@@ -300,19 +302,19 @@ def test_cache_hit_then_partial_reencode_when_recipe_grows(root: DataRoot, enc: 
     write_mixture(root, make_rows(pairs))
     cfg = MineConfig(**SMALL)
     first = mine(root, enc, cfg)
-    assert first["encode"]["encoded"] == 2 * len(pairs) and not first["skipped"]
-    assert mine(root, enc, cfg)["skipped"] is True  # same model, config, inputs: nothing runs
+    assert first["encode"]["encoded"] == 2 * len(pairs) and not first["cached"]
+    assert mine(root, enc, cfg)["cached"] is True  # same model, config, inputs: nothing runs
     again = mine(root, enc, cfg, force=True)
     assert again["encode"]["encoded"] == 0 and again["encode"]["cache_hits"] == 2 * len(pairs)
     assert mined(root) and again["fingerprint"] == first["fingerprint"]
     grown = pairs + all_pairs(12, 6)[len(pairs) :]  # 12 new rows: 12 queries + 12 positives are new
     write_mixture(root, make_rows(grown))
     third = mine(root, enc, cfg)
-    assert not third["skipped"] and third["encode"]["encoded"] == 24
+    assert not third["cached"] and third["encode"]["encoded"] == 24
     assert third["rows_in"] == len(grown)
     # an operational key does not invalidate; a sampling key does
-    assert mine(root, enc, cfg.model_copy(update={"batch_size": 7}))["skipped"] is True
-    assert mine(root, enc, cfg.model_copy(update={"num_negatives": 3}))["skipped"] is False
+    assert mine(root, enc, cfg.model_copy(update={"batch_size": 7}))["cached"] is True
+    assert mine(root, enc, cfg.model_copy(update={"num_negatives": 3}))["cached"] is False
 
 
 def test_corrupt_cache_entries_are_recomputed_and_counted(
@@ -322,7 +324,7 @@ def test_corrupt_cache_entries_are_recomputed_and_counted(
     write_mixture(root, make_rows(pairs))
     cfg = MineConfig(**SMALL, cache_shard_texts=20)
     first = mine(root, enc, cfg)
-    folder = Path(root.path(cache_dir(enc.key)))
+    folder = Path(root.path(embedding_cache_dir(enc.key)))
     shards = sorted(folder.glob("part-*.parquet"))
     assert len(shards) == 3  # 60 texts in shards of 20
     # one entry's bytes flipped inside a valid Parquet file: caught by its CRC
@@ -333,7 +335,7 @@ def test_corrupt_cache_entries_are_recomputed_and_counted(
     # another shard cut in half: unreadable as a whole
     data = shards[1].read_bytes()
     shards[1].write_bytes(data[: len(data) // 2])
-    with caplog.at_level(logging.WARNING, logger="mining.cache"):
+    with caplog.at_level(logging.WARNING, logger="kalm.mining.cache"):
         again = mine(root, enc, cfg, force=True)
     assert again["encode"]["corrupt_entries"] == 1 and again["encode"]["corrupt_shards"] == 1
     assert again["encode"]["encoded"] == 1 + 20 and again["encode"]["cache_hits"] == 60 - 21
@@ -424,7 +426,7 @@ def test_cli_user_errors_are_one_line_exit_2(tmp_path: Path) -> None:
         ],
     ):
         proc = subprocess.run(
-            [sys.executable, "-m", "mining.cli", "mine", *args],
+            [sys.executable, "-m", "kalm", "mine", *args],
             capture_output=True,
             text=True,
             timeout=120,
@@ -437,7 +439,7 @@ def test_cli_user_errors_are_one_line_exit_2(tmp_path: Path) -> None:
         "unknown key 'top_kk'"
         in CliRunner()
         .invoke(
-            __import__("mining.cli", fromlist=["app"]).app,
+            __import__("kalm.cli.mine", fromlist=["app"]).app,
             ["mine", "--stage", "finetune", "--config", str(bad)],
         )
         .output
@@ -449,18 +451,18 @@ def test_cli_user_errors_are_one_line_exit_2(tmp_path: Path) -> None:
 KILL_SCRIPT = textwrap.dedent(
     """
     import sys, time
-    import mining.mine as mm
-    from kalm.storage import DataRoot
-    from mining.config import MineConfig
+    import kalm.mining.mine as mm
+    from kalm.core.storage import DataRoot
+    from kalm.mining.config import MineConfig
 
-    real = mm._write_chunk
+    real = mm.write_chunk
 
     def slow(*args, **kwargs):  # give the test time to kill us between two chunks
         out = real(*args, **kwargs)
         time.sleep(0.7)
         return out
 
-    mm._write_chunk = slow
+    mm.write_chunk = slow
     cfg = MineConfig.model_validate_json(sys.argv[2])
     mm.run_mine_recipe(DataRoot.from_uri(sys.argv[1]), "finetune", "faq", "minilm", cfg)
     """
@@ -470,24 +472,24 @@ KILL_SCRIPT = textwrap.dedent(
 def test_kill9_mid_run_then_rerun_is_identical(
     recipe_dir: Callable[..., Path], tmp_path: Path, enc: Encoder
 ) -> None:
-    from curation.config import IngestConfig
-    from curation.ingest import run_ingest_recipe
-    from curation.stage import run_build_stage
-    from kalm.recipes import discover
+    from kalm.data.config import IngestConfig
+    from kalm.data.ingest import run_ingest_recipe
+    from kalm.data.mixtures import run_build_stage
+    from kalm.data.recipes import discover
     from tests.conftest import faq_rows
 
     folder = recipe_dir("faq", faq_rows(120))
     roots = [DataRoot.from_uri(str(tmp_path / name)) for name in ("killed", "clean")]
     for r in roots:  # the real data stage builds the mixtures
         run_ingest_recipe(discover([folder])["faq"], r, IngestConfig())
-        run_build_stage("finetune", ["faq"], r, IngestConfig(), tmp_path)
+        run_build_stage("finetune", ["faq"], r, IngestConfig())
     cfg = MineConfig(window=(5, 40), top_k=60, num_negatives=5, chunk_queries=12)
     n_chunks = -(-read_manifest(roots[0], mixture_dir("finetune", "faq"))["rows_out"] // 12)  # type: ignore[index]
     script = tmp_path / "slow_mine.py"
     script.write_text(KILL_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, str(script), roots[0].uri, cfg.model_dump_json()], env=env)
-    work = Path(roots[0].path(work_root("finetune", "faq")))
+    work = Path(roots[0].path(mined_work_dir("finetune", "faq")))
     deadline = time.time() + 150
     try:
         while time.time() < deadline and len(list(work.glob("*/chunk-*.done.json"))) < 2:
@@ -499,8 +501,8 @@ def test_kill9_mid_run_then_rerun_is_identical(
     assert proc.returncode == -signal.SIGKILL
     done_before = len(list(work.glob("*/chunk-*.done.json")))
     assert 2 <= done_before < n_chunks and not root_has_output(roots[0])
-    resumed = run_mine_recipe(roots[0], "finetune", "faq", "minilm", cfg, encoder=enc)
-    clean = run_mine_recipe(roots[1], "finetune", "faq", "minilm", cfg, encoder=enc)
+    resumed = run_mine_recipe(roots[0], "finetune", "faq", "minilm", cfg, encoder=enc).manifest
+    clean = run_mine_recipe(roots[1], "finetune", "faq", "minilm", cfg, encoder=enc).manifest
     assert resumed["chunks"] == {
         **clean["chunks"],
         "resumed": done_before,
@@ -520,11 +522,19 @@ def root_has_output(root: DataRoot) -> bool:
 
 
 def test_prefect_task_body_runs(root: DataRoot) -> None:
-    from tasks.mining import mine_recipe_task
+    from kalm.mining.config import load_mine_config
+    from kalm.orchestration.tasks import mine_recipe_task
 
     write_mixture(root, make_rows(all_pairs(4, 6)))
     cfg_file = Path(root.path("mine.yaml"))
     cfg_file.write_text("window: [3, 20]\ntop_k: 10\nnum_negatives: 3\n")
-    out = mine_recipe_task.fn("finetune", "howto", "minilm", root.uri, str(cfg_file))
-    assert out["skipped"] is False and out["rows_out"] > 0
-    assert mine_recipe_task.fn("finetune", "howto", None, root.uri, str(cfg_file))["skipped"] is True
+    kw = {
+        "root": root,
+        "stage": "finetune",
+        "recipe": "howto",
+        "model": "minilm",
+        "cfg": load_mine_config(cfg_file),
+    }
+    out = mine_recipe_task.fn(**kw)
+    assert out.cached is False and out.rows and out.rows > 0
+    assert mine_recipe_task.fn(**kw).cached is True

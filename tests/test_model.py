@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import transformers as T
 from transformers import AutoTokenizer
 
-from training.instructions import (
+from kalm.training.instructions import (
     DEFAULT_QUERY_TEMPLATE,
     format_document,
     format_query,
@@ -25,8 +25,8 @@ from training.instructions import (
     st_prompts,
     validate_template,
 )
-from training.model import Embedder, has_causal_attention, position_ids_from_mask
-from training.pooling import POOLINGS, cls_pool, last_token_pool, mean_pool, truncate
+from kalm.training.model import Embedder, has_causal_attention, position_ids_from_mask
+from kalm.training.pooling import POOLINGS, cls_pool, last_token_pool, mean_pool, truncate
 
 TEXTS = [
     "what is bm25?",
@@ -290,8 +290,10 @@ def test_minilm_round_trip_sentence_transformers_and_mteb(minilm: Embedder, tmp_
     reloaded = Embedder.from_pretrained(path)
     assert float(np.abs(reloaded.encode(TEXTS) - ours).max()) <= 1e-5
     assert reloaded.query_template == DEFAULT_QUERY_TEMPLATE and reloaded.pooling == "mean"
-    assert reloaded.fingerprint() == minilm.fingerprint()
-    assert reloaded.fingerprint(sample=True) == minilm.fingerprint(sample=True)
+    from kalm.core.fingerprint import model_fingerprint
+
+    again = reloaded.save(tmp_path / "again", prompts=st_prompts({"SciFact": "Retrieve scientific claims"}))
+    assert model_fingerprint(again) == model_fingerprint(path)  # the same model saved twice: one fingerprint
 
     wrapper = SentenceTransformerEncoderWrapper(str(path), device="cpu")  # how mteb loads a local model
     assert float(np.abs(wrapper.model.encode(TEXTS, convert_to_numpy=True) - ours).max()) <= 1e-5
@@ -299,7 +301,10 @@ def test_minilm_round_trip_sentence_transformers_and_mteb(minilm: Embedder, tmp_
 
     with torch.no_grad():
         reloaded.model.embeddings.word_embeddings.weight[0, 0] += 1.0
-    assert reloaded.fingerprint() != minilm.fingerprint()
+    changed = reloaded.save(
+        tmp_path / "changed", prompts=st_prompts({"SciFact": "Retrieve scientific claims"})
+    )
+    assert model_fingerprint(changed) != model_fingerprint(path)
 
 
 def test_tiny_decoder_round_trip_stays_bidirectional(qwen2_folder: Path, tmp_path: Path) -> None:

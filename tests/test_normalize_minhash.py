@@ -8,8 +8,8 @@ import string
 import numpy as np
 import pytest
 
-from curation import minhash
-from curation.normalize import has_invalid_unicode, normalize_text
+from kalm.data import minhash
+from kalm.data.normalize import has_invalid_unicode, normalize_text
 
 
 def test_normalize_nfc_controls_whitespace() -> None:

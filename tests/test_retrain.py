@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from kalm.pipeline import CONFIG_DIR
+from kalm.core.config import CONFIG_DIR
 from tests.conftest import faq_rows, write_jsonl
 
 FT_YAML = """\
@@ -81,7 +81,7 @@ def setup(tmp_path: Path, recipe_dir) -> dict[str, Any]:
 
 
 def test_retrain_dag_caches_and_partial_rerun(prefect_server, setup: dict[str, Any]) -> None:
-    from flows.retrain import retrain_flow
+    from kalm.orchestration.flows import retrain_flow
 
     def run() -> dict[str, Any]:
         dirs = [str(setup["recipes"])]
@@ -120,8 +120,8 @@ def test_retrain_dag_caches_and_partial_rerun(prefect_server, setup: dict[str, A
 
 
 def test_pipeline_configs_load_and_reject_typos(tmp_path: Path) -> None:
-    from kalm.errors import KalmError
-    from kalm.pipeline import load_pipeline_config
+    from kalm.core.errors import KalmError
+    from kalm.pipeline.config import load_pipeline_config
 
     for p in sorted(CONFIG_DIR.glob("pipeline_*.yaml")):
         pc = load_pipeline_config(p)

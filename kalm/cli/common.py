@@ -1,0 +1,67 @@
+"""What every ``kalm`` command shares: logging set-up, one-line user errors, the common options."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+
+from kalm.core.errors import KalmError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DataRootOpt = typer.Option(
+    None,
+    "--data-root",
+    help="Output root: a folder or s3://bucket/prefix (default: $KALM_DATA_ROOT or ./data).",
+)
+RecipesDirOpt = typer.Option(
+    None, "--recipes-dir", help="Extra recipe folder (repeatable; also $KALM_RECIPES_PATH)."
+)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "httpcore", "urllib3", "botocore", "filelock"):  # one line per HTTP request
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def user_errors(fn: F) -> F:
+    """Turn a KalmError into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KalmError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as err:  # storage outages after retries: one line, not a traceback
+            from kalm.core.storage import explain_s3_error
+
+            typer.echo(f"error: {explain_s3_error(err, 'I/O failed')}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def root_str(data_root: str | None) -> str:
+    """The data root as flows take it: an s3:// URI or an absolute local path."""
+    from kalm.core.storage import resolve_root
+
+    r = resolve_root(data_root)
+    return r if r.startswith("s3://") else str(Path(r).resolve())
+
+
+def resolved_dirs(dirs: list[str] | None) -> list[str]:
+    return [str(Path(d).resolve()) for d in (dirs or [])]

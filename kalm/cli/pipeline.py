@@ -1,0 +1,101 @@
+"""``kalm retrain``, ``kalm demo`` and ``kalm server``: the whole DAG as a Prefect flow, and the UI."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import typer
+
+from kalm.cli.common import DataRootOpt, RecipesDirOpt, resolved_dirs, root_str, setup_logging, user_errors
+
+PipelineOpt = typer.Option("pipeline_demo.yaml", "--config", help="Pipeline YAML (path or name in configs/).")
+
+
+def _check(config: str, data_root: str, recipes_dirs: list[str]) -> None:
+    """Parse the pipeline and every stage config it names once, here: a typo fails in one line before the
+    Prefect server starts."""
+    from kalm.pipeline.config import load_pipeline
+    from kalm.pipeline.dag import select_recipes
+
+    select_recipes(load_pipeline(config, data_root, recipes_dirs))
+
+
+@user_errors
+def retrain_cmd(
+    config: str = PipelineOpt,
+    data_root: str | None = DataRootOpt,
+    stage: list[str] | None = typer.Option(
+        None,
+        "--stage",
+        help="Only these stages (repeatable): ingest mine pretrain refresh finetune soup eval",
+    ),
+    recipe: list[str] | None = typer.Option(None, "--recipe", help="Only (re)ingest these recipes."),
+    no_resume: bool = typer.Option(False, "--no-resume", help="Recompute every selected stage."),
+    recipes_dir: list[str] | None = RecipesDirOpt,
+) -> None:
+    """Run the full retraining DAG (a Prefect flow): ingest -> mine -> pretrain -> refresh -> finetune -> soup
+    -> eval. Unchanged stages are cache hits."""
+    setup_logging()
+    from kalm.pipeline.dag import check_stages
+
+    check_stages(stage)
+    root, dirs = root_str(data_root), resolved_dirs(recipes_dir)
+    _check(config, root, dirs)
+    from kalm.orchestration.flows import retrain_flow
+
+    out = retrain_flow(
+        config=config,
+        stages=stage or None,  # type: ignore[arg-type]
+        recipes=recipe or None,
+        data_root=root,
+        resume=not no_resume,
+        recipes_dirs=dirs,
+    )
+    print_run(out)
+
+
+def print_run(out: dict[str, Any]) -> None:
+    from kalm.pipeline.report import stage_table_markdown
+
+    typer.echo("\n" + stage_table_markdown(out))
+    md = (out.get("scores") or {}).get("markdown")
+    if md:
+        typer.echo("\n" + md)
+    typer.echo(f"\nrun manifest: {out.get('manifest_uri')}")
+
+
+@user_errors
+def demo(
+    data_root: str | None = DataRootOpt, force: bool = typer.Option(False, help="Rebuild everything.")
+) -> None:
+    """Run the whole DAG on its embedded default (configs/pipeline_demo.yaml: the offline demo recipes,
+    all-MiniLM-L6-v2, two fine-tuning seeds, a soup, local evaluation). A second run is all cache hits."""
+    setup_logging()
+    root = root_str(data_root)
+    _check("pipeline_demo.yaml", root, [])
+    from kalm.orchestration.flows import retrain_flow
+
+    print_run(retrain_flow(config="pipeline_demo.yaml", data_root=root, resume=not force))
+
+
+@user_errors
+def server_cmd(
+    config: str = PipelineOpt,
+    data_root: str | None = DataRootOpt,
+    port: int = typer.Option(4200, help="Port of the local server (when none runs)."),
+) -> None:
+    """Start a local Prefect server on 127.0.0.1 (unless PREFECT_API_URL answers), register the deployments
+    (retrain on the config's cron, rerun-recipe, evaluate) and run their flow runs until Ctrl-C."""
+    setup_logging()
+    from kalm.orchestration.server import ensure_server, serve_deployments, state_dir_for
+
+    root = root_str(data_root)
+    api, proc = ensure_server(state_dir_for(root), port)
+    os.environ["PREFECT_API_URL"] = api
+    typer.echo(f"Prefect UI: {api.removesuffix('/api')}  (deployments: retrain, rerun-recipe, evaluate)")
+    try:
+        serve_deployments(config, root)
+    finally:
+        if proc is not None:
+            proc.terminate()

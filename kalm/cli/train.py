@@ -1,0 +1,30 @@
+"""``kalm train``: launch one training stage (DeepSpeed ZeRO-1/2, torchrun or a single process)."""
+
+from __future__ import annotations
+
+import typer
+
+from kalm.cli.common import DataRootOpt, setup_logging, user_errors
+
+
+@user_errors
+def train_cmd(
+    config: str = typer.Option(..., "--config", help="Stage config YAML, e.g. configs/pretrain_demo.yaml."),
+    data_root: str | None = DataRootOpt,
+    nproc: int | None = typer.Option(None, help="Processes per node (default: GPUs, else 1)."),
+    launcher: str | None = typer.Option(None, help="auto | deepspeed | torchrun | single (default: config)."),
+    set_: list[str] | None = typer.Option(
+        None, "--set", help="Override a config key: KEY=VALUE, VALUE in YAML (null, 5, [a, b]); repeatable."
+    ),
+) -> None:
+    """Launch one training stage; rerunning resumes from the newest checkpoint. The config (with every
+    --set applied) is validated once here; the workers read it back from <run>/config.yaml."""
+    setup_logging()
+    from kalm.core.config import parse_set
+    from kalm.core.storage import DataRoot
+    from kalm.training.config import load_train_config
+    from kalm.training.launch import run_training
+
+    cfg = load_train_config(config, parse_set(set_ or []))
+    res = run_training(cfg, DataRoot.from_uri(data_root), nproc=nproc, launcher=launcher)
+    typer.echo(f"final model: {res.output}{' (cache hit)' if res.cached else ''}")

@@ -1,0 +1,223 @@
+"""The data root: one place for every output, a local folder or an ``s3://bucket/prefix`` URI.
+
+All stage code goes through :class:`DataRoot` so the same code writes locally or to S3. Completeness is
+decided by manifests only: a folder without ``_manifest.json`` is never taken as finished work.
+
+Example::
+
+    root = DataRoot.from_uri("./data")
+    root.write_json("x/_manifest.json", {"rows": 3})
+    root.read_json("x/_manifest.json")["rows"]  # 3
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from kalm.core.errors import KalmError
+from kalm.core.layout import MANIFEST, STAGING
+
+DEFAULT_ROOT = "./data"
+
+
+def resolve_root(cli_value: str | None = None) -> str:
+    """``--data-root`` beats ``KALM_DATA_ROOT`` beats ``./data``."""
+    return cli_value or os.environ.get("KALM_DATA_ROOT") or DEFAULT_ROOT
+
+
+def s3_options_from_env() -> dict[str, Any]:
+    """S3 connection options from the standard AWS variables plus an optional endpoint override."""
+    endpoint = os.environ.get("KALM_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+    opts: dict[str, Any] = {}
+    if endpoint:
+        parsed = urlparse(endpoint)
+        opts["endpoint_override"] = parsed.netloc or parsed.path
+        opts["scheme"] = parsed.scheme or "https"
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        opts["region"] = region
+    return opts
+
+
+def s3_filesystem() -> pafs.FileSystem:
+    """pyarrow's S3 client with retries on transient errors (throttling, 5xx, resets)."""
+    opts = s3_options_from_env()
+    return pafs.S3FileSystem(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=5), **opts)
+
+
+def explain_s3_error(err: OSError, what: str) -> str:
+    """A one-line reason for an S3 failure; never includes credentials (pyarrow's messages do not)."""
+    text = str(err)
+    low = text.lower()
+    if "access_denied" in low or "accessdenied" in low or "invalidaccesskeyid" in low or "403" in low:
+        return f"{what}: access denied (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
+    if "nosuchbucket" in low or "no such bucket" in low:
+        return f"{what}: bucket does not exist"
+    if "curl" in low or "connect" in low or "timed out" in low:
+        return f"{what}: cannot reach the S3 endpoint ({text.splitlines()[0][:200]})"
+    return f"{what}: {text.splitlines()[0][:300]}"
+
+
+def check_bucket(fs: pafs.FileSystem, bucket: str) -> None:
+    """Fail fast with a clear message for a missing bucket or bad credentials."""
+    try:
+        info = fs.get_file_info(bucket)
+    except OSError as err:
+        raise KalmError(explain_s3_error(err, f"s3://{bucket}")) from None
+    if info.type == pafs.FileType.NotFound:
+        raise KalmError(f"s3://{bucket}: bucket does not exist")
+
+
+@dataclass(frozen=True)
+class DataRoot:
+    """A filesystem plus a base path; every stage path is relative to it."""
+
+    uri: str
+    fs: pafs.FileSystem
+    base: str
+
+    @classmethod
+    def from_uri(cls, uri: str | None = None) -> DataRoot:
+        uri = resolve_root(uri)
+        if uri.startswith("s3://"):
+            parsed = urlparse(uri)
+            if not parsed.netloc:
+                raise KalmError(f"invalid S3 data root {uri!r}: use s3://bucket/prefix")
+            fs = s3_filesystem()
+            check_bucket(fs, parsed.netloc)
+            return cls(uri=uri.rstrip("/"), fs=fs, base=(parsed.netloc + parsed.path).rstrip("/"))
+        if "://" in uri:
+            raise KalmError(f"unsupported data root {uri!r}: use a local path or s3://bucket/prefix")
+        path = Path(uri).expanduser().resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        return cls(uri=str(path), fs=pafs.LocalFileSystem(), base=str(path))
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.base, *[p.strip("/") for p in parts if p]])
+
+    def full_uri(self, *parts: str) -> str:
+        """A URI other libraries understand (polars, datasets): local path or s3://."""
+        p = self.path(*parts)
+        return p if self.is_local else "s3://" + p
+
+    # -- small files -------------------------------------------------------------------------------
+    def exists(self, rel: str) -> bool:
+        return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self.path(rel)) as f:
+            return bytes(f.read())
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write to a temporary name, then rename (local) or single PUT (S3: objects appear whole)."""
+        final = self.path(rel)
+        self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
+        if self.is_local:
+            tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            os.replace(tmp, final)
+        else:
+            with self.fs.open_output_stream(final) as f:
+                f.write(data)
+
+    def read_json(self, rel: str) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(self.read_bytes(rel))
+        return data
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode("utf-8"))
+
+    # -- folders -----------------------------------------------------------------------------------
+    def list_dirs(self, rel: str) -> list[str]:
+        sel = pafs.FileSelector(self.path(rel), allow_not_found=True)
+        return sorted(
+            i.base_name
+            for i in self.fs.get_file_info(sel)
+            if i.type == pafs.FileType.Directory and not i.base_name.startswith((".", "_"))
+        )
+
+    def delete_dir(self, rel: str) -> None:
+        p = self.path(rel)
+        if self.fs.get_file_info(p).type != pafs.FileType.NotFound:
+            self.fs.delete_dir(p)
+
+    def staging_dir(self, rel: str) -> str:
+        """A fresh sibling folder to build ``rel`` in before publishing it."""
+        parent, _, name = rel.rstrip("/").rpartition("/")
+        return f"{parent}/{STAGING}/{name}-{uuid.uuid4().hex[:8]}"
+
+    def publish_dir(self, staging: str, final: str) -> None:
+        """Make a fully written staging folder (manifest included) the final one.
+
+        Local: two renames, so ``final`` is either the old complete folder, missing, or the new complete
+        folder. S3 has no rename: the old manifest is deleted first, objects are copied, and the manifest
+        is copied last, so an interrupted publish leaves a folder without a manifest (incomplete).
+        """
+        if self.is_local:
+            final_p, staging_p = self.path(final), self.path(staging)
+            trash = None
+            if os.path.exists(final_p):
+                trash = f"{final_p}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(final_p, trash)
+            os.makedirs(os.path.dirname(final_p), exist_ok=True)
+            os.replace(staging_p, final_p)
+            if trash:
+                self.fs.delete_dir(trash)
+            return
+        if self.exists(f"{final}/{MANIFEST}"):
+            self.fs.delete_file(self.path(f"{final}/{MANIFEST}"))
+        self.delete_dir(final)
+        names = [i.base_name for i in self.fs.get_file_info(pafs.FileSelector(self.path(staging)))]
+        for name in sorted(names, key=lambda n: n == MANIFEST):  # manifest last
+            self.fs.copy_file(self.path(f"{staging}/{name}"), self.path(f"{final}/{name}"))
+        self.delete_dir(staging)
+
+    # -- parquet -----------------------------------------------------------------------------------
+    def write_parquet(self, rel: str, table: pa.Table) -> None:
+        p = self.path(rel)
+        self.fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+        pq.write_table(table, p, filesystem=self.fs, compression="zstd")
+
+    def read_parquet(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+        return pq.read_table(self.path(rel), filesystem=self.fs, columns=columns)
+
+    def iter_parquet_batches(
+        self, rel: str, batch_size: int = 8192, columns: list[str] | None = None
+    ) -> Iterator[pa.RecordBatch]:
+        with self.fs.open_input_file(self.path(rel)) as f:
+            yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
+
+
+def read_manifest(root: DataRoot, rel: str) -> dict[str, Any] | None:
+    """The manifest of a finished folder, or None when the folder is missing or incomplete."""
+    return root.read_json(f"{rel}/{MANIFEST}") if root.exists(f"{rel}/{MANIFEST}") else None
+
+
+def read_rows(root: DataRoot, rel: str, columns: list[str] | None = None) -> pa.Table:
+    """All rows of a finished folder, through its manifest (never a glob: stray files are ignored)."""
+    from kalm.core.schema import ROW_SCHEMA
+
+    m = read_manifest(root, rel)
+    if m is None:
+        raise KalmError(f"{root.full_uri(rel)} is missing or incomplete (no {MANIFEST}); run its stage first")
+    tables = [root.read_parquet(f"{rel}/{f['name']}", columns=columns) for f in m["files"]]
+    if not tables:
+        schema = ROW_SCHEMA if columns is None else pa.schema([ROW_SCHEMA.field(c) for c in columns])
+        return schema.empty_table()
+    return pa.concat_tables(tables)

@@ -1,0 +1,66 @@
+"""The data stage's config (configs/ingest.yaml), validated on load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from kalm.core.config import CONFIG_DIR, StrictModel, config_path, load_yaml_model
+
+DEFAULT_CONFIG = CONFIG_DIR / "ingest.yaml"
+
+
+class NearDedupSpec(StrictModel):
+    """MinHash LSH near-dedup: rows whose query+positive have estimated Jaccard >= threshold merge."""
+
+    enabled: bool = True
+    threshold: float = Field(0.8, gt=0.0, le=1.0)
+    ngram: int = Field(5, ge=1, le=32)
+    num_perm: int = Field(128, ge=16, le=1024)
+    seed: int = 1
+
+
+class EvalSetSpec(StrictModel):
+    """A file of evaluation texts that training rows must not near-match."""
+
+    name: str
+    path: str  # relative to the config file, or absolute
+    format: str = Field("jsonl", pattern="^(jsonl|parquet)$")
+    text_fields: list[str] = Field(default_factory=lambda: ["query", "text"])
+
+
+class DecontamSpec(StrictModel):
+    enabled: bool = True
+    threshold: float = Field(0.8, gt=0.0, le=1.0)
+    eval_sets: list[EvalSetSpec] = Field(default_factory=list)
+    include_holdouts: bool = True  # recipes' held-out eval rows (see Recipe.holdout) count as eval texts
+
+
+class IngestConfig(StrictModel):
+    """Everything the ingest and stage-mixture steps need besides the recipes themselves."""
+
+    shard_rows: int = Field(50_000, ge=1)
+    batch_rows: int = Field(20_000, ge=1)
+    near_dedup: NearDedupSpec = Field(default_factory=NearDedupSpec)
+    decontamination: DecontamSpec = Field(default_factory=DecontamSpec)
+    workers: int = Field(2, ge=1)
+
+
+def load_ingest_config(path: str | Path | None = None) -> IngestConfig:
+    """Load and validate (default: configs/ingest.yaml, or the built-in defaults when that file is absent).
+
+    Relative evaluation-set paths are resolved against the config file's folder here, once, so the parsed
+    config means the same thing wherever it is passed."""
+    if path is None and not DEFAULT_CONFIG.exists():
+        return IngestConfig()
+    p = config_path(path or DEFAULT_CONFIG)
+    cfg = load_yaml_model(IngestConfig, p)
+    base = p.parent
+    sets = [
+        es.model_copy(update={"path": str(Path(es.path) if Path(es.path).is_absolute() else base / es.path)})
+        for es in cfg.decontamination.eval_sets
+    ]
+    return cfg.model_copy(
+        update={"decontamination": cfg.decontamination.model_copy(update={"eval_sets": sets})}
+    )

@@ -1,0 +1,147 @@
+"""Sentence-transformers model folders: validation, their safetensors weight files and structure.
+
+Their content fingerprint is :func:`kalm.core.fingerprint.model_fingerprint`.
+
+A model folder is what ``SentenceTransformer.save`` (or ``kalm.training.model.Embedder.save``) writes:
+``modules.json``, ``config_sentence_transformers.json``, the backbone's ``config.json`` and tokenizer files,
+and ``*.safetensors`` weights (one file, or shards plus ``*.safetensors.index.json``).
+
+>>> check_model_folder("does/not/exist")
+Traceback (most recent call last):
+kalm.core.errors.KalmError: model folder not found: does/not/exist
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from kalm.core.errors import KalmError
+from kalm.core.fingerprint import file_sha256
+
+
+def check_model_folder(path: str | Path) -> Path:
+    """``path`` as a Path; a one-line KalmError unless it is a sentence-transformers folder."""
+    if "://" in str(path):
+        raise KalmError(f"model folders must be local paths, got {path} (copy the model to local disk first)")
+    p = Path(path)
+    if not p.exists():
+        raise KalmError(f"model folder not found: {p}")
+    if not p.is_dir():
+        raise KalmError(f"not a folder: {p} (expected a sentence-transformers model folder)")
+    if not (p / "modules.json").is_file():
+        raise KalmError(f"{p} is not a sentence-transformers model folder: it has no modules.json")
+    return p
+
+
+def weight_files(folder: str | Path) -> list[str]:
+    """Relative POSIX paths of the ``*.safetensors`` files of a model folder, sorted.
+
+    e.g. ``["model.safetensors"]``, or ``["2_Dense/model.safetensors", "model.safetensors"]``.
+    """
+    root = Path(folder)
+    return sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*.safetensors")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+
+
+def read_json_file(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; ``{}`` when the file is missing, a one-line KalmError when broken."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise KalmError(f"{path}: invalid JSON ({err})") from None
+    return data if isinstance(data, dict) else {}
+
+
+# Backbone config keys that may differ between checkpoints of one model without changing what it computes.
+VOLATILE_CONFIG_KEYS = frozenset(
+    {"transformers_version", "torch_dtype", "dtype", "use_cache", "gradient_checkpointing"}
+)
+# Tokenizer files that hold the vocabulary: checkpoints with different ones cannot be averaged.
+VOCAB_FILES = (
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def _modules(root: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads((root / "modules.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise KalmError(f"{root / 'modules.json'}: invalid JSON ({err})") from None
+    if not isinstance(data, list):
+        raise KalmError(f"{root / 'modules.json'}: expected a list of modules")
+    return [m for m in data if isinstance(m, dict)]
+
+
+def model_structure(folder: str | Path) -> dict[str, Any]:
+    """What must agree between checkpoints before averaging, beyond the weights' names, shapes and dtypes.
+
+    - ``architectures``, ``model_type``: the backbone's class.
+    - ``modules``: the sentence-transformers module layout, by class name only (``...models.Transformer`` and
+      ``...base.modules.transformer.Transformer`` are the same module saved by different library versions).
+    - ``backbone_config``: the backbone's ``config.json`` without private and volatile keys (so a causal and
+      a bidirectional checkpoint, ``is_causal``, never mix); ``module_configs``: every other module's
+      ``config.json`` (pooling mode, Dense, Normalize) and the ``sentence_bert_config.json`` files.
+    - ``prompts``: ``config_sentence_transformers.json`` prompts (the query template travels with them).
+    - ``vocab``: sha256 of the vocabulary files (``VOCAB_FILES``).
+
+    The soup copies the first checkpoint's configs and tokenizer, so any difference here would be silently
+    dropped: it is an error instead.
+
+    >>> model_structure(minilm_path)["modules"]  # doctest: +SKIP
+    [('', 'Transformer'), ('1_Pooling', 'Pooling'), ('2_Normalize', 'Normalize')]
+    """
+    root = Path(folder)
+    modules_raw = _modules(root)
+    modules = [(str(m.get("path", "")), str(m.get("type", "")).rsplit(".", 1)[-1]) for m in modules_raw]
+    cfg = read_json_file(root / "config.json")
+    module_configs: dict[str, Any] = {}
+    for path, kind in modules:
+        if kind != "Transformer":
+            module_configs[f"{path}/config.json"] = read_json_file(root / path / "config.json")
+        else:
+            module_configs[f"{path}/sentence_bert_config.json".lstrip("/")] = read_json_file(
+                root / path / "sentence_bert_config.json"
+            )
+    return {
+        "architectures": cfg.get("architectures"),
+        "model_type": cfg.get("model_type"),
+        "modules": modules,
+        "backbone_config": {
+            k: v for k, v in cfg.items() if not k.startswith("_") and k not in VOLATILE_CONFIG_KEYS
+        },
+        "module_configs": module_configs,
+        "prompts": read_json_file(root / "config_sentence_transformers.json").get("prompts") or {},
+        "vocab": {f: file_sha256(root / f)[:16] for f in VOCAB_FILES if (root / f).is_file()},
+    }
+
+
+def first_difference(a: Any, b: Any, where: str = "") -> str | None:
+    """The first place two JSON-like values differ, as ``key.sub: B != A``; None when equal.
+
+    >>> first_difference({"x": {"y": 1, "z": 2}}, {"x": {"y": 1, "z": 3}})
+    'x.z: 3 != 2'
+    """
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            sub = f"{where}.{k}" if where else str(k)
+            if k not in a or k not in b:
+                theirs = repr(b[k]) if k in b else "missing"
+                ours = repr(a[k]) if k in a else "missing"
+                return f"{sub}: {theirs} != {ours}"
+            diff = first_difference(a[k], b[k], sub)
+            if diff:
+                return diff
+        return None
+    return None if a == b else f"{where or 'value'}: {b!r} != {a!r}"

@@ -1,0 +1,121 @@
+"""The resumable unit of mining: a chunk of queries written as one Parquet file plus a done marker (with
+its sha256) under ``mined/_work/<stage>/<recipe>/<job>/``; a rerun after a crash (even ``kill -9``) skips
+every chunk whose marker matches its file, and publishing copies the chunks into the output folder,
+manifest last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kalm.core.errors import KalmError
+from kalm.core.hashing import hash_obj
+from kalm.core.layout import MANIFEST, mined_dir, mined_work_dir
+from kalm.core.schema import ROW_SCHEMA
+from kalm.core.storage import DataRoot
+from kalm.mining.sample import new_stats
+
+log = logging.getLogger(__name__)
+
+
+def chunk_paths(work: str, i: int) -> tuple[str, str]:
+    return f"{work}/chunk-{i:05d}.parquet", f"{work}/chunk-{i:05d}.done.json"
+
+
+def finished_chunks(root: DataRoot, work: str, n_chunks: int) -> dict[int, dict[str, Any]]:
+    """Chunks whose marker exists and whose file still has the recorded checksum."""
+    done: dict[int, dict[str, Any]] = {}
+    for i in range(n_chunks):
+        data_rel, marker_rel = chunk_paths(work, i)
+        if not root.exists(marker_rel) or not root.exists(data_rel):
+            continue
+        marker = root.read_json(marker_rel)
+        if hashlib.sha256(root.read_bytes(data_rel)).hexdigest() == marker.get("sha256"):
+            done[i] = marker
+        else:
+            log.warning("mining: chunk %s does not match its marker; recomputing it", data_rel)
+    return done
+
+
+def write_chunk(
+    root: DataRoot, work: str, i: int, out: pa.Table, stats: dict[str, Any], index: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The chunk file first (whole: temp name + rename, or one PUT), then its marker."""
+    out = pa.Table.from_arrays(out.columns, schema=ROW_SCHEMA)
+    buf = pa.BufferOutputStream()
+    pq.write_table(out, buf, compression="zstd")
+    data = buf.getvalue().to_pybytes()
+    data_rel, marker_rel = chunk_paths(work, i)
+    root.write_bytes(data_rel, data)
+    marker = {
+        "chunk": i,
+        "rows": out.num_rows,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "stats": stats,
+        "index": index,
+    }
+    root.write_json(marker_rel, marker)
+    return marker
+
+
+def with_negatives(chunk: pa.Table, keep: list[int], negs: list[list[str]]) -> pa.Table:
+    kept = chunk.take(pa.array(keep, pa.int64()))
+    col = kept.schema.get_field_index("neg")
+    return kept.set_column(col, ROW_SCHEMA.field("neg"), pa.array(negs, pa.list_(pa.string())))
+
+
+def pre_drops(cols: dict[str, list[Any]], own_pos: list[list[int]], rows: range) -> tuple[list[int], dict]:
+    """Rows that can be mined, and the stats of those that cannot (empty query, no positive)."""
+    stats = new_stats()
+    stats["rows_in"] = len(rows)
+    ok: list[int] = []
+    for r in rows:
+        if not cols["query"][r].strip():
+            stats["drops"]["empty_query"] = stats["drops"].get("empty_query", 0) + 1
+        elif not own_pos[r]:
+            stats["drops"]["no_positive"] = stats["drops"].get("no_positive", 0) + 1
+        else:
+            ok.append(r)
+    return ok, stats
+
+
+def publish(
+    root: DataRoot,
+    stage: str,
+    recipe: str,
+    work: str,
+    markers: dict[int, dict[str, Any]],
+    n_chunks: int,
+    manifest: dict[str, Any],
+    timing: dict[str, float],
+    t_start: float,
+) -> None:
+    """Copy the chunk files into a staging folder, manifest last, publish atomically, drop the work folder."""
+    out = mined_dir(stage, recipe)
+    staging = root.staging_dir(out)
+    files = []
+    for i in range(n_chunks):
+        mk = markers[i]
+        if mk["rows"] == 0:
+            continue
+        data = root.read_bytes(chunk_paths(work, i)[0])
+        if hashlib.sha256(data).hexdigest() != mk["sha256"]:
+            raise KalmError(
+                f"{root.full_uri(work)}: chunk {i} changed after it was written; rerun to redo it"
+            )
+        name = f"part-{i:05d}.parquet"
+        root.write_bytes(f"{staging}/{name}", data)
+        files.append({"name": name, "rows": mk["rows"], "sha256": mk["sha256"][:16]})
+    manifest["files"] = files
+    manifest["fingerprint"] = hash_obj([[f["name"], f["sha256"], f["rows"]] for f in files])
+    manifest["timing"] = {**timing, "total_s": round(time.perf_counter() - t_start, 3)}
+    manifest["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    root.write_json(f"{staging}/{MANIFEST}", manifest)  # manifest last
+    root.publish_dir(staging, out)
+    root.delete_dir(mined_work_dir(stage, recipe))

@@ -1,0 +1,455 @@
+"""Hard-negative mining of a stage's mixtures: ``mixtures/<stage>/<recipe>/`` -> ``mined/<stage>/<recipe>/``.
+
+Per recipe: build the candidate pool (the recipe's own positives and negatives, or a corpus plus the
+positives), encode pool and queries through the embedding cache, index the pool, then work through the
+queries in chunks (search, filter, sample) and publish the rows that kept negatives, same schema, ``neg``
+filled. Chunks are resumable (:mod:`kalm.mining.chunks`): a rerun after a crash (even ``kill -9``) skips
+finished chunks and produces the same bytes.
+
+>>> cfg = load_mine_config()                                                   # doctest: +SKIP
+>>> run_mine_recipe(DataRoot.from_uri("./data"), "finetune", "faq_demo", "minilm", cfg).rows
+412
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from kalm.core.errors import KalmError
+from kalm.core.hashing import hash_obj
+from kalm.core.layout import (
+    MANIFEST,
+    embedding_cache_dir,
+    mined_dir,
+    mined_root,
+    mined_work_dir,
+    mixture_dir,
+    mixture_root,
+)
+from kalm.core.results import StageResult
+from kalm.core.schema import SCHEMA_VERSION, STAGES
+from kalm.core.storage import DataRoot, read_manifest, read_rows
+from kalm.mining.cache import EmbeddingStore, embed_texts
+from kalm.mining.chunks import finished_chunks, pre_drops, publish, with_negatives, write_chunk
+from kalm.mining.config import MineConfig
+from kalm.mining.encode import Encoder, load_encoder, show_progress
+from kalm.mining.pool import Keys, Pool, build_pool, load_corpus, most_common
+from kalm.mining.sample import (
+    ChunkCandidates,
+    Window,
+    effective_window,
+    merge_stats,
+    new_stats,
+    norm_key,
+    row_seeds,
+    sample_negatives,
+)
+from kalm.mining.search import Searcher, build_searcher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MineJob:
+    """One recipe's mining job after encoding: everything a chunk needs, so a chunk is one method call.
+
+    ``cols``: the mixture's columns as lists; ``own_pos[r]``: pool ids of row r's positives; ``group``:
+    normalised query -> pool ids of every positive any row with that query has (never a negative for it);
+    ``q_row``: row -> index into ``q_vecs`` (rows without a query or positive are not encoded).
+    """
+
+    root: DataRoot
+    work: str
+    cfg: MineConfig
+    table: pa.Table
+    cols: dict[str, list[Any]]
+    pool: Pool
+    keys: Keys
+    own_pos: list[list[int]]
+    group: dict[str, set[int]]
+    qnorm: list[str]
+    window: Window | None
+    pool_vecs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    q_vecs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    q_row: dict[int, int] = field(default_factory=dict)
+    searcher: Searcher | None = None
+    timing: dict[str, float] = field(
+        default_factory=lambda: {"encode_s": 0.0, "index_s": 0.0, "search_s": 0.0, "sample_s": 0.0}
+    )
+
+    def rows_of(self, i: int) -> range:
+        q = self.cfg.chunk_queries
+        return range(i * q, min(self.table.num_rows, (i + 1) * q))
+
+    def drop_chunk(self, i: int, reason: str) -> dict[str, Any]:
+        """A chunk whose minable rows are all dropped for one ``reason`` (no search needed)."""
+        rows = self.rows_of(i)
+        ok, stats = pre_drops(self.cols, self.own_pos, rows)
+        if ok:
+            stats["drops"][reason] = len(ok)
+        return write_chunk(self.root, self.work, i, self.table.slice(rows.start, 0), stats, None)
+
+    def mine_chunk(self, i: int) -> dict[str, Any]:
+        """Search, filter and sample one chunk of queries; write its rows and marker."""
+        assert self.searcher is not None and self.window is not None
+        rows = self.rows_of(i)
+        ok, stats = pre_drops(self.cols, self.own_pos, rows)
+        t0 = time.perf_counter()
+        dim = self.pool_vecs.shape[1]
+        qv = self.q_vecs[[self.q_row[r] for r in ok]] if ok else np.zeros((0, dim), np.float32)
+        scores, ids = self.searcher.search(qv, self.window.depth)
+        self.timing["search_s"] = round(self.timing["search_s"] + time.perf_counter() - t0, 3)
+        t0 = time.perf_counter()
+        pos_score = np.array(
+            [float((self.pool_vecs[self.own_pos[r]] @ qv[j]).min()) for j, r in enumerate(ok)], np.float32
+        )
+        group_pos = [sorted(self.group[self.qnorm[r]]) for r in ok]
+        src_negs = [[t for t in self.cols["neg"][r] if isinstance(t, str) and t.strip()] for r in ok]
+        cand = ChunkCandidates(
+            ids=ids,
+            scores=scores,
+            own_pos=[self.own_pos[r] for r in ok],
+            group_pos=group_pos,
+            group_pos_keys=[sorted({int(self.pool.keys[p]) for p in g}) for g in group_pos],
+            query_key=np.array([self.keys(self.cols["query"][r]) for r in ok], dtype=np.int64),
+            pos_score=pos_score,
+            seeds=row_seeds(self.cfg.seed, [self.cols["id"][r] for r in ok]),
+            source_negs=src_negs,
+            source_neg_keys=[[self.keys(t) for t in negs] for negs in src_negs],
+        )
+        negs, st = sample_negatives(cand, self.pool.texts, self.pool.keys, self.window, self.cfg)
+        stats = merge_stats(stats, {**st, "rows_in": 0})
+        keep = [r - rows.start for r, ng in zip(ok, negs, strict=True) if ng is not None]
+        chunk = self.table.slice(rows.start, len(rows))
+        out = with_negatives(chunk, keep, [ng for ng in negs if ng is not None])
+        self.timing["sample_s"] = round(self.timing["sample_s"] + time.perf_counter() - t0, 3)
+        return write_chunk(self.root, self.work, i, out, stats, self.searcher.lineage())
+
+
+def _result(
+    root: DataRoot, stage: str, recipe: str, m: dict[str, Any], cached: bool, t0: float
+) -> StageResult:
+    return StageResult(
+        stage="mine",
+        name=recipe,
+        outputs=[root.full_uri(mined_dir(stage, recipe))],
+        rows=int(m["rows_out"]),
+        cached=cached,
+        seconds=round(time.perf_counter() - t0, 3),
+        lineage={
+            "miner": m.get("miner"),
+            "input_fingerprint": m.get("input_fingerprint"),
+            "config_hash": m.get("config_hash"),
+            "fingerprint": m.get("fingerprint"),
+        },
+        manifest=m,
+    )
+
+
+def run_mine_recipe(
+    root: DataRoot,
+    stage: str,
+    recipe: str,
+    model: str,
+    cfg: MineConfig,
+    force: bool = False,
+    *,
+    encoder: Encoder | None = None,
+    store: EmbeddingStore | None = None,
+) -> StageResult:
+    """Mine one recipe's mixture; the result's manifest is the mined folder's (``cached`` = cache hit).
+
+    ``encoder`` reuses a loaded model (``model`` is then only recorded); ``store`` a shared embedding cache.
+    A cache hit needs the same miner fingerprint and precision, config hash and input fingerprint.
+    """
+    t_start = time.perf_counter()
+    if stage not in STAGES:
+        raise KalmError(f"invalid stage {stage!r} (allowed: {', '.join(STAGES)})")
+    src = mixture_dir(stage, recipe)
+    m_in = read_manifest(root, src)
+    if m_in is None:
+        raise KalmError(f"{root.full_uri(src)} is missing or incomplete; build the {stage} mixtures first")
+    enc = encoder or load_encoder(model, root, cfg.max_seq_length, cfg.precision, cfg.devices)
+    corpus, corpus_lineage = load_corpus(root, cfg.pool) if cfg.pool.source == "corpus" else (None, None)
+    inputs = {
+        "mixture": {
+            "path": src,
+            "input_fingerprint": m_in.get("input_fingerprint"),
+            "files": m_in.get("files", []),
+            "rows_out": m_in.get("rows_out"),
+        },
+        "corpus": corpus_lineage,
+        "schema_version": SCHEMA_VERSION,
+    }
+    input_fp = hash_obj(inputs)
+    cfg_hash = cfg.config_hash()
+    old = read_manifest(root, mined_dir(stage, recipe))
+    if (
+        not force
+        and old is not None
+        and old.get("miner", {}).get("fingerprint") == enc.fingerprint
+        and old.get("miner", {}).get("precision") == enc.precision
+        and old.get("config_hash") == cfg_hash
+        and old.get("input_fingerprint") == input_fp
+    ):
+        log.info("mined %s/%s: unchanged model, config and inputs: cache hit", stage, recipe)
+        return _result(root, stage, recipe, old, True, t_start)
+
+    job_id = hash_obj(
+        {"miner": enc.key, "config": cfg_hash, "inputs": input_fp, "chunk": cfg.chunk_queries}, 12
+    )
+    job = _prepare(root, f"{mined_work_dir(stage, recipe)}/{job_id}", src, cfg, enc, corpus, stage, recipe)
+    n = job.table.num_rows
+    n_chunks = math.ceil(n / cfg.chunk_queries) if n else 0
+    markers = finished_chunks(root, job.work, n_chunks)
+    pending = [i for i in range(n_chunks) if i not in markers]
+    if markers:
+        log.info(
+            "mined %s/%s: resuming job %s, %d of %d chunks done",
+            stage,
+            recipe,
+            job_id,
+            len(markers),
+            n_chunks,
+        )
+
+    enc_stats: dict[str, Any] = {"texts": 0, "unique": 0, "cache_hits": 0, "encoded": 0}
+    enc_stats.update(corrupt_entries=0, corrupt_shards=0)
+    if pending and job.window is not None:
+        if store is None or not cfg.cache:
+            where = embedding_cache_dir(enc.key) if cfg.cache else f"{job.work}/embeddings"
+            store = EmbeddingStore(root, where, enc.dim)
+        enc_stats = _encode(job, enc, store, pending, recipe)
+        bar = _bar(len(pending), f"mine {recipe}") if show_progress() else None
+        for i in pending:
+            markers[i] = job.mine_chunk(i)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+    elif pending:  # window is None: pool smaller than the window and small_pool: drop
+        for i in pending:
+            markers[i] = job.drop_chunk(i, "pool_smaller_than_window")
+
+    stats = new_stats()
+    for i in range(n_chunks):
+        stats = merge_stats(stats, markers[i]["stats"])
+    index_lineage = next((markers[i].get("index") for i in range(n_chunks) if markers[i].get("index")), None)
+    manifest = {
+        "recipe": recipe,
+        "stage": stage,
+        "category": most_common(job.table.column("category").to_pylist(), ""),
+        "task_type": most_common(job.table.column("task_type").to_pylist(), ""),
+        "rows_in": n,
+        "rows_out": stats["rows_kept"],
+        "drops": stats["drops"],
+        "stats": stats,
+        "miner": enc.lineage(),
+        "index": index_lineage or {"type": cfg.index.type, "backend": None},
+        "window": list(cfg.window),
+        "top_k": cfg.top_k,
+        "num_negatives": cfg.num_negatives,
+        "seed": cfg.seed,
+        "effective": job.window.lineage() if job.window is not None else None,
+        "pool": {**job.pool.lineage, "corpus": corpus_lineage},
+        "config": cfg.model_dump(mode="json"),
+        "config_hash": cfg_hash,
+        "inputs": inputs,
+        "input_fingerprint": input_fp,
+        "job": job_id,
+        "encode": enc_stats,
+        "chunks": {
+            "total": n_chunks,
+            "resumed": n_chunks - len(pending),
+            "computed": len(pending),
+            "chunk_queries": cfg.chunk_queries,
+        },
+        "schema_version": SCHEMA_VERSION,
+    }
+    publish(root, stage, recipe, job.work, markers, n_chunks, manifest, job.timing, t_start)
+    log.info(
+        "mined %s/%s: %d -> %d rows, drops %s, short %d, encoded %d texts (%d cached), %.1fs",
+        stage,
+        recipe,
+        n,
+        manifest["rows_out"],
+        stats["drops"],
+        stats["short_rows"],
+        enc_stats["encoded"],
+        enc_stats["cache_hits"],
+        manifest["timing"]["total_s"],
+    )
+    return _result(root, stage, recipe, manifest, False, t_start)
+
+
+def _prepare(
+    root: DataRoot,
+    work: str,
+    src: str,
+    cfg: MineConfig,
+    enc: Encoder,
+    corpus: list[str] | None,
+    stage: str,
+    recipe: str,
+) -> MineJob:
+    """Read the mixture, build the pool and the per-row facts (cheap, pure Python over the rows)."""
+    table = read_rows(root, src)
+    cols = {c: table.column(c).to_pylist() for c in ("id", "query", "pos", "neg", "instruction", "symmetric")}
+    n = table.num_rows
+    keys = Keys()
+    symmetric = bool(most_common(cols["symmetric"], False))
+    doc_instruction = most_common(cols["instruction"], None) if symmetric else None
+    pool = build_pool(cols, corpus, doc_instruction, enc, keys)
+    if n and not pool.texts:
+        raise KalmError(f"{src}: empty candidate pool (no non-empty positives or negatives to mine from)")
+    window = effective_window(cfg.window, cfg.top_k, len(pool.texts), cfg.small_pool) if n else None
+    if window is not None and window.scaled:
+        log.warning(
+            "mined %s/%s: pool of %d texts is smaller than window %s: scaled to ranks [%d, %d), top-k %d",
+            stage,
+            recipe,
+            len(pool.texts),
+            list(cfg.window),
+            window.lo,
+            window.hi,
+            window.top_k,
+        )
+    own_pos: list[list[int]] = []
+    group: dict[str, set[int]] = {}
+    qnorm: list[str] = []
+    for q, pos in zip(cols["query"], cols["pos"], strict=True):
+        ids = list(dict.fromkeys(pool.index[p] for p in pos if isinstance(p, str) and p.strip()))
+        own_pos.append(ids)
+        nq = norm_key(q)
+        qnorm.append(nq)
+        group.setdefault(nq, set()).update(ids)
+    return MineJob(root, work, cfg, table, cols, pool, keys, own_pos, group, qnorm, window)
+
+
+def _encode(
+    job: MineJob, enc: Encoder, store: EmbeddingStore, pending: list[int], recipe: str
+) -> dict[str, Any]:
+    """Embed the pool and the pending chunks' minable queries (through the cache); build the index."""
+    todo = [r for i in pending for r in job.rows_of(i) if job.cols["query"][r].strip() and job.own_pos[r]]
+    q_texts = [enc.format_query(job.cols["query"][r], job.cols["instruction"][r]) for r in todo]
+    vecs, enc_stats = embed_texts(
+        enc,
+        job.pool.formatted + q_texts,
+        store,
+        batch_size=job.cfg.batch_size,
+        shard_texts=job.cfg.cache_shard_texts,
+        progress=show_progress(),
+        desc=f"encode {recipe}",
+    )
+    job.timing["encode_s"] = enc_stats["encode_s"]
+    job.pool_vecs = vecs[: len(job.pool.texts)]
+    job.q_vecs = vecs[len(job.pool.texts) :]
+    job.q_row = {r: j for j, r in enumerate(todo)}
+    t0 = time.perf_counter()
+    job.searcher = build_searcher(job.pool_vecs, job.cfg.index, job.cfg.search.query_batch)
+    job.timing["index_s"] = round(time.perf_counter() - t0, 3)
+    return enc_stats
+
+
+def _bar(total: int, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="chunk", leave=False)
+
+
+# -- a stage ----------------------------------------------------------------------------------------------
+
+
+def run_mine_stage(
+    root: DataRoot,
+    stage: str,
+    model: str,
+    cfg: MineConfig,
+    recipes: list[str] | None = None,
+    force: bool = False,
+    *,
+    encoder: Encoder | None = None,
+) -> list[StageResult]:
+    """Mine every recipe with a mixture under ``mixtures/<stage>/`` (or ``recipes``), loading the model once.
+
+    Also writes ``mined/<stage>/_manifest.json``: one summary line per recipe.
+    """
+    if stage not in STAGES:
+        raise KalmError(f"invalid stage {stage!r} (allowed: {', '.join(STAGES)})")
+    available = [n for n in root.list_dirs(mixture_root(stage)) if read_manifest(root, mixture_dir(stage, n))]
+    names = list(dict.fromkeys(recipes)) if recipes else available
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise KalmError(
+            f"no finished mixture for {', '.join(missing)} under {root.full_uri(mixture_root(stage))} "
+            f"(available: {', '.join(available) or 'none'})"
+        )
+    if not names:
+        raise KalmError(
+            f"no mixtures under {root.full_uri(mixture_root(stage))}; build the {stage} mixtures first"
+        )
+    t0 = time.perf_counter()
+    enc = encoder or load_encoder(model, root, cfg.max_seq_length, cfg.precision, cfg.devices)
+    store = EmbeddingStore(root, embedding_cache_dir(enc.key), enc.dim) if cfg.cache else None
+    results = [run_mine_recipe(root, stage, n, model, cfg, force, encoder=enc, store=store) for n in names]
+    report = {
+        "stage": stage,
+        "miner": enc.lineage(),
+        "config_hash": cfg.config_hash(),
+        "recipes": {r.name: summary(r) for r in results},
+        "rows_out": sum(r.rows or 0 for r in results),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    root.write_json(f"{mined_root(stage)}/{MANIFEST}", report)
+    return results
+
+
+def summary(r: StageResult) -> dict[str, Any]:
+    """The few numbers a report shows for one mined recipe."""
+    m = r.manifest
+    s = m.get("stats", {})
+    return {
+        "rows_in": m["rows_in"],
+        "rows_out": m["rows_out"],
+        "drops": m.get("drops", {}),
+        "short_rows": s.get("short_rows", 0),
+        "positive_rank_hist": s.get("positive_rank_hist", {}),
+        "encoded": m.get("encode", {}).get("encoded", 0),
+        "cached": r.cached,
+    }
+
+
+def stale_negatives(root: DataRoot, stage: str, model_fingerprint: str) -> list[str]:
+    """Recipes under ``mined/<stage>/`` whose negatives a model other than ``model_fingerprint`` mined."""
+    stale = []
+    for name in root.list_dirs(mined_root(stage)):
+        m = read_manifest(root, mined_dir(stage, name))
+        if m is not None and m.get("miner", {}).get("fingerprint") != model_fingerprint:
+            stale.append(name)
+    return stale
+
+
+def report_markdown(results: list[StageResult], title: str = "Mining report") -> str:
+    """A Markdown table: rows in/out, drops by reason, short rows, encoded texts, cache hit."""
+    lines = [
+        f"## {title}",
+        "",
+        "| recipe | rows in | rows out | drops | short rows | best positive rank | encoded | cache hit |",
+        "|---|---:|---:|---|---:|---|---:|---|",
+    ]
+    for r in results:
+        s = summary(r)
+        drops = ", ".join(f"{k} {v}" for k, v in s["drops"].items()) or "-"
+        hist = ", ".join(f"{k}: {v}" for k, v in s["positive_rank_hist"].items()) or "-"
+        lines.append(
+            f"| {r.name} | {s['rows_in']} | {s['rows_out']} | {drops} | {s['short_rows']} | {hist} "
+            f"| {s['encoded']} | {'yes' if s['cached'] else 'no'} |"
+        )
+    return "\n".join(lines)

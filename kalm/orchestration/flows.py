@@ -1,0 +1,161 @@
+"""Prefect flows: thin wrappers that parse their (JSON) parameters once and run the plain DAG functions of
+:mod:`kalm.pipeline` on the :class:`~kalm.orchestration.runner.PrefectRunner`.
+
+- ``retrain``: the whole DAG (:func:`kalm.pipeline.dag.run_retrain`);
+- ``rerun_recipe``: one recipe re-ingested and what depends on it recomputed (its own artifacts);
+- ``evaluate``: one model folder on the eval config's tasks;
+- ``ingest_recipe`` / ``ingest_stage``: the data stage alone (``kalm data run``).
+
+Called without a server, they run on an ephemeral local Prefect server.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from kalm.core.results import StageResult
+from kalm.orchestration.runner import PrefectRunner
+from kalm.pipeline.config import StageName, load_pipeline
+from kalm.pipeline.dag import rerun_recipe, run_retrain
+from kalm.pipeline.data import run_data
+
+TaskRunner = ThreadPoolTaskRunner  # recipes and seeds in parallel; the Ray runner plugs in here
+
+
+@flow(name="retrain", log_prints=False, task_runner=TaskRunner(max_workers=2))  # type: ignore[arg-type]
+def retrain_flow(
+    config: str = "pipeline_demo.yaml",
+    stages: list[StageName] | None = None,
+    recipes: list[str] | None = None,
+    data_root: str | None = None,
+    resume: bool = True,
+    recipes_dirs: list[str] | None = None,
+) -> dict[str, Any]:
+    """Run the retraining DAG.
+
+    config: a pipeline YAML (path or name in configs/). stages: a subset of ingest, mine, pretrain, refresh,
+    finetune, soup, eval (default all; a skipped stage's previous outputs are used). recipes: only (re)ingest
+    these (the later stages still use every recipe of the pipeline). resume: reuse finished outputs and
+    checkpoints (False recomputes every selected stage).
+    """
+    p = load_pipeline(config, data_root, recipes_dirs or [])
+    return run_retrain(p, PrefectRunner(), stages=stages, recipes=recipes, resume=resume)
+
+
+@flow(name="rerun_recipe", task_runner=TaskRunner(max_workers=2))  # type: ignore[arg-type]
+def rerun_recipe_flow(
+    recipe: str,
+    config: str = "pipeline_demo.yaml",
+    data_root: str | None = None,
+    downstream: bool = True,
+    recipes_dirs: list[str] | None = None,
+) -> dict[str, Any]:
+    """Re-ingest one recipe (even if unchanged), then recompute only what depends on it: its stage
+    mixture, its mined negatives and, when its data changed, the training runs, soup and scores.
+    downstream=False stops after the recipe's mixture."""
+    p = load_pipeline(config, data_root, recipes_dirs or [])
+    return rerun_recipe(p, PrefectRunner(), recipe, downstream)
+
+
+@flow(name="evaluate")
+def evaluate_flow(
+    model: str,
+    config: str = "eval.yaml",
+    data_root: str | None = None,
+    tasks: list[str] | None = None,
+    label: str = "model",
+) -> dict[str, Any]:
+    """Score one model folder (or alias, e.g. minilm) on the eval config's tasks; publishes the table."""
+    from kalm.core.storage import DataRoot
+    from kalm.evaluation.config import load_eval_config
+    from kalm.pipeline.stages import EVALUATE
+    from kalm.training.config import resolve_model_path
+
+    root = DataRoot.from_uri(data_root)
+    path = resolve_model_path(model, root)
+    runner = PrefectRunner()
+    res = runner.run(
+        EVALUATE, model_path=path, config=load_eval_config(config), data_root=root.uri, tasks=tasks
+    )
+    rows = res.rows or []
+    if rows:
+        cols = list(rows[0])
+        md = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+        md += "".join("| " + " | ".join(str(r.get(c)) for c in cols) + " |\n" for r in rows)
+        runner.publish("evaluation", f"# {label}: `{path}`\n\n{md}")
+    return {
+        "label": label,
+        "model_path": res.model_path,
+        "fingerprint": res.fingerprint,
+        "output": res.output,
+        "rows": rows,
+        "results_reused": res.reused,
+        "results_new": res.new,
+    }
+
+
+def _data_report(title: str, ingested: list[StageResult], mixtures: list[StageResult]) -> dict[str, Any]:
+    from kalm.data.report import data_report_markdown
+
+    PrefectRunner().publish("data-report", data_report_markdown(title, ingested, mixtures))
+    return {"recipes": [r.to_dict() for r in ingested], "mixtures": [m.to_dict() for m in mixtures]}
+
+
+@flow(name="ingest_recipe", log_prints=True)
+def ingest_recipe_flow(
+    name: str,
+    data_root: str | None = None,
+    recipes_dirs: list[str] | None = None,
+    config_path: str | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Rebuild one recipe's shards (a cache hit when unchanged) and the mixture of its stage."""
+    from kalm.core.storage import DataRoot
+    from kalm.data.config import load_ingest_config
+    from kalm.data.recipes import discover
+
+    found = discover(recipes_dirs or [])
+    lr = found.get(name)
+    ingested, mixtures = run_data(
+        PrefectRunner(),
+        [lr],
+        found,
+        DataRoot.from_uri(data_root),
+        load_ingest_config(config_path),
+        forced={name} if force else (),
+    )
+    return _data_report(f"Recipe {name}", ingested, mixtures)
+
+
+@flow(name="ingest_stage", log_prints=True, task_runner=TaskRunner(max_workers=2))  # type: ignore[arg-type]
+def ingest_stage_flow(
+    stages: list[str] | None = None,
+    recipes: list[str] | None = None,
+    tags: list[str] | None = None,
+    data_root: str | None = None,
+    recipes_dirs: list[str] | None = None,
+    config_path: str | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Ingest the recipes of the given stages (default: both; optionally only ``recipes`` or those with one
+    of ``tags``) in parallel, then build each stage's mixture from every recipe of that stage."""
+    from kalm.core.storage import DataRoot
+    from kalm.data.config import load_ingest_config
+    from kalm.data.recipes import discover
+
+    found = discover(recipes_dirs or [])
+    wanted = stages or ["pretrain", "finetune"]
+    todo = found.select(recipes, tags, wanted)
+    ingested, mixtures = run_data(
+        PrefectRunner(),
+        todo,
+        found,
+        DataRoot.from_uri(data_root),
+        load_ingest_config(config_path),
+        force=force,
+        stages=wanted,
+    )
+    return _data_report("Data stage", ingested, mixtures)

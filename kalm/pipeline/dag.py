@@ -1,0 +1,338 @@
+"""The retraining DAG as a plain function over a :class:`~kalm.pipeline.runner.Runner`.
+
+ingest (every recipe, in parallel) -> stage mixtures (dedup, decontamination) -> mine with the base model
+-> pre-train -> refresh negatives with the pre-trained checkpoint -> fine-tune once per seed -> soup ->
+evaluate -> run manifest. Every stage is content-keyed by the function it runs (recipe file, source
+fingerprint, config hash, model fingerprint) and says itself whether it was a cache hit, so an unchanged
+rerun is a chain of cache hits and a changed recipe recomputes that recipe and what depends on it. The run
+manifest and the reports are built from the stages' results, not re-read from disk.
+
+    pipeline = load_pipeline("pipeline_demo.yaml", "./data")
+    manifest = run_retrain(pipeline, LocalRunner())            # or PrefectRunner(), inside a flow
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Collection, Sequence
+from typing import Any
+
+from kalm.core.config import with_updates
+from kalm.core.errors import KalmError
+from kalm.core.hashing import hash_obj
+from kalm.core.layout import final_dir, pipeline_latest, pipeline_run_manifest, run_dir, soup_dir
+from kalm.core.results import StageResult
+from kalm.data.recipes import LoadedRecipe
+from kalm.pipeline.config import ALL_STAGES, Pipeline
+from kalm.pipeline.data import run_data
+from kalm.pipeline.report import stage_table_markdown, training_markdown
+from kalm.pipeline.runner import Runner
+from kalm.pipeline.stages import COMPARE, MINE, SOUP, TRAIN
+
+log = logging.getLogger(__name__)
+
+
+def check_stages(stages: Sequence[str] | None) -> list[str]:
+    wanted = list(stages or ALL_STAGES)
+    bad = [s for s in wanted if s not in ALL_STAGES]
+    if bad:
+        raise KalmError(f"unknown stages {bad}; choose from {list(ALL_STAGES)}")
+    return wanted
+
+
+def select_recipes(p: Pipeline) -> dict[str, LoadedRecipe]:
+    """The recipes this pipeline trains on (its names and tags), by name."""
+    pc = p.config
+    picked = {lr.name: lr for lr in p.recipes.select(pc.data.recipes, pc.data.tags)}
+    if not picked:
+        raise KalmError(f"pipeline {pc.name}: no recipe matches tags {pc.data.tags}, names {pc.data.recipes}")
+    return picked
+
+
+def run_name(p: Pipeline, stage: str, seed: int | None = None) -> str:
+    return f"{p.name}-{stage}" if seed is None else f"{p.name}-{stage}-seed{seed}"
+
+
+def finished_model(p: Pipeline, stage: str, name: str) -> str | None:
+    final = final_dir(p.root, stage, name)
+    return str(final) if (final / "kalm_run.json").exists() else None
+
+
+def _train_config(base: Any, overrides: dict[str, Any], decided: dict[str, Any], where: str) -> Any:
+    """The stage config with what the DAG decides (run name, seed, model, recipes); a key the pipeline
+    file overrides itself keeps the pipeline's value."""
+    return with_updates(base, {k: v for k, v in decided.items() if k not in overrides}, where)
+
+
+class _Clock:
+    """Per-stage wall time and cache hits, logged as each stage ends."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self.cached: dict[str, bool] = {}
+        self._t0 = 0.0
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def stop(self, stage: str, cached: bool) -> None:
+        self.timings[stage] = round(time.perf_counter() - self._t0, 3)
+        self.cached[stage] = cached
+        log.info("stage %s: %.1f s%s", stage, self.timings[stage], " (cache hit)" if cached else "")
+
+
+def run_retrain(
+    p: Pipeline,
+    runner: Runner,
+    *,
+    stages: Sequence[str] | None = None,
+    recipes: Sequence[str] | None = None,
+    resume: bool = True,
+    force_recipes: Collection[str] = (),
+) -> dict[str, Any]:
+    """Run the DAG; returns the run manifest (also written to ``pipeline/<name>/runs/<time>.json``).
+
+    ``stages``: a subset of ingest, mine, pretrain, refresh, finetune, soup, eval (default all; a skipped
+    stage's previous outputs are used). ``recipes``: only (re)ingest these (later stages still use every
+    recipe of the pipeline). ``resume``: reuse finished outputs and checkpoints (False recomputes every
+    selected stage). ``force_recipes``: re-ingest these even if unchanged.
+    """
+    t_start = time.perf_counter()
+    pc, root = p.config, p.root
+    wanted = check_stages(stages)
+    for line in p.recipes.problems():
+        log.warning("%s", line)
+    picked = select_recipes(p)
+    force = not resume
+    clock = _Clock()
+    results: dict[str, list[StageResult]] = {}
+    manifest: dict[str, Any] = {
+        "pipeline": pc.name,
+        "config": str(p.source),
+        "config_files": p.config_files,
+        "config_hash": hash_obj(pc.model_dump(mode="json")),
+        "data_root": root.uri,
+        "stages": wanted,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    by_stage: dict[str, list[str]] = {}
+    for n, lr in picked.items():
+        by_stage.setdefault(lr.recipe.stage, []).append(n)
+
+    # ---- ingest -> stage mixtures
+    if "ingest" in wanted:
+        clock.start()
+        unknown = sorted(set(recipes or []) - set(picked))
+        if unknown:
+            raise KalmError(f"recipes {unknown} are not part of pipeline {pc.name} ({sorted(picked)})")
+        todo = [lr for n, lr in picked.items() if not recipes or n in recipes]
+        ingested, mixtures = run_data(
+            runner,
+            todo,
+            list(picked.values()),
+            root,
+            p.ingest,
+            force=force,
+            forced=set(force_recipes),
+            stages=list(by_stage),
+        )
+        from kalm.data.report import data_report_markdown
+
+        runner.publish(
+            "data-report",
+            data_report_markdown(f"Data: {pc.name}", ingested, mixtures),
+            "Rows per recipe and mixture, drops by reason",
+        )
+        results["ingest"], results["mixtures"] = ingested, mixtures
+        clock.stop("ingest", all(r.cached for r in ingested + mixtures))
+        manifest["recipes"] = {
+            r.name: {**r.lineage, **{k: r.manifest.get(k) for k in ("rows_in", "rows_out", "drops")}}
+            for r in ingested
+        }
+    else:
+        from kalm.data.mixtures import published_mixtures
+
+        results["mixtures"] = [m for s, names in by_stage.items() for m in published_mixtures(root, s, names)]
+    mixed: dict[str, list[str]] = {}
+    for m in results["mixtures"]:
+        mixed.setdefault(str(m.manifest.get("stage")), []).append(m.name)
+    manifest["mixtures"] = {
+        s: {
+            m.name: m.lineage.get("input_fingerprint")
+            for m in results["mixtures"]
+            if m.manifest.get("stage") == s
+        }
+        for s in by_stage
+    }
+    mine_names = {s: sorted(mixed.get(s, [])) for s in pc.mining.stages}
+
+    def mine_with(model: str) -> list[StageResult]:
+        calls = [
+            {"root": root, "stage": s, "recipe": n, "model": model, "cfg": p.mine, "force": force}
+            for s, names in mine_names.items()
+            for n in names
+        ]
+        return runner.map(MINE, calls)
+
+    # ---- first mining pass, with the base model, only where no checkpoint of ours exists yet
+    pre_name = run_name(p, "pretrain")
+    if "mine" in wanted:
+        clock.start()
+        if finished_model(p, "pretrain", pre_name) is not None and "refresh" in wanted and not force:
+            log.info("mine: a pre-trained checkpoint exists; negatives come from the refresh stage")
+            clock.stop("mine", True)
+        else:
+            results["mine"] = mine_with(pc.mining.base_model)
+            clock.stop("mine", all(r.cached for r in results["mine"]))
+
+    # ---- pre-training
+    pretrained = finished_model(p, "pretrain", pre_name)
+    if "pretrain" in wanted:
+        clock.start()
+        cfg = _train_config(
+            p.pretrain,
+            pc.pretrain.overrides,
+            {"run_name": pre_name, "data.recipes": sorted(mixed.get("pretrain", [])) or None},
+            f"{pc.name}: pretrain",
+        )
+        if force:
+            shutil.rmtree(run_dir(root, "pretrain", pre_name), ignore_errors=True)
+        res = runner.run(TRAIN, cfg=cfg, root=root, nproc=pc.pretrain.nproc)
+        results["pretrain"] = [res]
+        pretrained = res.output
+        clock.stop("pretrain", res.cached)
+        runner.publish("pretrain-loss", training_markdown("pretrain", res), "pretrain loss curve")
+
+    # ---- refresh the negatives with the newest checkpoint, right before fine-tuning
+    if "refresh" in wanted:
+        clock.start()
+        if pretrained is None:
+            log.warning("refresh: no pre-trained checkpoint; keeping the base model's negatives")
+        else:
+            results["refresh"] = mine_with(str(pretrained))
+        clock.stop("refresh", all(r.cached for r in results.get("refresh", [])))
+    mined = results.get("refresh") or results.get("mine") or []
+    manifest["mined"] = {}
+    for r in mined:
+        manifest["mined"].setdefault(r.manifest["stage"], {})[r.name] = _mined_lineage(r)
+    manifest["stale_negatives"] = _stale(p, mined, mine_names)
+
+    # ---- fine-tuning, once per seed (the soup's inputs)
+    ft_names = [run_name(p, "finetune", seed) for seed in pc.finetune.seeds]
+    finetuned: list[str] = []
+    if "finetune" in wanted:
+        clock.start()
+        if pretrained is None:
+            raise KalmError("finetune: no pre-trained model; run the pretrain stage first")
+        for seed, name in zip(pc.finetune.seeds, ft_names, strict=True):
+            if force:
+                shutil.rmtree(run_dir(root, "finetune", name), ignore_errors=True)
+            decided = {
+                "run_name": name,
+                "seed": seed,
+                "model.path": str(pretrained),
+                "data.recipes": mine_names.get("finetune") or None,
+            }
+            cfg = _train_config(p.finetune, pc.finetune.overrides, decided, f"{pc.name}: finetune")
+            results.setdefault("finetune", []).append(
+                runner.run(TRAIN, cfg=cfg, root=root, nproc=pc.finetune.nproc)
+            )
+        finetuned = [r.output for r in results["finetune"]]
+        clock.stop("finetune", all(r.cached for r in results["finetune"]))
+        runner.publish(
+            "finetune-loss", training_markdown("finetune", results["finetune"][0]), "finetune loss"
+        )
+    else:
+        finetuned = [f for n in ft_names if (f := finished_model(p, "finetune", n))]
+
+    # ---- soup
+    soup_path = soup_dir(root, pc.name)
+    if "soup" in wanted:
+        clock.start()
+        if not finetuned:
+            raise KalmError("soup: no fine-tuned checkpoints; run the finetune stage first")
+        soup = runner.run(
+            SOUP,
+            method=pc.soup.method,
+            checkpoints=finetuned,
+            out=soup_path,
+            weights=pc.soup.weights,
+            eval_cfg=p.eval,
+            root=root,
+            name=pc.name,
+            force=force,
+        )
+        results["soup"] = [soup]
+        manifest["soup"] = soup.manifest
+        clock.stop("soup", soup.cached)
+
+    # ---- evaluate: the base model, each stage and the soup, in one comparison table
+    if "eval" in wanted:
+        clock.start()
+        from kalm.training.config import resolve_model_path
+
+        models: dict[str, str] = {}
+        if pc.eval.compare_base:
+            models["base"] = resolve_model_path(pc.mining.base_model, root)
+        if pretrained:
+            models["pretrain"] = str(pretrained)
+        for seed, path in zip(pc.finetune.seeds, finetuned, strict=False):
+            models[f"finetune-seed{seed}"] = path
+        if (soup_path / "modules.json").exists():
+            models["soup"] = str(soup_path)
+        comparison = runner.run(COMPARE, models=models, config=p.eval, data_root=root.uri, force=force)
+        out = comparison.to_dict()
+        manifest["scores"] = {
+            "models": models,
+            **{k: out.get(k) for k in ("table_path", "markdown_path", "charts", "markdown", "rows")},
+        }
+        runner.publish("evaluation", comparison.markdown, "Base model vs each stage vs the soup")
+        clock.stop("eval", comparison.new == 0)
+
+    # ---- report: one run manifest linking every artifact
+    manifest["checkpoints"] = {"pretrain": str(pretrained) if pretrained else None, "finetune": finetuned}
+    manifest["results"] = {k: [r.summary() for r in rs] for k, rs in results.items()}
+    manifest["timings_s"] = clock.timings
+    manifest["cache_hits"] = clock.cached
+    manifest["seconds"] = round(time.perf_counter() - t_start, 3)
+    manifest["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    rel = pipeline_run_manifest(pc.name, stamp)
+    root.write_json(rel, manifest)
+    root.write_json(pipeline_latest(pc.name), manifest)
+    manifest["manifest_uri"] = root.full_uri(rel)
+    runner.publish("stages", stage_table_markdown(manifest), "Stages: wall time and cache hits")
+    log.info("run manifest: %s", root.full_uri(rel))
+    return manifest
+
+
+def _mined_lineage(r: StageResult) -> dict[str, Any]:
+    keep = ("miner", "index", "window", "top_k", "seed", "inputs", "fingerprint", "rows_out")
+    return {**{k: r.manifest.get(k) for k in keep if k in r.manifest}, "cached": r.cached}
+
+
+def _stale(p: Pipeline, mined: list[StageResult], mine_names: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Recipes of the pipeline whose negatives on disk came from a model other than this run's miner."""
+    from kalm.mining.mine import stale_negatives
+
+    fps = sorted({str(fp) for r in mined if (fp := (r.lineage.get("miner") or {}).get("fingerprint"))})
+    if not fps:
+        return {}
+    stale = {
+        s: [r for r in stale_negatives(p.root, s, fps[0]) if r in names] for s, names in mine_names.items()
+    }
+    stale = {s: v for s, v in stale.items() if v}
+    if stale:
+        log.warning("negatives mined by an older model: %s", stale)
+    return stale
+
+
+def rerun_recipe(p: Pipeline, runner: Runner, recipe: str, downstream: bool = True) -> dict[str, Any]:
+    """Re-ingest one recipe (even if unchanged), then recompute only what depends on it: its stage mixture,
+    its mined negatives and, when its data changed, the training runs, soup and scores.
+    ``downstream=False`` stops after the recipe's mixture."""
+    p.recipes.get(recipe)  # unknown or broken: one line, before any work
+    stages = None if downstream else ["ingest"]
+    return run_retrain(p, runner, stages=stages, recipes=[recipe], force_recipes=[recipe])

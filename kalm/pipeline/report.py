@@ -1,0 +1,51 @@
+"""Markdown reports built from stage results and the run manifest: the CLI prints them, the Prefect runner
+publishes them as artifacts.
+
+>>> print(stage_table_markdown({"timings_s": {"ingest": 1.25}, "cache_hits": {"ingest": True}, "seconds": 2}))
+| stage | seconds | cache hit |
+|---|---:|---|
+| ingest | 1.2 | yes |
+| total | 2.0 | |
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+from kalm.core.results import StageResult
+
+
+def stage_table_markdown(manifest: dict[str, Any]) -> str:
+    """One row per stage that ran: wall time and whether it was a cache hit."""
+    hits = manifest.get("cache_hits", {})
+    lines = ["| stage | seconds | cache hit |", "|---|---:|---|"]
+    lines += [
+        f"| {k} | {v:.1f} | {'yes' if hits.get(k) else 'no'} |"
+        for k, v in manifest.get("timings_s", {}).items()
+    ]
+    lines.append(f"| total | {float(manifest.get('seconds', 0)):.1f} | |")
+    return "\n".join(lines)
+
+
+def png_markdown(title: str, png: Path) -> str:
+    """A PNG inlined as a data URI (the UI shows it without any file server) plus where the file lives."""
+    if not png.exists():
+        return f"### {title}\n\n(no image: {png})\n"
+    data = base64.b64encode(png.read_bytes()).decode()
+    return f"### {title}\n\n![{title}](data:image/png;base64,{data})\n\n`{png}`\n"
+
+
+def training_markdown(stage: str, res: StageResult) -> str:
+    """A training run's last step and its loss curve (``<run>/loss.png``, next to ``final/``)."""
+    run = Path(res.output).parent
+    md = [f"## {stage}: `{res.name}`" + (" (cache hit)" if res.cached else ""), ""]
+    metrics = run / "metrics.jsonl"
+    if metrics.exists():
+        last = [json.loads(x) for x in metrics.read_text().splitlines()[-1:] if x.strip()]
+        if last:
+            md += ["last step: " + ", ".join(f"{k} {v}" for k, v in last[0].items()), ""]
+    md.append(png_markdown(f"{stage} loss", run / "loss.png"))
+    return "\n".join(md)

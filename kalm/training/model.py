@@ -1,0 +1,378 @@
+"""Any ``transformers`` backbone as a sentence embedder: encoders as they are, decoders made bidirectional.
+
+METHOD.md [paper]: the causal mask is removed (every token attends to every non-pad token), embeddings are
+the mean of the last hidden states over non-pad tokens, L2-normalised; similarity is cosine.
+
+>>> emb = Embedder.from_pretrained(path)                      # an ST folder, an HF folder or a hub id
+>>> vecs = emb.encode(["what is bm25?"], instruction="Given a query, retrieve passages")   # (1, D) float32
+>>> emb.save("out/model")                                     # SentenceTransformer("out/model") agrees
+
+Decoders: ``is_causal=False`` goes on the config (in transformers 5 the mask builders read it, for eager and
+sdpa alike, and it survives ``save_pretrained``), and the ``is_causal`` flag of every attention module is
+cleared too, because fast kernels (sdpa without a mask, flash-attn) take that flag instead of a mask.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from kalm.training.instructions import DEFAULT_QUERY_TEMPLATE, format_query, validate_template
+from kalm.training.pooling import POOLINGS, normalize, truncate
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_LENGTH = 512  # METHOD.md [paper: code]: max length 512 in the authors' fine-tuning script
+QUERY_TEMPLATE_PROMPT = "query_template"  # key of the raw template in config_sentence_transformers "prompts"
+
+# Our pooling name -> the legacy sentence-transformers flag; the legacy format loads in ST 2.x to 6.x.
+_ST_POOLING_FLAGS = {
+    "cls": "pooling_mode_cls_token",
+    "mean": "pooling_mode_mean_tokens",
+    "lasttoken": "pooling_mode_lasttoken",
+}
+_ST_ALL_FLAGS = (
+    "pooling_mode_cls_token",
+    "pooling_mode_mean_tokens",
+    "pooling_mode_max_tokens",
+    "pooling_mode_mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens",
+    "pooling_mode_lasttoken",
+)
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions counted over real tokens only, so a left-padded row sees the positions of its unpadded self.
+
+    attention_mask (B, T) -> (B, T) int64; pads get 0 (left) or repeat the last position (right).
+
+    >>> position_ids_from_mask(torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])).tolist()
+    [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2]]
+    """
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def has_causal_attention(model: nn.Module) -> bool:
+    """True when some attention module still declares itself causal (decoder LLMs; BERT says False)."""
+    return any(getattr(m, "is_causal", None) is True for m in model.modules())
+
+
+def make_bidirectional(model: PreTrainedModel) -> int:
+    """Turn a decoder's causal mask off for real; returns how many attention modules were changed.
+
+    ``config.is_causal = False`` is what the transformers 5 mask builders read (eager and sdpa); the module
+    flags are what sdpa-without-mask and flash-attn read. Patching only the flags leaves eager causal.
+    """
+    configs = [model.config]
+    text_config = model.config.get_text_config()
+    if text_config is not model.config:
+        configs.append(text_config)
+    for cfg in configs:
+        cfg.is_causal = False
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "is_causal", None) is True:
+            setattr(module, "is_causal", False)  # noqa: B010  (mypy: not a declared Module attribute)
+            changed += 1
+    return changed
+
+
+def _resolve_dir(path_or_id: str | os.PathLike[str]) -> Path:
+    """A local folder as is; a hub id through the local cache (honours ``HF_HUB_OFFLINE``)."""
+    path = Path(path_or_id)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(path_or_id)))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _read_st_layout(root: Path) -> dict[str, Any]:
+    """What a sentence-transformers folder says: transformer subfolder, pooling, max length, query template.
+
+    Returns ``{"model_dir", "pooling", "max_length", "template", "is_st"}``; a plain transformers folder
+    gives ``model_dir=root``, Nones and ``is_st=False``.
+    """
+    layout: dict[str, Any] = {
+        "model_dir": root,
+        "pooling": None,
+        "max_length": None,
+        "template": None,
+        "is_st": False,
+    }
+    modules_file = root / "modules.json"
+    if not modules_file.is_file():
+        return layout
+    layout["is_st"] = True
+    for entry in json.loads(modules_file.read_text(encoding="utf-8")):
+        kind = str(entry.get("type", "")).rsplit(".", 1)[-1]
+        sub = root / entry.get("path", "")
+        if kind == "Transformer":
+            layout["model_dir"] = sub
+            layout["max_length"] = _read_json(sub / "sentence_bert_config.json").get("max_seq_length")
+        elif kind == "Pooling":
+            cfg = _read_json(sub / "config.json")
+            mode = cfg.get("pooling_mode")  # ST >= 6 writes one string; older versions write flags
+            if mode is None:
+                on = [name for name, flag in _ST_POOLING_FLAGS.items() if cfg.get(flag)]
+                mode = on[0] if len(on) == 1 else None
+            if mode not in POOLINGS:
+                raise ValueError(f"{sub}: pooling {cfg} is not one of ours ({', '.join(POOLINGS)})")
+            layout["pooling"] = mode
+    prompts = _read_json(root / "config_sentence_transformers.json").get("prompts") or {}
+    layout["template"] = prompts.get(QUERY_TEMPLATE_PROMPT)
+    return layout
+
+
+def _package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class Embedder(nn.Module):
+    """A backbone plus pooling plus L2 normalisation. ``forward`` maps token ids to (B, D) unit vectors.
+
+    Build it with :meth:`from_pretrained`; ``model`` and ``tokenizer`` are the plain transformers objects.
+    ``is_decoder`` is True when the backbone was causal and has been made bidirectional.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        pooling: str = "mean",
+        max_length: int = DEFAULT_MAX_LENGTH,
+        query_template: str = DEFAULT_QUERY_TEMPLATE,
+    ) -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r} (allowed: {', '.join(POOLINGS)})")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.max_length = int(max_length)
+        self.query_template = validate_template(query_template)
+        self.is_decoder = getattr(model.config, "is_causal", None) is False or has_causal_attention(model)
+        if self.is_decoder:
+            changed = make_bidirectional(model)
+            log.info("bidirectional attention: config.is_causal=False, %d attention modules cleared", changed)
+        if tokenizer.pad_token is None:
+            # Decoder tokenizers often lack a pad token; any id works because pads are masked out everywhere.
+            fallback = tokenizer.eos_token or tokenizer.unk_token
+            if fallback is None:
+                raise ValueError("tokenizer has no pad, eos or unk token to pad with")
+            tokenizer.pad_token = fallback
+        forward_params = inspect.signature(model.forward).parameters
+        self._pass_position_ids = "position_ids" in forward_params
+        self._pass_use_cache = "use_cache" in forward_params
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | os.PathLike[str],
+        *,
+        attn_implementation: str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        pooling: str | None = None,
+        max_length: int | None = None,
+        query_template: str | None = None,
+        padding_side: str = "right",
+        device: str | torch.device | None = None,
+    ) -> Embedder:
+        """Load an encoder or a decoder; weights from safetensors only (never pickles).
+
+        ``pooling``, ``max_length`` and ``query_template`` default to what a sentence-transformers folder
+        saved (max length: ``sentence_bert_config.json``, or the tokenizer's ``model_max_length`` in ST >= 6
+        folders), else to mean pooling, 512 tokens and :data:`DEFAULT_QUERY_TEMPLATE`. ``padding_side`` is the
+        tokenizer's; embeddings do not depend on it (position ids are computed from the mask).
+        """
+        layout = _read_st_layout(_resolve_dir(path_or_id))
+        model_dir: Path = layout["model_dir"]
+        kwargs: dict[str, Any] = {"use_safetensors": True}
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
+        if torch_dtype is not None:
+            kwargs["dtype"] = torch_dtype
+        model = AutoModel.from_pretrained(model_dir, config=AutoConfig.from_pretrained(model_dir), **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        tokenizer.padding_side = padding_side
+        # sentence-transformers >= 6 keeps max_seq_length in the tokenizer's model_max_length.
+        st6_length = (
+            layout["is_st"] and layout["max_length"] is None and tokenizer.model_max_length <= 100_000
+        )
+        if max_length is None and st6_length:
+            max_length = int(tokenizer.model_max_length)
+        embedder = cls(
+            model,
+            tokenizer,
+            pooling=pooling or layout["pooling"] or "mean",
+            max_length=max_length or layout["max_length"] or DEFAULT_MAX_LENGTH,
+            query_template=query_template or layout["template"] or DEFAULT_QUERY_TEMPLATE,
+        )
+        if device is not None:
+            embedder.to(device)
+        return embedder
+
+    # -- properties -------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def embedding_dim(self) -> int:
+        """The model width D (also the largest Matryoshka dim)."""
+        return int(self.model.config.get_text_config().hidden_size)
+
+    # -- forward ---------------------------------------------------------------------------------------
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        """Pad to the longest text, cut at ``max_length`` -> {"input_ids", "attention_mask"}, (B, T) each."""
+        batch = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask")}
+
+    def token_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Last hidden states. input_ids, attention_mask (B, T) -> (B, T, H)."""
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self._pass_position_ids:
+            kwargs["position_ids"] = position_ids_from_mask(attention_mask)
+        if self._pass_use_cache:
+            kwargs["use_cache"] = False
+        return self.model(**kwargs).last_hidden_state
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """input_ids, attention_mask (B, T) -> (B, D) float32 unit vectors."""
+        hidden = self.token_states(input_ids, attention_mask)
+        return normalize(POOLINGS[self.pooling](hidden, attention_mask))
+
+    @torch.no_grad()
+    def encode(
+        self,
+        texts: Sequence[str],
+        batch_size: int = 32,
+        instruction: str | None = None,
+        dim: int | None = None,
+    ) -> np.ndarray:
+        """Embed texts in length-sorted batches -> (len(texts), dim or D) float32, rows in input order.
+
+        ``instruction`` fills the query template (pass it for queries, and for documents of symmetric
+        tasks); ``dim`` truncates Matryoshka-style and renormalises.
+        """
+        width = dim or self.embedding_dim
+        if not texts:
+            return np.zeros((0, width), dtype=np.float32)
+        formatted = [format_query(t, instruction, self.query_template) for t in texts]
+        # Longest first: similar lengths share a batch (less padding), and an OOM shows up at once.
+        order = sorted(range(len(formatted)), key=lambda i: -len(formatted[i]))
+        out = np.empty((len(formatted), width), dtype=np.float32)
+        was_training = self.training
+        self.eval()
+        try:
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                vecs = self(**self.tokenize([formatted[i] for i in idx]))
+                if dim is not None:
+                    vecs = truncate(vecs, dim)
+                out[idx] = vecs.float().cpu().numpy()
+        finally:
+            self.train(was_training)
+        return out
+
+    # -- training switches ------------------------------------------------------------------------------
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute activations in backward (non-reentrant: replays dropout RNG, needs no input grads)."""
+        kwargs = {"use_reentrant": False}
+        enable = getattr(self.model, "activation_checkpointing_enable", None)
+        if enable is not None:  # transformers >= 5
+            enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    # -- persistence ------------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike[str], prompts: dict[str, str] | None = None) -> Path:
+        """Write a sentence-transformers folder (legacy module names, readable by ST 2.x to 6.x and mteb).
+
+        Layout: transformer files at the root (``config.json`` with ``is_causal: false`` for decoders,
+        ``model.safetensors``, tokenizer files, ``sentence_bert_config.json``), ``1_Pooling/config.json``,
+        ``2_Normalize/``, ``modules.json`` and ``config_sentence_transformers.json`` whose ``prompts`` hold
+        the raw query template under ``"query_template"`` (mteb ignores that key) plus ``prompts`` (e.g. from
+        :func:`kalm.training.instructions.st_prompts`); ``default_prompt_name`` stays unset. Written to a
+        temporary sibling, then renamed, so a crash never leaves a half-written model at ``path``.
+        """
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            self._write_st_folder(tmp, prompts or {})
+            if target.exists():
+                old = target.parent / f".{target.name}.old-{os.getpid()}"
+                target.rename(old)
+                tmp.rename(target)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info("saved embedder to %s (pooling=%s, decoder=%s)", target, self.pooling, self.is_decoder)
+        return target
+
+    def _write_st_folder(self, root: Path, prompts: dict[str, str]) -> None:
+        def dump(rel: str, obj: Any) -> None:
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+        self.model.save_pretrained(root)
+        self.tokenizer.save_pretrained(root)
+        dump("sentence_bert_config.json", {"max_seq_length": self.max_length, "do_lower_case": False})
+        pooling_cfg: dict[str, Any] = {"word_embedding_dimension": self.embedding_dim}
+        pooling_cfg.update({flag: flag == _ST_POOLING_FLAGS[self.pooling] for flag in _ST_ALL_FLAGS})
+        pooling_cfg["include_prompt"] = True  # the instruction tokens are pooled too (our choice)
+        dump("1_Pooling/config.json", pooling_cfg)
+        (root / "2_Normalize").mkdir(exist_ok=True)
+        modules = [("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Normalize", "Normalize")]
+        dump(
+            "modules.json",
+            [
+                {"idx": i, "name": str(i), "path": sub, "type": f"sentence_transformers.models.{kind}"}
+                for i, (sub, kind) in enumerate(modules)
+            ],
+        )
+        dump(
+            "config_sentence_transformers.json",
+            {
+                "__version__": {
+                    "sentence_transformers": _package_version("sentence-transformers"),
+                    "transformers": _package_version("transformers"),
+                    "pytorch": torch.__version__,
+                },
+                "prompts": {QUERY_TEMPLATE_PROMPT: self.query_template, **prompts},
+                "default_prompt_name": None,
+                "similarity_fn_name": "cosine",
+            },
+        )

@@ -1,0 +1,521 @@
+"""The training job: one stage (pre-training or fine-tuning) under DeepSpeed ZeRO-1/2, torchrun or a single
+process. Reads top to bottom: setup, step, train, save, main.
+
+    deepspeed --num_gpus 8 --module kalm.training.train --config configs/finetune_qwen2.yaml --data-root s3://b/k
+    torchrun --nproc_per_node 2 -m kalm.training.train --config configs/finetune_demo.yaml
+    python -m kalm.training.train --config configs/pretrain_demo.yaml     # one process, no launcher
+
+Every rank reads one config file (``kalm train`` writes the resolved one to ``<run>/config.yaml``).
+Rerunning the same command resumes from the newest checkpoint in the output folder: same batch order,
+same loss randomness, same final weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kalm.core.errors import KalmError
+from kalm.core.fingerprint import model_fingerprint
+from kalm.core.layout import MANIFEST, run_dir, training_data_root
+from kalm.core.storage import DataRoot, read_manifest
+from kalm.training.config import TrainConfig, load_train_config, model_width, resolve_model_path
+from kalm.training.losses.gradcache import GradCache
+from kalm.training.sampler import Batch, HomogeneousSampler, ShardSource
+
+log = logging.getLogger("kalm.training.train")
+
+
+# ---------------------------------------------------------------------------------------------- setup
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """(rank, world, local_rank). Without a launcher, become a world of one (DeepSpeed needs the env)."""
+    if "RANK" not in os.environ:
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"})
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        torch.distributed.init_process_group(backend=backend, rank=rank, world_size=world)
+    return rank, world, local_rank
+
+
+def pick_attention(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    try:
+        import flash_attn  # noqa: F401
+
+        return "flash_attention_2" if torch.cuda.is_available() else "sdpa"
+    except ImportError:
+        return "sdpa"
+
+
+def use_bf16(precision: str) -> bool:
+    if precision == "bf16":
+        return True
+    return precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def data_sources(cfg: TrainConfig, root: DataRoot) -> list[ShardSource]:
+    """Shard folders of the stage (mixtures or mined), each with its mixture weight."""
+    stage = cfg.data.stage or cfg.stage
+    folders: list[str] = list(cfg.data.paths)
+    if not folders:
+        base = training_data_root(cfg.data.source, stage)
+        names = cfg.data.recipes or root.list_dirs(base)
+        folders = [f"{base}/{n}" for n in names]
+    sources = []
+    for rel in folders:
+        m = read_manifest(root, rel)
+        if m is None:
+            raise KalmError(
+                f"training data {root.full_uri(rel)} is missing or incomplete; run the data stage"
+            )
+        rows = int(m["rows_out"])
+        if rows == 0:
+            continue
+        name = m.get("recipe") or rel.rsplit("/", 1)[-1]
+        category = m.get("category", "")
+        weight = cfg.data.weights.get(name, cfg.data.weights.get(category, float(rows)))
+        files = [root.path(rel, f["name"]) for f in m["files"] if f["rows"]]
+        sources.append(ShardSource(name, files, rows, float(weight), None if root.is_local else root.fs))
+    if not sources:
+        raise KalmError(f"no training rows for stage {stage!r} in {root.uri} (empty or missing shards)")
+    return sources
+
+
+def preflight(cfg: TrainConfig, root: DataRoot) -> dict[str, Any]:
+    """Every check that can fail before a process is launched: model, widths, data, negatives."""
+    from kalm.training.losses import build_loss
+
+    model_dir = resolve_model_path(cfg.model.path, root)
+    width = model_width(model_dir) if os.path.isdir(model_dir) else None
+    try:
+        build_loss(cfg.loss_config(), embedding_dim=width)
+    except ValueError as err:
+        raise KalmError(f"loss: {err}") from None
+    sources = data_sources(cfg, root)
+    if cfg.data.group_size > 1:
+        import pyarrow.parquet as pq
+
+        for s in sources:
+            negs = pq.read_table(s.files[0], columns=["neg"], filesystem=s.filesystem).column("neg")
+            if not any(len(n) for n in negs.to_pylist()):
+                raise KalmError(
+                    f"group_size {cfg.data.group_size} needs hard negatives but source {s.name!r} has none "
+                    "(mine negatives first, or set data.group_size: 1)"
+                )
+    return {"model_dir": model_dir, "width": width, "sources": [s.name for s in sources]}
+
+
+def total_steps(cfg: TrainConfig, sources: list[ShardSource], world: int) -> int:
+    if cfg.schedule.max_steps:
+        return cfg.schedule.max_steps
+    rows = sum(s.rows for s in sources)
+    return max(1, math.ceil(rows * (cfg.schedule.epochs or 1.0) / (cfg.per_device_batch * world)))
+
+
+def lr_lambda(cfg: TrainConfig, steps: int) -> Any:
+    warm = int(steps * cfg.optim.warmup_ratio)
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if cfg.optim.schedule == "constant":
+            return 1.0
+        progress = (step - warm) / max(1, steps - warm)
+        if cfg.optim.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return max(0.0, 1.0 - progress)
+
+    return f
+
+
+def deepspeed_config(cfg: TrainConfig, bf16: bool, grad_accum: int = 1) -> dict[str, Any]:
+    """The DeepSpeed config: the JSON file plus what the training config decides. ``grad_accum`` > 1 only for
+    GradCache, whose chunk backward passes are DeepSpeed micro-steps of one optimizer step."""
+    from kalm.core.config import CONFIG_DIR
+
+    path = Path(cfg.deepspeed.config)
+    path = path if path.is_absolute() else CONFIG_DIR / path
+    if not path.exists():
+        raise KalmError(f"DeepSpeed config not found: {path}")
+    ds = json.loads(path.read_text())
+    ds["train_micro_batch_size_per_gpu"] = cfg.per_device_batch
+    ds["gradient_accumulation_steps"] = grad_accum
+    ds["gradient_clipping"] = cfg.optim.grad_clip
+    ds["bf16"] = {"enabled": bf16}
+    ds.setdefault("zero_optimization", {})
+    if cfg.deepspeed.zero_stage is not None:
+        ds["zero_optimization"]["stage"] = cfg.deepspeed.zero_stage
+    ds["steps_per_print"] = 10**9  # we log ourselves
+    ds.pop("train_batch_size", None)
+    return ds
+
+
+@dataclass
+class Trainer:
+    """What one rank holds during a run."""
+
+    cfg: TrainConfig
+    engine: Any  # a DeepSpeed engine (or a thin torch stand-in)
+    model: Any  # kalm.training.model.Embedder
+    loss_fn: torch.nn.Module
+    sampler: HomogeneousSampler
+    steps: int
+    out: Path
+    rank: int
+    world: int
+
+
+def setup(cfg: TrainConfig, root: DataRoot, out: Path) -> Trainer:
+    import deepspeed
+
+    from kalm.training.losses import build_loss
+    from kalm.training.model import Embedder
+
+    rank, world, local_rank = init_distributed()
+    torch.manual_seed(cfg.seed)
+    bf16 = use_bf16(cfg.precision)
+    model_dir = resolve_model_path(cfg.model.path, root)
+    model = Embedder.from_pretrained(
+        model_dir,
+        attn_implementation=pick_attention(cfg.model.attn_implementation),
+        pooling=cfg.model.pooling,
+        max_length=cfg.model.max_length,
+        query_template=cfg.model.query_template,
+    )
+    if cfg.model.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    if torch.cuda.is_available():
+        model.to(f"cuda:{local_rank}")
+    loss_fn = build_loss(cfg.loss_config(), embedding_dim=model.embedding_dim)
+    sources = data_sources(cfg, root)
+    sampler = HomogeneousSampler(
+        sources, cfg.per_device_batch, world, rank, cfg.data.group_size, cfg.seed, cfg.data.homogeneous
+    )
+    steps = total_steps(cfg, sources, world)
+    grad_accum = 1
+    if isinstance(loss_fn, GradCache):
+        grad_accum = loss_fn.backward_passes(cfg.per_device_batch, cfg.data.group_size - 1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    # Plain AdamW: DeepSpeed's fused CPU Adam JIT-compiles for minutes (ENV.md); on GPU torch's is fused.
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.optim.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.optim.lr,
+        betas=cfg.optim.betas,
+        eps=cfg.optim.eps,
+        fused=torch.cuda.is_available(),
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
+    if not torch.cuda.is_available():
+        # The CPU shared-memory comm op JIT-builds for ~35 s per process and is not needed with gloo.
+        import deepspeed.comm.torch as ds_torch
+
+        ds_torch.build_shm_op = lambda: None
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, bf16, grad_accum),
+        dist_init_required=False,
+    )
+    return Trainer(cfg, engine, model, loss_fn, sampler, steps, out, rank, world)
+
+
+# ----------------------------------------------------------------------------------------------- step
+def format_batch(t: Trainer, batch: Batch) -> tuple[list[str], list[list[str]]]:
+    """Queries with their instruction; documents bare (or with it for symmetric tasks), one list per row:
+    [positive, negative_1, ..., negative_M]."""
+    from kalm.training.instructions import format_document, format_query
+
+    tmpl = t.model.query_template
+    q_texts = [format_query(q, i, tmpl) for q, i in zip(batch.queries, batch.instructions, strict=True)]
+    docs = [
+        [format_document(d, i, s, tmpl) for d in row]
+        for row, i, s in zip(batch.docs, batch.instructions, batch.symmetric, strict=True)
+    ]
+    return q_texts, docs
+
+
+def encode_batch(t: Trainer, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """Returns q (N, D), p (N, D), n (N, M, D) or None, and the number of real tokens."""
+    q_texts, docs = format_batch(t, batch)
+    d_texts = [d for row in docs for d in row]
+    q_tok = t.model.tokenize(q_texts)
+    d_tok = t.model.tokenize(d_texts)
+    q = t.engine(**q_tok).float()
+    d = t.engine(**d_tok).float().view(batch.size, -1, q.shape[-1])
+    n = d[:, 1:] if d.shape[1] > 1 else None
+    tokens = int(q_tok["attention_mask"].sum() + d_tok["attention_mask"].sum())
+    return q, d[:, 0], n, tokens
+
+
+def focal_weight_mean(
+    loss_fn: torch.nn.Module, q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None
+) -> float:
+    """The mean focal weight of the batch (1.0 when focal reweighting is off), for the run log."""
+    from kalm.training.losses import FocalInfoNCE, focal_weights
+
+    focal = next((m for m in loss_fn.modules() if isinstance(m, FocalInfoNCE)), None)
+    if focal is None:
+        return 1.0
+    with torch.no_grad():
+        losses = focal.inner.per_query(q.detach(), p.detach(), None if n is None else n.detach())
+        return float(focal_weights(losses, focal.gamma, detach=True, normalize=focal.normalize).mean())
+
+
+Embeddings = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+def gradcache_step(t: Trainer, batch: Batch) -> tuple[Embeddings, torch.Tensor, int, int]:
+    """One optimizer step with GradCache: embeddings in chunks without grad, the loss on them, then one
+    DeepSpeed micro-step (``engine.backward`` + ``engine.step``) per re-embedded chunk; the optimizer
+    steps at the last one (``gradient_accumulation_steps`` = the number of chunks, loss not rescaled).
+    Same loss and gradients as the full batch, activation memory of one chunk."""
+    q_texts, fmt = format_batch(t, batch)
+    q_tok = t.model.tokenize(q_texts)
+    p_tok = t.model.tokenize([docs[0] for docs in fmt])
+    negs = [d for docs in fmt for d in docs[1:]]
+    if len(negs) != batch.size * (t.cfg.data.group_size - 1):  # micro-steps per step are fixed at setup
+        raise KalmError(
+            f"step {batch.step + 1}: rows without negatives for group size {t.cfg.data.group_size}"
+        )
+    n_tok = t.model.tokenize(negs) if negs else None
+    tokens = sum(int(x["attention_mask"].sum()) for x in (q_tok, p_tok, n_tok) if x is not None)
+
+    passes = [0]
+
+    def micro_step(surrogate: torch.Tensor) -> None:
+        t.engine.backward(surrogate, scale_wrt_gas=False)
+        t.engine.step()
+        passes[0] += 1
+
+    cache = t.loss_fn
+    assert isinstance(cache, GradCache)
+    loss = cache.step(
+        lambda **f: t.engine(**f).float(), query=q_tok, pos=p_tok, neg=n_tok, backward=micro_step
+    )
+    assert cache.last is not None
+    expected = t.engine.gradient_accumulation_steps()
+    if passes[0] != expected:  # the optimizer would step mid-batch or not at all
+        raise KalmError(f"GradCache ran {passes[0]} chunk passes where DeepSpeed expects {expected}")
+    return cache.last, loss, tokens, passes[0]
+
+
+def train_step(t: Trainer) -> dict[str, Any]:
+    batch = t.sampler.next_batch()
+    start = time.perf_counter()
+    if isinstance(t.loss_fn, GradCache):
+        (q, p, n), loss, tokens, passes = gradcache_step(t, batch)
+    else:
+        q, p, n, tokens = encode_batch(t, batch)
+        passes = 1
+        loss = t.loss_fn(q, p, n)
+        t.engine.backward(loss)
+        t.engine.step()
+    dt = time.perf_counter() - start
+    grad_norm = t.engine.get_global_grad_norm()
+    return {
+        "step": batch.step + 1,
+        "loss": float(loss.detach()),
+        "focal_weight": focal_weight_mean(t.loss_fn, q, p, n),
+        "lr": float(t.engine.get_lr()[0]),
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "samples_per_s": batch.size * t.world / dt,
+        "tokens_per_s": tokens * t.world / dt,
+        "source": batch.sources[0] if batch.sources else "",
+        "backward_passes": passes,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- train
+def checkpoint_dir(out: Path) -> Path:
+    return out / "checkpoints"
+
+
+def save_checkpoint(t: Trainer) -> None:
+    """DeepSpeed checkpoint + everything that makes the rest of the run reproducible."""
+    tag = f"step{t.sampler.step:08d}"
+    client = {
+        "sampler": t.sampler.state_dict(),
+        "loss": t.loss_fn.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+    t.engine.save_checkpoint(str(checkpoint_dir(t.out)), tag=tag, client_state=client)
+    if t.rank == 0:
+        tags = sorted(p.name for p in checkpoint_dir(t.out).glob("step*") if p.is_dir())
+        for old in tags[: -t.cfg.schedule.keep_checkpoints]:
+            shutil.rmtree(checkpoint_dir(t.out) / old, ignore_errors=True)
+    torch.distributed.barrier()
+
+
+def maybe_resume(t: Trainer) -> bool:
+    if not (checkpoint_dir(t.out) / "latest").exists():
+        return False
+    path, client = t.engine.load_checkpoint(str(checkpoint_dir(t.out)))
+    if path is None:
+        return False
+    t.sampler.load_state_dict(client["sampler"])
+    t.loss_fn.load_state_dict(client["loss"])
+    torch.set_rng_state(client["torch_rng"])
+    if client.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(client["cuda_rng"])
+    log.info("resumed from %s at step %d", path, t.sampler.step)
+    return True
+
+
+def train(t: Trainer) -> list[dict[str, Any]]:
+    metrics_path = t.out / "metrics.jsonl"
+    resumed = maybe_resume(t)
+    if t.rank == 0 and metrics_path.exists():
+        # keep the metrics of the steps the checkpoint covers; a killed run may have logged a few more
+        keep = [ln for ln in metrics_path.read_text().splitlines() if ln.strip()] if resumed else []
+        keep = [ln for ln in keep if json.loads(ln)["step"] <= t.sampler.step]
+        metrics_path.write_text("".join(ln + "\n" for ln in keep))
+    history: list[dict[str, Any]] = []
+    t.engine.train()
+    while t.sampler.step < t.steps:
+        m = train_step(t)
+        history.append(m)
+        if t.rank == 0:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(m) + "\n")
+            if m["step"] % t.cfg.schedule.log_every == 0:
+                log.info(
+                    "step %d/%d loss %.4f lr %.2e %.1f samples/s",
+                    m["step"],
+                    t.steps,
+                    m["loss"],
+                    m["lr"],
+                    m["samples_per_s"],
+                )
+        if t.sampler.step % t.cfg.schedule.checkpoint_every == 0 or t.sampler.step == t.steps:
+            save_checkpoint(t)
+    return history
+
+
+# ----------------------------------------------------------------------------------------------- save
+def save_final(t: Trainer, root: DataRoot, info: dict[str, Any]) -> Path | None:
+    """Consolidated fp32 sentence-transformers model + run manifest + loss curve (rank 0)."""
+    torch.distributed.barrier()
+    if t.rank != 0:
+        return None
+    final = t.out / "final"
+    tmp = t.out / ".final-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    # ZeRO-1/2 shard optimizer states and gradients only: rank 0's module holds the full weights.
+    model = t.model.float()
+    model.save(tmp)
+    metrics = [json.loads(x) for x in (t.out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    plot_loss(metrics, t.out / "loss.png")
+    job = t.out / "_job.json"
+    manifest = {
+        **info,
+        "job_fingerprint": json.loads(job.read_text())["job_fingerprint"] if job.exists() else None,
+        "stage": t.cfg.stage,
+        "run_name": t.cfg.run_name,
+        "config": t.cfg.model_dump(mode="json"),
+        "config_hash": t.cfg.config_hash(),
+        "loss": getattr(t.loss_fn, "config", dict)(),
+        "steps": t.sampler.step,
+        "world_size": t.world,
+        "final_loss": metrics[-1]["loss"] if metrics else None,
+        "rows_without_negatives": t.sampler.rows_without_negatives,
+        "initial_model": model_fingerprint(info["model_dir"]),
+        "model_fingerprint": model_fingerprint(tmp),  # kalm_run.json is not part of it
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (tmp / "kalm_run.json").write_text(json.dumps(manifest, indent=2, default=str))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    (t.out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    return final
+
+
+def plot_loss(metrics: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("training loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def output_dir(cfg: TrainConfig, root: DataRoot) -> Path:
+    """``output_dir`` when set, else the data-root layout's run folder (a local mirror for S3 roots)."""
+    return Path(cfg.output_dir) if cfg.output_dir else run_dir(root, cfg.stage, cfg.run_name)
+
+
+# ----------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kalm.training.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, help="stage config YAML (resolved: <run>/config.yaml)")
+    ap.add_argument("--data-root", default=None, help="data root (default: $KALM_DATA_ROOT or ./data)")
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    args = ap.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s rank%(rank)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+    )
+    old_factory = logging.getLogRecordFactory()
+
+    def factory(*a: Any, **k: Any) -> logging.LogRecord:
+        record = old_factory(*a, **k)
+        record.rank = os.environ.get("RANK", "0")
+        return record
+
+    logging.setLogRecordFactory(factory)
+    try:
+        cfg = load_train_config(args.config)
+        root = DataRoot.from_uri(args.data_root)
+        info = preflight(cfg, root)
+        out = output_dir(cfg, root)
+        out.mkdir(parents=True, exist_ok=True)
+        t = setup(cfg, root, out)
+        train(t)
+        final = save_final(t, root, info)
+        if final is not None:
+            log.info("final model: %s", final)
+        torch.distributed.destroy_process_group()
+    except KalmError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,1 +1,0 @@
-"""Prefect tasks only: thin wrappers that add retries, tags and names around plain stage functions."""
