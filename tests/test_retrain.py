@@ -118,6 +118,18 @@ def test_retrain_dag_caches_and_partial_rerun(prefect_server, setup: dict[str, A
     assert third["recipes"]["e2e_ft"]["rows_in"] == 70
     assert third["mined"]["finetune"]["e2e_ft"]["fingerprint"] != mined["fingerprint"]
 
+    # the ablation reuses the pipeline's own fine-tuning ("full"), trains the variant, scores all together
+    from kalm.pipeline.ablate import run_ablation
+    from kalm.pipeline.config import load_pipeline
+    from kalm.pipeline.runner import LocalRunner
+
+    p = load_pipeline(setup["config"], setup["root"], [str(setup["recipes"])])
+    out = run_ablation(p, LocalRunner(), {"full": {}, "no masking": {"loss.mask_false_negatives": False}})
+    assert set(out["models"]) == {"base", "full", "no soup", "no masking"}
+    assert out["models"]["full"] == str(Path(setup["root"]) / "runs" / "soup" / "e2e")  # the DAG's soup
+    assert "| no masking |" in out["markdown"] and "mean - full" in out["markdown"]
+    assert (Path(setup["root"]) / "pipeline" / "e2e" / "ablation.md").read_text() == out["markdown"]
+
 
 def test_pipeline_configs_load_and_reject_typos(tmp_path: Path) -> None:
     from kalm.core.errors import KalmError

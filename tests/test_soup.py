@@ -274,10 +274,10 @@ def test_mismatch_errors_name_the_first_mismatch(tmp_path: Path, change, expecte
         ("config.json", {"architectures": ["TinyModel"], "model_type": "tiny", "is_causal": False},
          "backbone_config is_causal: False != missing"),
         ("config_sentence_transformers.json", {"prompts": {"query_template": "Q: {instruction} {query}"}},
-         "prompts query_template: 'Q: {instruction} {query}' != missing"),
+         "prompts query_template: 'Q: {instruction} {query}' != 'Instruct: {instruction}"),
         ("vocab.txt", "[PAD]\nhello\n", "vocab vocab.txt: "),
-        ("sentence_bert_config.json", {"max_seq_length": 64},
-         "module_configs sentence_bert_config.json.max_seq_length: 64 != missing"),
+        ("sentence_bert_config.json", {"do_lower_case": True},
+         "module_configs sentence_bert_config.json.do_lower_case: True != missing"),
     ],
 )  # fmt: skip
 def test_config_prompt_and_vocabulary_mismatches_are_named(
@@ -285,14 +285,44 @@ def test_config_prompt_and_vocabulary_mismatches_are_named(
 ) -> None:
     """The soup copies the first checkpoint's configs and tokenizer: a difference is an error, never lost."""
     a, b = tiny_folder(tmp_path / "a", tiny_tensors(0)), tiny_folder(tmp_path / "b", tiny_tensors(1))
+    prompts = {"prompts": {"query_template": "Instruct: {instruction} \n Query: {query}"}}
     for folder, text in ((a, "[PAD]\nworld\n"), (b, "[PAD]\nworld\n")):
         (folder / "vocab.txt").write_text(text)
+        (folder / "config_sentence_transformers.json").write_text(json.dumps(prompts))
     (b / file).write_text(content if isinstance(content, str) else json.dumps(content))
     with pytest.raises(KalmError) as err:
         check_compatible([a, b])
     msg = str(err.value)
     assert msg.startswith(f"checkpoints do not match: in {b} (vs {a}), ") and expected in msg, msg
     assert "\n" not in msg
+
+
+def test_a_trained_model_merges_with_its_base(tmp_path: Path) -> None:
+    """LM-Cocktail / WiSE-FT: (1 - w)·soup + w·base. The base may lack the trained model's prompts, a
+    non-float buffer (position_ids) and have another inference max length: none of that blocks the merge,
+    and the result keeps the trained model's configs."""
+    x, y = tiny_tensors(0), tiny_tensors(1)
+    trained, base = (
+        tiny_folder(tmp_path / "t", x),
+        tiny_folder(tmp_path / "b", {**y, "pos.extra": torch.arange(3)}),
+    )
+    (trained / "config_sentence_transformers.json").write_text(
+        json.dumps({"prompts": {"query_template": "Q: {query}"}})
+    )
+    (trained / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 256}))
+    (base / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 128}))
+    res = run_soup("uniform", [trained], tmp_path / "s", base=base, base_weight=0.25)
+    merged = load_file(str(tmp_path / "s/model.safetensors"))
+    expected = (0.75 * x["embed.weight"].double() + 0.25 * y["embed.weight"].double()).float()
+    assert torch.allclose(merged["embed.weight"], expected, atol=1e-7) and "pos.extra" not in merged
+    assert json.loads((tmp_path / "s/config_sentence_transformers.json").read_text())["prompts"] == {
+        "query_template": "Q: {query}"
+    }
+    assert res.manifest["base"]["weight"] == 0.25 and res.lineage["base"]["path"] == str(base.resolve())
+    assert run_soup("uniform", [trained], tmp_path / "s", base=base, base_weight=0.25).cached
+    assert not run_soup("uniform", [trained], tmp_path / "s", base=base, base_weight=0.5).cached
+    with pytest.raises(KalmError, match="needs a base model"):
+        run_soup("uniform", [trained], tmp_path / "s2", base_weight=0.5)
 
 
 def test_architecture_mismatch_and_bad_folders(tmp_path: Path) -> None:

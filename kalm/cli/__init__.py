@@ -3,8 +3,8 @@
 Every command has ``--help``; user mistakes print one line and exit 2. Commands live next to their stage:
 ``kalm.cli.data`` (``kalm data ...``), ``kalm.cli.train``, ``kalm.cli.mine`` (``kalm mine``, ``kalm stale``),
 ``kalm.cli.eval`` (``kalm eval``, ``soup``, ``compare``, ``eval-tasks``), ``kalm.cli.pipeline``
-(``kalm retrain``, ``demo``, ``server``). Heavy imports (torch, Prefect) happen inside the commands, so
-``kalm --help`` stays fast.
+(``kalm retrain``, ``demo``, ``server``, ``ablate``). Heavy imports (torch, Prefect) happen inside the
+commands, so ``kalm --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from kalm.cli.data import data_app  # noqa: E402
 from kalm.cli.eval import eval_app  # noqa: E402
 from kalm.cli.mine import app as mine_app  # noqa: E402
-from kalm.cli.pipeline import demo, retrain_cmd, server_cmd  # noqa: E402
+from kalm.cli.pipeline import ablate_cmd, demo, retrain_cmd, server_cmd  # noqa: E402
 from kalm.cli.train import train_cmd  # noqa: E402
 
 app = typer.Typer(
@@ -38,6 +38,7 @@ app.command("train")(train_cmd)
 app.command("retrain")(retrain_cmd)
 app.command("demo")(demo)
 app.command("server")(server_cmd)
+app.command("ablate")(ablate_cmd)
 app.add_typer(mine_app)  # no name: ``kalm mine`` and ``kalm stale`` join the top level
 app.add_typer(eval_app)  # ``kalm eval``, ``soup``, ``compare``, ``eval-tasks``
 

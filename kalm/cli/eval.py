@@ -119,6 +119,14 @@ def soup_cmd(
     ),
     data_root: str | None = DataRootOpt,
     force: bool = typer.Option(False, help="Rebuild even when an identical soup exists."),
+    base: str | None = typer.Option(
+        None,
+        "--base",
+        help="Merge the soup with this model (folder or alias, e.g. minilm): the model training began from.",
+    ),
+    base_weight: float = typer.Option(
+        0.0, "--base-weight", help="Weight of --base in the result, in [0, 1)."
+    ),
 ) -> None:
     """Average checkpoints into one model folder (+ soup.json recording inputs, weights, dev scores).
 
@@ -148,7 +156,19 @@ def soup_cmd(
             )
         else:
             dev_score = dev_scorer_from_config(cfg, data_root)
-    rec = run_soup(method, checkpoints, out, weights=weight or None, dev_score=dev_score, force=force)
+    from kalm.training.config import resolve_model_path
+
+    base_path = resolve_model_path(base) if base else None
+    rec = run_soup(
+        method,
+        checkpoints,
+        out,
+        weights=weight or None,
+        dev_score=dev_score,
+        force=force,
+        base=base_path,
+        base_weight=base_weight,
+    )
     state = "up to date" if rec.cached else "written"
     weights = ", ".join(f"{w:.3f}" for w in rec.manifest["weights"])
     typer.echo(f"soup {method} of {len(checkpoints)} checkpoints {state}: {out} (weights {weights})")

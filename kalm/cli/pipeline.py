@@ -99,3 +99,33 @@ def server_cmd(
     finally:
         if proc is not None:
             proc.terminate()
+
+
+@user_errors
+def ablate_cmd(
+    config: str = PipelineOpt,
+    data_root: str | None = DataRootOpt,
+    variant: list[str] | None = typer.Option(
+        None,
+        "--variant",
+        help="Only these (repeatable): full, no focal, no mixing, no masking (default: all).",
+    ),
+    recipes_dir: list[str] | None = RecipesDirOpt,
+) -> None:
+    """Fine-tune with each of focal weighting, hard-negative mixing and false-negative masking switched off
+    in turn (and the soup: its first seed alone), score every variant on the eval config's tasks, print one
+    table (also <root>/pipeline/<name>/ablation.md). Plain calls, no Prefect; finished runs are reused."""
+    setup_logging()
+    from kalm.core.errors import KalmError
+    from kalm.pipeline.ablate import VARIANTS, run_ablation
+    from kalm.pipeline.config import load_pipeline
+    from kalm.pipeline.runner import LocalRunner
+
+    unknown = sorted(set(variant or []) - set(VARIANTS))
+    if unknown:
+        raise KalmError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    chosen = {k: v for k, v in VARIANTS.items() if not variant or k in variant or k == "full"}
+    p = load_pipeline(config, root_str(data_root), resolved_dirs(recipes_dir))
+    out = run_ablation(p, LocalRunner(), chosen)
+    typer.echo(out["markdown"])
+    typer.echo(f"table: {out['table_path']}")

@@ -6,6 +6,10 @@ Columns and who consumes them:
 - ``pos``: list of positives (>= 1). ``neg``: list of hard negatives (may be empty; filled by mining).
 - ``instruction``: the task instruction for the query side; ``symmetric``: instruction on both sides.
 - ``category``, ``task_type``, ``recipe``, ``stage``, ``lang``: provenance, used for homogeneous batching.
+- ``label``: the class of a classification/clustering row (its query and positive share it; null or ""
+  otherwise); ``neg_labels``: the class of each hard negative, aligned with ``neg`` ("" = unknown). Mining
+  never picks a same-label negative and the loss masks same-label candidates (no false negatives from our
+  own labelled data).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 STAGES = ("pretrain", "finetune")
 TASK_TYPES = (
@@ -43,6 +47,8 @@ ROW_SCHEMA = pa.schema(
         pa.field("recipe", pa.string(), nullable=False),
         pa.field("stage", pa.string(), nullable=False),
         pa.field("lang", pa.string(), nullable=False),
+        pa.field("label", pa.string(), nullable=True),
+        pa.field("neg_labels", pa.list_(pa.string()), nullable=True),
     ],
     metadata={"kalm_schema_version": str(SCHEMA_VERSION)},
 )

@@ -31,10 +31,15 @@ class EvalSetSpec(StrictModel):
 
 
 class DecontamSpec(StrictModel):
+    """Training rows must not (near-)match evaluation texts. Sources: the ``eval_sets`` files, the recipes'
+    held-out rows, and every task of the evaluation config (``eval_config``; the retraining DAG uses its
+    pipeline's eval config instead): its local tasks, and its mteb tasks whose data is in the local cache."""
+
     enabled: bool = True
     threshold: float = Field(0.8, gt=0.0, le=1.0)
     eval_sets: list[EvalSetSpec] = Field(default_factory=list)
     include_holdouts: bool = True  # recipes' held-out eval rows (see Recipe.holdout) count as eval texts
+    eval_config: str | None = "eval.yaml"  # relative to this file, else in configs/; null: none
 
 
 class IngestConfig(StrictModel):
@@ -61,6 +66,9 @@ def load_ingest_config(path: str | Path | None = None) -> IngestConfig:
         es.model_copy(update={"path": str(Path(es.path) if Path(es.path).is_absolute() else base / es.path)})
         for es in cfg.decontamination.eval_sets
     ]
+    ev = cfg.decontamination.eval_config
+    if ev is not None and not Path(ev).is_absolute():
+        ev = str(base / ev) if (base / ev).exists() else str(config_path(ev))
     return cfg.model_copy(
-        update={"decontamination": cfg.decontamination.model_copy(update={"eval_sets": sets})}
+        update={"decontamination": cfg.decontamination.model_copy(update={"eval_sets": sets, "eval_config": ev})}
     )

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from kalm.data import minhash
 from kalm.data.config import IngestConfig
 from kalm.data.readers import iter_records, source_fingerprint
+from kalm.data.normalize import comparison_form
 from kalm.data.rows import clean_row, clean_text, map_record
 from kalm.core.hashing import hash_obj
 from kalm.data.recipes import LoadedRecipe
@@ -72,6 +73,8 @@ def _canonical(lr: LoadedRecipe, partial: dict[str, Any]) -> dict[str, Any]:
         "recipe": r.name,
         "stage": r.stage,
         "lang": r.language,
+        "label": partial.get("label", "") if r.label_based else "",
+        "neg_labels": partial.get("neg_labels", []),
     }
 
 
@@ -144,17 +147,25 @@ def _label_rows(
         while j == i:
             j = rng.choice(same)
         others = [x for x in all_labels if x != lab]
-        neg: list[str] = []
+        neg: dict[str, str] = {}  # text -> its label (distinct texts)
         if others:
             for other in rng.sample(others, min(r.negatives_per_row, len(others))):
-                neg.append(texts[rng.choice(by_label[other])])
-            while len(neg) < r.negatives_per_row and len(others) > 0:  # fewer labels than negatives
-                neg.append(texts[rng.choice(by_label[rng.choice(others)])])
-        yield _canonical(lr, {"query": t, "pos": [texts[j]], "neg": list(dict.fromkeys(neg))})
+                neg.setdefault(texts[rng.choice(by_label[other])], other)
+            for _ in range(4 * r.negatives_per_row):  # fewer labels than negatives: draw more, bounded
+                if len(neg) >= r.negatives_per_row:
+                    break
+                lab_n = rng.choice(others)
+                neg.setdefault(texts[rng.choice(by_label[lab_n])], lab_n)
+        row = {"query": t, "pos": [texts[j]], "neg": list(neg), "label": lab, "neg_labels": list(neg.values())}
+        yield _canonical(lr, row)
 
 
-def _near_text(row: dict[str, Any]) -> str:
-    return row["query"] + " \x1f " + row["pos"][0]
+def near_text(row: dict[str, Any], label_based: bool = False) -> str:
+    """What near dedup shingles: the comparison form (case, Unicode and whitespace normalised) of the query
+    and first positive (of the text alone for classification/clustering rows, whose positive is random)."""
+    if label_based:
+        return comparison_form(row["query"])
+    return comparison_form(row["query"]) + " \x1f " + comparison_form(row["pos"][0])
 
 
 def _near_keep(texts: list[str], cfg: IngestConfig) -> np.ndarray:
@@ -164,7 +175,7 @@ def _near_keep(texts: list[str], cfg: IngestConfig) -> np.ndarray:
         threshold=cfg.near_dedup.threshold,
         seed=cfg.near_dedup.seed,
     )
-    sig = minhash.signatures(texts, p)
+    sig = minhash.signatures([comparison_form(t) for t in texts], p)
     labels = minhash.duplicate_clusters(minhash.band_hashes(sig, *p.lsh_shape()), sig, p.threshold)
     return minhash.first_of_clusters(labels)
 
@@ -218,7 +229,7 @@ def run_ingest_recipe(
                 spill.write_table(pa.Table.from_pylist(batch, schema=ROW_SCHEMA))
                 ids.append(np.array([int(b["id"], 16) for b in batch], dtype=np.uint64))
                 if near_on:
-                    sig = minhash.signatures([_near_text(b) for b in batch], p)
+                    sig = minhash.signatures([near_text(b) for b in batch], p)
                     sf.write(sig.tobytes())
                     band_chunks.append(minhash.band_hashes(sig, bands, band_rows))
                 n += len(batch)

@@ -1,8 +1,10 @@
-"""Stage mixtures: cross-recipe exact dedup and decontamination over all recipes of one stage.
+"""Stage mixtures: cross-recipe exact and near dedup and decontamination over all recipes of one stage.
 
 Input: each recipe's published shards (``shards/<stage>/<recipe>``). Output, per recipe:
 ``mixtures/<stage>/<recipe>/part-NNNNN.parquet`` + ``_manifest.json``, which training reads. A row that
-appears in several recipes is kept in the first recipe by name order. Each recipe's mixture is rebuilt only
+appears in several recipes (exactly: ``cross_recipe_dup``; or a near duplicate by MinHash on the comparison
+form of query + positive: ``cross_recipe_near_dup``) is kept in the first recipe by name order, and the
+drop is counted in the recipe that lost it. Each recipe's mixture is rebuilt only
 when its own shards, the set of its ids owned by an earlier recipe, or the evaluation texts changed, so
 rerunning one recipe recomputes only what depends on it.
 """
@@ -23,7 +25,8 @@ import pyarrow.compute as pc
 
 from kalm.data import minhash
 from kalm.data.config import DecontamSpec, IngestConfig
-from kalm.data.normalize import normalize_text
+from kalm.data.ingest import near_text
+from kalm.data.normalize import comparison_form
 from kalm.core.errors import KalmError
 from kalm.core.hashing import hash_obj
 from kalm.core.schema import SCHEMA_VERSION
@@ -47,14 +50,14 @@ class EvalIndex:
 
     @classmethod
     def build(cls, texts: list[str], spec: DecontamSpec, near: minhash.MinHashParams) -> EvalIndex:
-        texts = sorted({normalize_text(t) for t in texts if t and t.strip()})
+        texts = sorted({comparison_form(t) for t in texts if t and t.strip()})
         p = minhash.MinHashParams(near.num_perm, near.ngram, spec.threshold, near.seed)
         sig = minhash.signatures(texts, p)
         b, r = p.lsh_shape()
         bands = minhash.band_hashes(sig, b, r)
         order = np.argsort(bands, axis=0, kind="stable")
         return cls(
-            keys={t.casefold() for t in texts},
+            keys=set(texts),
             sig=sig,
             bands=np.take_along_axis(bands, order, axis=0),
             order=order,
@@ -63,8 +66,9 @@ class EvalIndex:
         )
 
     def contaminated(self, texts: list[str]) -> np.ndarray:
-        """Boolean per text: equal (case-folded) to an eval text or near-matching one."""
-        hit = np.array([t.casefold() in self.keys for t in texts], dtype=bool)
+        """Boolean per text: equal (comparison form) to an eval text or near-matching one."""
+        texts = [comparison_form(t) for t in texts]
+        hit = np.array([t in self.keys for t in texts], dtype=bool)
         if len(self.sig) == 0 or not texts:
             return hit
         sig = minhash.signatures(texts, self.params)
@@ -109,9 +113,13 @@ def run_build_stage(
     root: DataRoot,
     cfg: IngestConfig,
     force: bool = False,
+    eval_texts: Sequence[str] = (),
 ) -> list[StageResult]:
     """Build the mixtures of ``stage`` from every recipe that has shards: one result per recipe (``cached``
-    when its inputs are unchanged). Also writes the stage summary ``mixtures/<stage>/_manifest.json``."""
+    when its inputs are unchanged). Also writes the stage summary ``mixtures/<stage>/_manifest.json``.
+
+    ``eval_texts``: texts of the evaluation tasks (the pipeline passes the eval config's tasks), decontaminated
+    against besides the config's eval sets and the recipes' held-out rows."""
     names = sorted(n for n in recipe_names if read_manifest(root, shard_dir(stage, n)) is not None)
     missing = sorted(set(recipe_names) - set(names))
     if missing:
@@ -119,12 +127,11 @@ def run_build_stage(
     t0 = time.perf_counter()
     index = None
     if cfg.decontamination.enabled:
-        near = minhash.MinHashParams(
+        decon = minhash.MinHashParams(
             cfg.near_dedup.num_perm, cfg.near_dedup.ngram, cfg.decontamination.threshold, cfg.near_dedup.seed
         )
-        index = EvalIndex.build(
-            load_eval_texts(root, cfg, recipe_names), cfg.decontamination, near
-        )
+        texts = load_eval_texts(root, cfg, recipe_names) + list(eval_texts)
+        index = EvalIndex.build(texts, cfg.decontamination, decon)
     # Who owns each id: the first recipe (by name) that has it.
     frames = []
     for order, name in enumerate(names):
@@ -139,25 +146,32 @@ def run_build_stage(
         if frames
         else pl.DataFrame({"id": [], "owner": []})
     )
+    dups = {
+        name: sorted(frames[order].join(owners, on="id", how="left").filter(pl.col("owner") < order)["id"].to_list())
+        for order, name in enumerate(names)
+    }
+    near = _cross_recipe_near_dups(root, stage, names, dups, cfg) if cfg.near_dedup.enabled else {}
     results: list[StageResult] = []
-    for order, name in enumerate(names):
+    for name in names:
         t_one = time.perf_counter()
         shard_m = read_manifest(root, shard_dir(stage, name))
         assert shard_m is not None
-        ids_df = frames[order].join(owners, on="id", how="left")
-        dup_ids = sorted(ids_df.filter(pl.col("owner") < order)["id"].to_list())
+        drop = {"cross_recipe_dup": dups[name], "cross_recipe_near_dup": near.get(name, [])}
+        drop["contaminated"] = _contaminated(root, stage, name, index, set(drop["cross_recipe_dup"]) | set(drop["cross_recipe_near_dup"]))
+        # What the mixture depends on is what it drops, not the whole evaluation index: a new eval text that
+        # matches none of this recipe's rows leaves its mixture (and the training that read it) cached.
         fp = hash_obj(
             {
                 "shards": [shard_m["config_hash"], shard_m["source_fingerprint"], shard_m["files"]],
-                "dups": hash_obj(dup_ids),
-                "eval": index.fingerprint if index else None,
+                "drops": {reason: hash_obj(ids) for reason, ids in drop.items()},
+                "decontamination": cfg.decontamination.enabled,
                 "schema": SCHEMA_VERSION,
             }
         )
         out = mixture_dir(stage, name)
         old = read_manifest(root, out)
         cached = not force and old is not None and old.get("input_fingerprint") == fp
-        m = old if cached and old is not None else _build_one(root, stage, name, dup_ids, index, fp)
+        m = old if cached and old is not None else _build_one(root, stage, name, drop, fp)
         results.append(
             StageResult(
                 stage="mixture",
@@ -185,35 +199,82 @@ def _summary(m: dict[str, Any]) -> dict[str, Any]:
     return {"rows_in": m["rows_in"], "rows_out": m["rows_out"], "drops": m["drops"]}
 
 
-def _build_one(
-    root: DataRoot, stage: str, name: str, dup_ids: list[str], index: EvalIndex | None, fp: str
-) -> dict[str, Any]:
-    """Filter one recipe's shards shard by shard (bounded memory: one input shard at a time)."""
+def _cross_recipe_near_dups(
+    root: DataRoot, stage: str, names: list[str], exact: dict[str, list[str]], cfg: IngestConfig
+) -> dict[str, list[str]]:
+    """Ids each recipe loses to a near duplicate in an earlier recipe (by name order), across the stage.
+
+    Rows are clustered by MinHash LSH on their comparison form (band collisions verified on the
+    signatures); a row whose cluster's first member belongs to an earlier recipe is dropped from its own
+    recipe. Within a recipe, near duplicates were already removed at ingest."""
+    if len(names) < 2:
+        return {}
+    texts: list[str] = []
+    owner: list[int] = []
+    ids: list[str] = []
+    for order, name in enumerate(names):
+        m = read_manifest(root, shard_dir(stage, name))
+        label_based = (m or {}).get("task_type") in ("classification", "clustering")
+        t = read_rows(root, shard_dir(stage, name), ["id", "query", "pos"])
+        skip = set(exact[name])
+        for rid, q, pos in zip(*(t.column(c).to_pylist() for c in ("id", "query", "pos")), strict=True):
+            if rid not in skip:
+                texts.append(near_text({"query": q, "pos": pos}, label_based))
+                owner.append(order)
+                ids.append(rid)
+    p = minhash.MinHashParams(cfg.near_dedup.num_perm, cfg.near_dedup.ngram, cfg.near_dedup.threshold, cfg.near_dedup.seed)
+    sig = minhash.signatures(texts, p)
+    labels = minhash.duplicate_clusters(minhash.band_hashes(sig, *p.lsh_shape()), sig, p.threshold)
+    owners = np.asarray(owner)
+    first_owner = np.full(int(labels.max()) + 1 if len(labels) else 0, len(names), dtype=np.int64)
+    np.minimum.at(first_owner, labels, owners)  # rows are in recipe order: the cluster's first recipe
+    lost = np.nonzero(owners > first_owner[labels])[0]
+    out: dict[str, list[str]] = {}
+    for i in lost.tolist():
+        out.setdefault(names[owner[i]], []).append(ids[i])
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def _contaminated(root: DataRoot, stage: str, name: str, index: EvalIndex | None, skip: set[str]) -> list[str]:
+    """Ids of the recipe's rows whose query or first positive (near-)matches an evaluation text."""
+    if index is None:
+        return []
+    t = read_rows(root, shard_dir(stage, name), ["id", "query", "pos"])
+    ids = t.column("id").to_pylist()
+    keep = [i for i, rid in enumerate(ids) if rid not in skip]
+    if not keep:
+        return []
+    queries = [t.column("query")[i].as_py() for i in keep]
+    firsts = [(t.column("pos")[i].as_py() or [""])[0] for i in keep]
+    bad = index.contaminated(queries) | index.contaminated(firsts)
+    return sorted(ids[keep[j]] for j in np.nonzero(bad)[0].tolist())
+
+
+def _build_one(root: DataRoot, stage: str, name: str, drop: dict[str, list[str]], fp: str) -> dict[str, Any]:
+    """Filter one recipe's shards shard by shard (bounded memory: one input shard at a time): drop the rows
+    ``drop`` names, counted by reason (cross-recipe exact and near duplicates, contamination)."""
     src = shard_dir(stage, name)
     shard_m = read_manifest(root, src)
     assert shard_m is not None
     out = mixture_dir(stage, name)
     staging = root.staging_dir(out)
-    dup_set = pa.array(dup_ids, pa.string())
-    drops = {"cross_recipe_dup": 0, "contaminated": 0}
+    drops = dict.fromkeys(drop, 0)
     files, rows_in = [], 0
     for f in shard_m["files"]:
         table = root.read_parquet(f"{src}/{f['name']}")
         rows_in += table.num_rows
-        if dup_ids:
-            keep = pc.invert(pc.is_in(table.column("id"), value_set=dup_set))
-            drops["cross_recipe_dup"] += table.num_rows - pc.sum(keep).as_py()
-            table = table.filter(keep)
-        if index is not None and table.num_rows:
-            firsts = [p[0] for p in table.column("pos").to_pylist()]
-            bad = index.contaminated(table.column("query").to_pylist()) | index.contaminated(firsts)
-            drops["contaminated"] += int(bad.sum())
-            table = table.filter(pa.array(~bad))
+        for reason, ids in drop.items():
+            if ids and table.num_rows:
+                keep = pc.invert(pc.is_in(table.column("id"), value_set=pa.array(ids, pa.string())))
+                drops[reason] += table.num_rows - pc.sum(keep).as_py()
+                table = table.filter(keep)
         root.write_parquet(f"{staging}/{f['name']}", table)
         files.append({"name": f["name"], "rows": table.num_rows})
     m = {
         "recipe": name,
         "stage": stage,
+        "category": shard_m.get("category", ""),
+        "task_type": shard_m.get("task_type", ""),
         "rows_in": rows_in,
         "rows_out": sum(f["rows"] for f in files),
         "drops": {k: v for k, v in drops.items() if v},

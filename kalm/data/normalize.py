@@ -1,4 +1,5 @@
-"""Text normalisation: Unicode NFC, control characters out, whitespace collapsed.
+"""Text normalisation: Unicode NFC, control characters out, whitespace collapsed; and the comparison form
+(NFKC, case-folded) that exact/near dedup and decontamination compare.
 
 Example::
 
@@ -24,6 +25,15 @@ def normalize_text(text: str, keep_newlines: bool = False) -> str:
     text = _CONTROL.sub("", text)
     if keep_newlines:
         return _NEWLINES.sub("\n", _SPACES.sub(" ", text)).strip()
+    return _WS.sub(" ", text).strip()
+
+
+def comparison_form(text: str) -> str:
+    """What dedup and decontamination compare: NFKC, case-folded, controls dropped, whitespace collapsed.
+
+    ``comparison_form("The  CAT\u00a0sat") == comparison_form("the cat sat")``
+    """
+    text = _CONTROL.sub("", unicodedata.normalize("NFKC", text)).casefold()
     return _WS.sub(" ", text).strip()
 
 

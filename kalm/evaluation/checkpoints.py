@@ -13,6 +13,7 @@ kalm.core.errors.KalmError: model folder not found: does/not/exist
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,16 @@ def read_json_file(path: Path) -> dict[str, Any]:
 VOLATILE_CONFIG_KEYS = frozenset(
     {"transformers_version", "torch_dtype", "dtype", "use_cache", "gradient_checkpointing"}
 )
+# What sentence-transformers assumes for Pooling keys an older version did not write.
+POOLING_DEFAULTS = {
+    "pooling_mode_cls_token": False,
+    "pooling_mode_mean_tokens": True,
+    "pooling_mode_max_tokens": False,
+    "pooling_mode_mean_sqrt_len_tokens": False,
+    "pooling_mode_weightedmean_tokens": False,
+    "pooling_mode_lasttoken": False,
+    "include_prompt": True,
+}
 # Tokenizer files that hold the vocabulary: checkpoints with different ones cannot be averaged.
 VOCAB_FILES = (
     "vocab.txt",
@@ -105,15 +116,20 @@ def model_structure(folder: str | Path) -> dict[str, Any]:
     root = Path(folder)
     modules_raw = _modules(root)
     modules = [(str(m.get("path", "")), str(m.get("type", "")).rsplit(".", 1)[-1]) for m in modules_raw]
-    cfg = read_json_file(root / "config.json")
+    cfg = _backbone_config(root)
     module_configs: dict[str, Any] = {}
     for path, kind in modules:
-        if kind != "Transformer":
+        if kind == "Pooling":
+            pooling = {**POOLING_DEFAULTS, **read_json_file(root / path / "config.json")}
+            module_configs[f"{path}/config.json"] = pooling
+        elif kind != "Transformer":
             module_configs[f"{path}/config.json"] = read_json_file(root / path / "config.json")
         else:
-            module_configs[f"{path}/sentence_bert_config.json".lstrip("/")] = read_json_file(
-                root / path / "sentence_bert_config.json"
-            )
+            # max_seq_length is how long inputs may be at inference, not part of the weights: the soup
+            # keeps the first checkpoint's
+            bert = read_json_file(root / path / "sentence_bert_config.json")
+            bert.pop("max_seq_length", None)
+            module_configs[f"{path}/sentence_bert_config.json".lstrip("/")] = bert
     return {
         "architectures": cfg.get("architectures"),
         "model_type": cfg.get("model_type"),
@@ -123,8 +139,35 @@ def model_structure(folder: str | Path) -> dict[str, Any]:
         },
         "module_configs": module_configs,
         "prompts": read_json_file(root / "config_sentence_transformers.json").get("prompts") or {},
-        "vocab": {f: file_sha256(root / f)[:16] for f in VOCAB_FILES if (root / f).is_file()},
+        "vocab": _vocab_digest(root),
     }
+
+
+def _vocab_digest(root: Path) -> str | dict[str, str]:
+    """The vocabulary's digest: of the token -> id map the tokenizer loads (so ``vocab.txt`` and the same
+    vocabulary inside ``tokenizer.json`` agree), else of the vocabulary files."""
+    try:
+        from transformers import AutoTokenizer
+
+        vocab = AutoTokenizer.from_pretrained(str(root), local_files_only=True).get_vocab()
+    except Exception:  # no loadable tokenizer: compare the files
+        return {f: file_sha256(root / f)[:16] for f in VOCAB_FILES if (root / f).is_file()}
+    blob = json.dumps(sorted(vocab.items()), ensure_ascii=False).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _backbone_config(root: Path) -> dict[str, Any]:
+    """The backbone's config.json with every default filled in by its transformers config class, so two
+    saves of one model by different library versions (one writing ``add_cross_attention: false``, the
+    other leaving it out) compare equal; the raw file when transformers cannot read it."""
+    raw = read_json_file(root / "config.json")
+    try:
+        from transformers import AutoConfig
+
+        full: dict[str, Any] = AutoConfig.from_pretrained(str(root), local_files_only=True).to_dict()
+    except Exception:  # an unknown model_type or a broken file: compare what is written
+        return raw
+    return {**full, "architectures": raw.get("architectures"), "model_type": raw.get("model_type")}
 
 
 def first_difference(a: Any, b: Any, where: str = "") -> str | None:

@@ -82,6 +82,8 @@ class EvalConfig(StrictModel):
     - ``holdout_tasks``: also evaluate a retrieval task per recipe with held-out rows in the data root.
     - ``stdlib_task``: also evaluate the stdlib-docstring classification task, built once under
       ``<data root>/eval_data/stdlib_docstrings/`` (``local_tasks.build_stdlib_docstring_task``).
+    - ``general_suite``: also evaluate the held-out general suite (retrieval, pair classification,
+      clustering, classification from local text no recipe trains on: ``heldout.build_general_suite``).
     - ``dims``: Matryoshka truncations scored in addition to the model's full dimension.
     - ``dev_tasks``: names (among the above) whose mean main score is the greedy soup's dev score; empty
       means every local task (then soup selection and report share data: optimistic, logged).
@@ -92,6 +94,7 @@ class EvalConfig(StrictModel):
     local_tasks: list[LocalTaskSpec] = []
     holdout_tasks: bool = False
     stdlib_task: bool = False
+    general_suite: bool = False
     dims: list[int] = []
     batch_size: int = Field(32, ge=1)
     instructions: str = str(DEFAULT_INSTRUCTIONS)

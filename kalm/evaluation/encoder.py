@@ -29,7 +29,7 @@ from mteb.types import PromptType
 from kalm.core.errors import KalmError
 from kalm.core.fingerprint import model_fingerprint
 from kalm.evaluation.checkpoints import check_model_folder
-from kalm.evaluation.instructions import InstructionSet, model_query_template
+from kalm.evaluation.instructions import InstructionSet, eval_template
 from kalm.training.instructions import format_query
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class KalmEncoder(AbsEncoder):
         self.path = check_model_folder(model_path)
         self.fingerprint = fingerprint or model_fingerprint(self.path)
         self.instructions = instructions
-        self.template = model_query_template(self.path) or instructions.file.template
+        self.template = eval_template(self.path, instructions)  # None: plain texts, no instruction
         self.batch_size = batch_size
         self.cache_max_texts = cache_max_texts
         self._cache: dict[str, np.ndarray] = {}
@@ -121,6 +121,8 @@ class KalmEncoder(AbsEncoder):
     def instruction_for(self, task_name: str, task_type: str, prompt_type: PromptType | None) -> str | None:
         """The instruction for one side of a task: ``None`` for documents and for un-instructed tasks."""
         instruction, source = self.instructions.lookup(task_name, task_type)
+        if self.template is None:
+            instruction, source = None, "plain: the model has no query template"
         self.used_instructions.setdefault(task_name, {"instruction": instruction, "source": source})
         if prompt_type == PromptType.document:
             return None
@@ -162,5 +164,7 @@ class KalmEncoder(AbsEncoder):
         """Batches of ``{"text": [...]}`` -> (N, dim or full_dim) float32, L2-normalised."""
         texts = [t for batch in inputs for t in batch["text"]]
         instruction = self.instruction_for(task_metadata.name, str(task_metadata.type), prompt_type)
-        formatted = [format_query(t, instruction, self.template) for t in texts]
+        formatted = (
+            texts if self.template is None else [format_query(t, instruction, self.template) for t in texts]
+        )
         return truncate_normalize(self._embed(formatted), self.dim)

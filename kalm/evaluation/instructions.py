@@ -6,7 +6,10 @@ file ``configs/eval_instructions.yaml`` holds a default per mteb task type and o
 entry wins over its type's default, and ``null`` means "no instruction" at either level.
 
 Queries are formatted with the model's own template when its ``config_sentence_transformers.json``
-``prompts`` holds one (key ``query_template``, written by ``kalm.training.model.Embedder``), else the file's.
+``prompts`` holds one (key ``query_template``, written by ``kalm.training.model.Embedder``). A model without
+one was not trained with instructions (a base model such as all-MiniLM-L6-v2): by default it gets none
+(``untemplated_models: plain``), so a comparison scores every model the way it is meant to be used;
+``untemplated_models: template`` applies the file's template to it instead.
 
 >>> ins = load_instructions()
 >>> ins.lookup("SciFact", "Retrieval")
@@ -25,7 +28,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import field_validator
 
@@ -51,6 +54,7 @@ class InstructionsFile(StrictModel):
 
     version: str
     template: str = DEFAULT_QUERY_TEMPLATE
+    untemplated_models: Literal["plain", "template"] = "plain"
     task_types: dict[str, str | None] = {}
     tasks: dict[str, str | None] = {}
 
@@ -98,6 +102,15 @@ def load_instructions(path: str | Path | None = None) -> InstructionSet:
 
     p = Path(path) if path else DEFAULT_INSTRUCTIONS
     return InstructionSet(load_yaml_model(InstructionsFile, p), source=str(p))
+
+
+def eval_template(model_folder: str | Path, ins: InstructionSet) -> str | None:
+    """The template an evaluation formats this model's queries with; None = plain texts, no instruction
+    (a model without its own template, under ``untemplated_models: plain``)."""
+    own = model_query_template(model_folder)
+    if own is not None or ins.file.untemplated_models == "plain":
+        return own
+    return ins.file.template
 
 
 def model_query_template(model_folder: str | Path) -> str | None:

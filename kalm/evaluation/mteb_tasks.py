@@ -195,9 +195,10 @@ def mteb_version() -> str:
 
 def config_local_tasks(cfg: EvalConfig, data_root: str | None = None) -> list[LocalTaskSpec]:
     """The local tasks an eval config asks for: its ``local_tasks``, plus a retrieval task per recipe with
-    held-out rows (``holdout_tasks``), plus the stdlib docstring classification task (``stdlib_task``)."""
+    held-out rows (``holdout_tasks``), the stdlib docstring classification task (``stdlib_task``) and the
+    held-out general suite (``general_suite``)."""
     specs = list(cfg.local_tasks)
-    if cfg.holdout_tasks or cfg.stdlib_task:
+    if cfg.holdout_tasks or cfg.stdlib_task or cfg.general_suite:
         from kalm.evaluation.local_tasks import build_stdlib_docstring_task, holdout_task_specs
 
         root = DataRoot.from_uri(data_root)
@@ -208,8 +209,66 @@ def config_local_tasks(cfg: EvalConfig, data_root: str | None = None) -> list[Lo
             specs += found
         if cfg.stdlib_task:
             specs.append(build_stdlib_docstring_task(root))
+        if cfg.general_suite:
+            from kalm.evaluation.heldout import build_general_suite
+
+            specs += build_general_suite(root)
     check_unique_names(specs)
     return specs
+
+
+def task_texts(cfg: EvalConfig, data_root: str | None = None) -> tuple[list[str], list[str]]:
+    """Every text of the evaluation tasks ``cfg`` names, for decontaminating training data against them:
+    its local tasks always, its mteb tasks where their data is in the local Hugging Face cache.
+
+    Returns (texts, notices): one notice line per mteb task whose data is not cached (not decontaminated
+    against)."""
+    from kalm.evaluation.local_tasks import read_table
+
+    texts: list[str] = []
+    for spec in config_local_tasks(cfg, data_root):
+        table = read_table(spec.path)
+        for col in ("query", "pos", "neg", "text", "sentence1", "sentence2"):
+            if col in table.column_names:
+                for v in table.column(col).to_pylist():
+                    texts += [v] if isinstance(v, str) else [t for t in (v or []) if isinstance(t, str)]
+    notices: list[str] = []
+    task_names, bench_names = mteb_names()
+    known = [n for n in cfg.tasks if n in task_names | bench_names]
+    for rt in resolve_tasks(known) if known else []:
+        for leaf in _mteb_leaf_tasks(rt.task):
+            ds = leaf.metadata.dataset
+            if not dataset_cached(str(ds["path"]), ds.get("revision")):
+                notices.append(f"{leaf.metadata.name} ({ds['path']}): data not in the local cache")
+                continue
+            texts += _mteb_task_texts(leaf)
+    return texts, notices
+
+
+def _mteb_task_texts(task: Any) -> list[str]:
+    """The strings of a cached mteb task's dataset (every split and text column, nested values too)."""
+    out: list[str] = []
+
+    def walk(x: Any) -> None:
+        if isinstance(x, str):
+            out.append(x)
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+        elif hasattr(x, "column_names") and hasattr(x, "to_dict"):  # a datasets.Dataset
+            for col in x.column_names:
+                if x.features[col].dtype in ("string", "large_string") or "Sequence" in repr(x.features[col]):
+                    walk(x[col])
+
+    task.load_data()
+    try:
+        walk(task.dataset)
+    finally:
+        task.unload_data()
+    return [t for t in out if len(t) >= 8]
 
 
 def select_tasks(

@@ -34,7 +34,7 @@ from kalm.core.layout import MANIFEST, eval_dir
 from kalm.core.storage import DataRoot
 from kalm.evaluation.checkpoints import check_model_folder
 from kalm.evaluation.config import EvalConfig, LocalTaskSpec, load_eval_config, load_local_tasks
-from kalm.evaluation.instructions import load_instructions, model_query_template
+from kalm.evaluation.instructions import eval_template, load_instructions
 from kalm.evaluation.mteb_tasks import (
     EVAL_FORMAT_VERSION,
     ResolvedTask,
@@ -156,11 +156,11 @@ def run_eval(
         return f"{prefix}/{p}" if prefix else p
 
     # reuse stored results whose key still matches
-    template = model_query_template(path) or ins.file.template
+    template = eval_template(path, ins) or ""  # "": plain texts (a model without its own template)
     reused: list[dict[str, Any]] = []
     jobs: list[tuple[ResolvedTask, list[int]]] = []
     for rt in resolved:
-        instruction, _ = ins.lookup(rt.name, rt.task_type)
+        instruction = ins.lookup(rt.name, rt.task_type)[0] if template else None
         todo = []
         for d in all_dims:
             side = rel(f"results/d{d}/{rt.name}.kalm.json")

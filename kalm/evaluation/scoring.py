@@ -133,7 +133,7 @@ def evaluate_task_dims(
                     "dataset_revision": rt.revision,
                     "mteb_version": mteb_version(),
                     "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "template": encoder.template,
+                    "template": encoder.template or "",
                     "seconds": round(time.perf_counter() - t0, 3),
                 }
             )

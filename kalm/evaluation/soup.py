@@ -113,12 +113,14 @@ def _first_mismatch(a: Layout, b: Layout) -> str | None:
         return f"weight files {sorted(b)} != {sorted(a)}"
     for rel in sorted(a):
         ka, kb = a[rel], b[rel]
-        missing, extra = sorted(set(ka) - set(kb)), sorted(set(kb) - set(ka))
+        # a non-float buffer one save wrote and another did not (position_ids) is copied from the first
+        missing = sorted(k for k in set(ka) - set(kb) if ka[k].dtype in FLOAT_DTYPES)
+        extra = sorted(k for k in set(kb) - set(ka) if kb[k].dtype in FLOAT_DTYPES)
         if missing:
             return f"tensor '{missing[0]}' of {rel} is missing"
         if extra:
             return f"unexpected tensor '{extra[0]}' in {rel}"
-        for key in sorted(ka):
+        for key in sorted(set(ka) & set(kb)):
             if ka[key].shape != kb[key].shape:
                 return f"tensor '{key}' has shape {list(kb[key].shape)} != {list(ka[key].shape)}"
             if ka[key].dtype != kb[key].dtype:
@@ -145,6 +147,8 @@ def check_compatible(checkpoints: Sequence[str | Path]) -> tuple[list[Path], Lay
                     f"checkpoints do not match: {p} has {key} {struct[key]} but {ref} has {ref_struct[key]}"
                 )
         for key in ("backbone_config", "module_configs", "prompts", "vocab"):
+            if key == "prompts" and not (ref_struct[key] and struct[key]):
+                continue  # a base model without prompts merges with a trained one: the soup keeps the first's
             diff = first_difference(ref_struct[key], struct[key])
             if diff:
                 raise KalmError(f"checkpoints do not match: in {p} (vs {ref}), {key} {diff}")
@@ -204,7 +208,11 @@ def average_into(
                     else:
                         # integer/bool buffers (position ids, masks) are not parameters: copy, never average
                         result[key] = first.get_tensor(key)
-                        if any(not torch.equal(h.get_tensor(key), result[key]) for h in handles):
+                        if any(
+                            key in h.keys()  # noqa: SIM118 (a safetensors handle, not a dict)
+                            and not torch.equal(h.get_tensor(key), result[key])
+                            for h in handles
+                        ):
                             differing.append(key)
                         copied += 1
                 metadata = first.metadata() or {"format": "pt"}
@@ -365,8 +373,15 @@ def run_soup(
     weights: Sequence[float] | None = None,
     dev_score: DevScore | None = None,
     force: bool = False,
+    base: str | Path | None = None,
+    base_weight: float = 0.0,
 ) -> StageResult:
     """Build a soup at ``out`` (a sentence-transformers folder) plus ``out/soup.json`` (the manifest).
+
+    ``base``/``base_weight``: then interpolate the soup with the model training started from,
+    ``(1 - w)·soup + w·base`` (LM-Cocktail, WiSE-FT: a fine-tuned embedder merged with its general-purpose
+    base keeps most of the in-domain gain and much of the base's out-of-domain quality). The soup's configs,
+    prompts and tokenizer are the fine-tuned checkpoints'; the base must match their weights' layout.
 
     The record holds the method, the inputs (paths and fingerprints), the weights (normalised; 0 for greedy
     rejects), dev scores where a dev score was given (always for greedy), tensor counts and the soup's own
@@ -383,9 +398,21 @@ def run_soup(
     if "://" in str(out):
         raise KalmError(f"the soup's output must be a local folder, got {out}")
     t0 = time.perf_counter()
+    if not 0.0 <= base_weight < 1.0:
+        raise KalmError(f"base_weight must be in [0, 1), got {base_weight}")
+    if base_weight > 0 and base is None:
+        raise KalmError("base_weight > 0 needs a base model (--base)")
     paths, layout = check_compatible(checkpoints)
-    _check_out(out_p, paths)
+    base_p = Path(base) if base is not None and base_weight > 0 else None
+    if base_p is not None:
+        check_compatible([paths[0], base_p])
+    _check_out(out_p, paths + ([base_p] if base_p is not None else []))
     inputs = [{"path": str(p.resolve()), "fingerprint": model_fingerprint(p)} for p in paths]
+    base_rec = (
+        {"path": str(base_p.resolve()), "fingerprint": model_fingerprint(base_p), "weight": base_weight}
+        if base_p is not None
+        else None
+    )
     dev_key = getattr(dev_score, "key", None) if dev_score is not None else None
     if out_p.exists():
         prev = read_json_file(out_p / SOUP_RECORD)
@@ -395,6 +422,7 @@ def run_soup(
             and (method != "weighted" or prev.get("raw_weights") == [float(w) for w in weights or []])
             # greedy: the same choice needs the same dev tasks; an unkeyed dev score is never trusted
             and (method != "greedy" or (dev_key is not None and prev.get("dev_key") == dev_key))
+            and prev.get("base") == base_rec
             and prev.get("fingerprint") == _fingerprint_or_none(out_p)
         )
         if same and not force:
@@ -406,10 +434,17 @@ def run_soup(
     out_p.parent.mkdir(parents=True, exist_ok=True)
     log.info("soup %s of %d checkpoints -> %s", method, len(paths), out_p)
     result = SOUP_METHODS[method](paths, layout, out_p, weights=weights, dev_score=dev_score)
+    if base_p is not None:
+        merged = out_p.parent / f".{out_p.name}.base-{uuid.uuid4().hex[:8]}"
+        average_into([out_p, base_p], [1.0 - base_weight, base_weight], layout, merged)
+        shutil.rmtree(out_p)
+        merged.rename(out_p)
+        log.info("soup merged with its base %s (weight %.2f)", base_p, base_weight)
     record = {
         "format_version": SOUP_FORMAT_VERSION,
         "method": method,
         "inputs": inputs,
+        "base": base_rec,
         **result,
         "dev_key": dev_key,
         "fingerprint": model_fingerprint(out_p),
@@ -431,6 +466,7 @@ def _result(out: Path, record: dict[str, Any], cached: bool, t0: float) -> Stage
             "method": record.get("method"),
             "inputs": record.get("inputs"),
             "weights": record.get("weights"),
+            "base": record.get("base"),
             "fingerprint": record.get("fingerprint"),
         },
         manifest=record,

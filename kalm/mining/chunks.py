@@ -64,10 +64,16 @@ def write_chunk(
     return marker
 
 
-def with_negatives(chunk: pa.Table, keep: list[int], negs: list[list[str]]) -> pa.Table:
+def with_negatives(
+    chunk: pa.Table, keep: list[int], negs: list[list[str]], neg_labels: list[list[str]]
+) -> pa.Table:
+    """The kept rows of a chunk with their mined negatives (and each negative's class, "" unknown)."""
     kept = chunk.take(pa.array(keep, pa.int64()))
-    col = kept.schema.get_field_index("neg")
-    return kept.set_column(col, ROW_SCHEMA.field("neg"), pa.array(negs, pa.list_(pa.string())))
+    kept = kept.set_column(
+        kept.schema.get_field_index("neg"), ROW_SCHEMA.field("neg"), pa.array(negs, pa.list_(pa.string()))
+    )
+    i = kept.schema.get_field_index("neg_labels")
+    return kept.set_column(i, ROW_SCHEMA.field("neg_labels"), pa.array(neg_labels, pa.list_(pa.string())))
 
 
 def pre_drops(cols: dict[str, list[Any]], own_pos: list[list[int]], rows: range) -> tuple[list[int], dict]:

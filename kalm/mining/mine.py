@@ -63,6 +63,8 @@ class MineJob:
     ``cols``: the mixture's columns as lists; ``own_pos[r]``: pool ids of row r's positives; ``group``:
     normalised query -> pool ids of every positive any row with that query has (never a negative for it);
     ``q_row``: row -> index into ``q_vecs`` (rows without a query or positive are not encoded).
+    ``labels``: class names by id; ``row_label[r]`` the row's class id and ``pool_label[t]`` each pool
+    text's (-1: none; classification/clustering rows have one, and never get a same-class negative).
     """
 
     root: DataRoot
@@ -76,6 +78,9 @@ class MineJob:
     group: dict[str, set[int]]
     qnorm: list[str]
     window: Window | None
+    labels: list[str] = field(default_factory=list)
+    row_label: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    pool_label: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     pool_vecs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     q_vecs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     q_row: dict[int, int] = field(default_factory=dict)
@@ -83,6 +88,16 @@ class MineJob:
     timing: dict[str, float] = field(
         default_factory=lambda: {"encode_s": 0.0, "index_s": 0.0, "search_s": 0.0, "sample_s": 0.0}
     )
+
+    def _source_negatives(self, r: int) -> tuple[list[str], list[int]]:
+        """Row r's own (non-empty) negatives and their class ids (-1 unknown)."""
+        negs, labs = self.cols["neg"][r], self.cols["neg_labels"][r] or []
+        aligned = len(labs) == len(negs)
+        keep = [j for j, t in enumerate(negs) if isinstance(t, str) and t.strip()]
+        return [negs[j] for j in keep], [self._label_id(labs[j]) if aligned else -1 for j in keep]
+
+    def _label_id(self, name: str | None) -> int:
+        return self.labels.index(name) if name and name in self.labels else -1
 
     def rows_of(self, i: int) -> range:
         q = self.cfg.chunk_queries
@@ -111,7 +126,7 @@ class MineJob:
             [float((self.pool_vecs[self.own_pos[r]] @ qv[j]).min()) for j, r in enumerate(ok)], np.float32
         )
         group_pos = [sorted(self.group[self.qnorm[r]]) for r in ok]
-        src_negs = [[t for t in self.cols["neg"][r] if isinstance(t, str) and t.strip()] for r in ok]
+        src_negs, src_labels = zip(*(self._source_negatives(r) for r in ok), strict=False) if ok else ((), ())
         cand = ChunkCandidates(
             ids=ids,
             scores=scores,
@@ -121,14 +136,24 @@ class MineJob:
             query_key=np.array([self.keys(self.cols["query"][r]) for r in ok], dtype=np.int64),
             pos_score=pos_score,
             seeds=row_seeds(self.cfg.seed, [self.cols["id"][r] for r in ok]),
-            source_negs=src_negs,
+            source_negs=list(src_negs),
             source_neg_keys=[[self.keys(t) for t in negs] for negs in src_negs],
+            query_label=self.row_label[ok] if ok else np.zeros(0, np.int64),
+            source_neg_labels=[list(labs) for labs in src_labels],
         )
-        negs, st = sample_negatives(cand, self.pool.texts, self.pool.keys, self.window, self.cfg)
+        picks, st = sample_negatives(cand, self.pool.keys, self.window, self.cfg, self.pool_label)
         stats = merge_stats(stats, {**st, "rows_in": 0})
-        keep = [r - rows.start for r, ng in zip(ok, negs, strict=True) if ng is not None]
+        keep, negs, neg_labels = [], [], []
+        for j, (r, pick) in enumerate(zip(ok, picks, strict=True)):
+            if pick is None:
+                continue
+            keep.append(r - rows.start)
+            texts = [self.pool.texts[x] if x >= 0 else src_negs[j][-x - 1] for x in pick]
+            labs = [int(self.pool_label[x]) if x >= 0 else src_labels[j][-x - 1] for x in pick]
+            negs.append(texts)
+            neg_labels.append([self.labels[x] if x >= 0 else "" for x in labs])
         chunk = self.table.slice(rows.start, len(rows))
-        out = with_negatives(chunk, keep, [ng for ng in negs if ng is not None])
+        out = with_negatives(chunk, keep, negs, neg_labels)
         self.timing["sample_s"] = round(self.timing["sample_s"] + time.perf_counter() - t0, 3)
         return write_chunk(self.root, self.work, i, out, stats, self.searcher.lineage())
 
@@ -301,7 +326,8 @@ def _prepare(
 ) -> MineJob:
     """Read the mixture, build the pool and the per-row facts (cheap, pure Python over the rows)."""
     table = read_rows(root, src)
-    cols = {c: table.column(c).to_pylist() for c in ("id", "query", "pos", "neg", "instruction", "symmetric")}
+    names = ("id", "query", "pos", "neg", "instruction", "symmetric", "label", "neg_labels")
+    cols = {c: table.column(c).to_pylist() for c in names}
     n = table.num_rows
     keys = Keys()
     symmetric = bool(most_common(cols["symmetric"], False))
@@ -330,7 +356,34 @@ def _prepare(
         nq = norm_key(q)
         qnorm.append(nq)
         group.setdefault(nq, set()).update(ids)
-    return MineJob(root, work, cfg, table, cols, pool, keys, own_pos, group, qnorm, window)
+    labels, row_label, pool_label = _labels(cols, pool)
+    if len(labels):
+        log.info(
+            "mined %s/%s: %d classes: no negative of a query's own class is taken", stage, recipe, len(labels)
+        )
+    return MineJob(
+        root, work, cfg, table, cols, pool, keys, own_pos, group, qnorm, window, labels, row_label, pool_label
+    )
+
+
+def _labels(cols: dict[str, list[Any]], pool: Pool) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Class names, each row's class id and each pool text's (-1: none), from the rows' ``label`` (query
+    and positives) and ``neg_labels`` (negatives, aligned with ``neg``)."""
+    names = sorted({lab for lab in cols["label"] if lab})
+    index = {name: i for i, name in enumerate(names)}
+    row_label = np.array([index.get(lab or "", -1) for lab in cols["label"]], dtype=np.int64)
+    pool_label = np.full(len(pool.texts), -1, dtype=np.int64)
+    if not names:
+        return names, row_label, pool_label
+    for r, (pos, neg) in enumerate(zip(cols["pos"], cols["neg"], strict=True)):
+        for t in pos:
+            if row_label[r] >= 0 and t in pool.index and pool_label[pool.index[t]] < 0:
+                pool_label[pool.index[t]] = row_label[r]
+        labs = cols["neg_labels"][r] or []
+        for t, lab in zip(neg, labs if len(labs) == len(neg) else [], strict=False):
+            if lab in index and t in pool.index and pool_label[pool.index[t]] < 0:
+                pool_label[pool.index[t]] = index[lab]
+    return names, row_label, pool_label
 
 
 def _encode(

@@ -3,8 +3,9 @@
 For each query (METHOD.md, KaLM's mining): drop the row when its best positive ranks at or below ``top_k``
 (0-based rank >= top_k: ranking consistency); otherwise sample ``M`` negatives uniformly from ranks
 ``[lo, hi)``, never a positive (of this row or of another row with the same query), never a text equal to a
-positive after normalisation (NFC, whitespace collapsed, case-folded), never the query itself, optionally
-only candidates scoring a margin below the positive, and never two texts equal after normalisation.
+positive after normalisation (NFC, whitespace collapsed, case-folded), never the query itself, never a text
+of the query's own class (labelled classification/clustering rows: ``same_label``), optionally only
+candidates scoring a margin below the positive, and never two texts equal after normalisation.
 
 Sampling is deterministic per row: candidate ``j`` of row ``r`` gets the random key
 ``splitmix64(hash(seed, row id) + j)`` and the ``M`` eligible candidates with the smallest keys win, so a
@@ -36,7 +37,7 @@ DROP_REASONS = (
     "positive_below_top_k",
     "too_few_candidates",
 )
-EXCLUDED = ("positive", "equal_to_positive", "query", "margin", "duplicate")
+EXCLUDED = ("positive", "equal_to_positive", "query", "same_label", "margin", "duplicate")
 
 
 def norm_key(text: str) -> str:
@@ -172,6 +173,7 @@ class ChunkCandidates:
     of any row with the same normalised query; ``group_pos_keys``: their normalised-text key ids.
     ``query_key``: the key id of the normalised query. ``pos_score``: the lowest score among the row's
     positives (margins are measured from it). ``source_negs`` / ``source_neg_keys``: the row's own negatives.
+    ``query_label``: the row's class id (-1: no label); ``source_neg_labels``: its own negatives' class ids.
     """
 
     ids: np.ndarray
@@ -184,21 +186,25 @@ class ChunkCandidates:
     seeds: np.ndarray
     source_negs: list[list[str]]
     source_neg_keys: list[list[int]]
+    query_label: np.ndarray | None = None
+    source_neg_labels: list[list[int]] | None = None
 
 
 def sample_negatives(
     cand: ChunkCandidates,
-    pool_texts: Sequence[str],
     pool_keys: np.ndarray,
     window: Window,
     cfg: MineConfig,
-) -> tuple[list[list[str] | None], dict[str, Any]]:
-    """Negatives per row (None = dropped) and the chunk's stats (drops, exclusions, rank histogram)."""
+    pool_labels: np.ndarray | None = None,
+) -> tuple[list[list[int] | None], dict[str, Any]]:
+    """Negatives per row as pool ids, or ``-(j + 1)`` for the row's own source negative ``j`` (None =
+    dropped), and the chunk's stats (drops, exclusions, rank histogram). ``pool_labels`` (P,): each pool
+    text's class id (-1 unknown); with the rows' ``query_label`` no negative of the query's class is taken."""
     stats = new_stats()
     ids, scores = cand.ids, cand.scores
     n, k = ids.shape
     stats["rows_in"] = n
-    out: list[list[str] | None] = [None] * n
+    out: list[list[int] | None] = [None] * n
     if n == 0:
         return out, stats
     valid = ids >= 0
@@ -214,7 +220,12 @@ def sample_negatives(
     gkeys = _pad(cand.group_pos_keys, -2)
     eq_pos = (keyid[:, :, None] == gkeys[:, None, :]).any(-1) & valid & ~is_pos
     eq_query = (keyid == cand.query_key[:, None]) & valid & ~is_pos & ~eq_pos
-    excluded = is_pos | eq_pos | eq_query
+    same_label = np.zeros_like(valid)
+    if pool_labels is not None and cand.query_label is not None:
+        lab = np.where(valid, pool_labels[np.maximum(ids, 0)], -1)
+        qlab = cand.query_label[:, None]
+        same_label = (lab == qlab) & (qlab >= 0) & valid & ~is_pos & ~eq_pos & ~eq_query
+    excluded = is_pos | eq_pos | eq_query | same_label
 
     margin_ok = np.ones_like(valid)
     if cfg.margin.absolute is not None:
@@ -229,6 +240,7 @@ def sample_negatives(
     _bump(ex, "positive", int((live & is_pos).sum()))
     _bump(ex, "equal_to_positive", int((live & eq_pos).sum()))
     _bump(ex, "query", int((live & eq_query).sum()))
+    _bump(ex, "same_label", int((live & same_label).sum()))
     _bump(ex, "margin", int((live & ~excluded & ~margin_ok).sum()))
     eligible = live & ~excluded & margin_ok
     rkeys = splitmix64(cand.seeds[:, None] + rank[None, :].astype(np.uint64))
@@ -240,17 +252,20 @@ def sample_negatives(
             _bump(stats["drops"], "positive_below_top_k")
             continue
         banned = set(cand.group_pos_keys[r]) | {int(cand.query_key[r])}
+        qlab_r = int(cand.query_label[r]) if cand.query_label is not None else -1
         chosen: set[int] = set()
-        negs: list[str] = []
+        negs: list[int] = []
         if cfg.keep_source_negatives:
-            for text, key in zip(cand.source_negs[r], cand.source_neg_keys[r], strict=True):
+            labs = cand.source_neg_labels[r] if cand.source_neg_labels is not None else []
+            for j, key in enumerate(cand.source_neg_keys[r]):
                 if len(negs) == m:
                     break
-                if key in banned or key in chosen:
+                same = qlab_r >= 0 and j < len(labs) and labs[j] == qlab_r
+                if key in banned or key in chosen or same:
                     stats["source_negatives_rejected"] += 1
                     continue
                 chosen.add(key)
-                negs.append(text)
+                negs.append(-(j + 1))
             stats["source_negatives_kept"] += len(negs)
         need = m - len(negs)
         if need > 0:
@@ -266,7 +281,7 @@ def sample_negatives(
                 picked.append(int(c))
                 if len(picked) == need:
                     break
-            negs += [pool_texts[int(ids[r, c])] for c in sorted(picked)]  # hardest first
+            negs += [int(ids[r, c]) for c in sorted(picked)]  # hardest first
         if len(negs) < cfg.min_negatives:
             _bump(stats["drops"], "too_few_candidates")
             continue

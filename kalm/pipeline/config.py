@@ -58,6 +58,10 @@ class FinetuneCfg(TrainStageCfg):
 class SoupCfg(StrictModel):
     method: Literal["uniform", "weighted", "greedy"] = "uniform"
     weights: list[float] | None = None
+    # [open] Weight of the model pre-training started from in the final soup: (1 - w)·soup + w·base
+    # (LM-Cocktail, WiSE-FT). For a base that is already a general embedder (the demo's MiniLM) it keeps
+    # out-of-domain quality; 0 for a raw LLM base (its causal config would not merge anyway).
+    base_weight: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 class EvalCfg(StrictModel):

@@ -137,6 +137,7 @@ def run_retrain(
             force=force,
             forced=set(force_recipes),
             stages=list(by_stage),
+            eval_cfg=p.eval,
         )
         from kalm.data.report import data_report_markdown
 
@@ -250,6 +251,8 @@ def run_retrain(
     # ---- soup
     soup_path = soup_dir(root, pc.name)
     if "soup" in wanted:
+        from kalm.training.config import resolve_model_path
+
         clock.start()
         if not finetuned:
             raise KalmError("soup: no fine-tuned checkpoints; run the finetune stage first")
@@ -263,6 +266,8 @@ def run_retrain(
             root=root,
             name=pc.name,
             force=force,
+            base=resolve_model_path(p.pretrain.model.path, root) if pc.soup.base_weight else None,
+            base_weight=pc.soup.base_weight,
         )
         results["soup"] = [soup]
         manifest["soup"] = soup.manifest

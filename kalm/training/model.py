@@ -104,6 +104,16 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
+def declared_max_length(path_or_id: str | os.PathLike[str]) -> int | None:
+    """The input length a model folder declares for inference (sentence-transformers config, or the
+    tokenizer's ``model_max_length`` when it is a real number), without loading the model."""
+    layout = _read_st_layout(_resolve_dir(path_or_id))
+    if layout["max_length"]:
+        return int(layout["max_length"])
+    tok = _read_json(Path(layout["model_dir"]) / "tokenizer_config.json").get("model_max_length")
+    return int(tok) if isinstance(tok, int | float) and 0 < tok <= 100_000 else None
+
+
 def _read_st_layout(root: Path) -> dict[str, Any]:
     """What a sentence-transformers folder says: transformer subfolder, pooling, max length, query template.
 

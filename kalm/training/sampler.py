@@ -8,7 +8,13 @@ Per step ``s``:
 1. the source (recipe) of the batch is drawn from the mixture weights with ``rng(seed, s)``;
 2. ``round(G * homogeneous)`` rows come from that source, the rest from sources drawn by weight
    (semi-homogeneous batches), ``G = per_device * world``;
-3. each row gets ``group_size - 1`` negatives sampled from its ``neg`` list (cycled when short).
+3. each row gets ``group_size - 1`` distinct negatives sampled from its ``neg`` list; a row with fewer gets
+   padding slots (empty texts the loss masks out), never a repeat and never another row's positive (a
+   borrowed positive is an exact copy of that row's positive: a false negative the loss cannot beat).
+
+Every rank sees the whole global batch, so each batch also says who every candidate is (text keys, class
+labels, padding, in-batch scope: :class:`~kalm.training.losses.candidates.Candidates`) for the whole batch,
+and the loss can mask our own false negatives without any communication.
 
 The sampler's whole state is a small dict (per-source cursor + step), saved in every checkpoint.
 
@@ -27,9 +33,24 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
+import torch
+
+from kalm.training.losses.candidates import NO_LABEL, PAD, SCOPES, Candidates, text_key
 
 log = logging.getLogger(__name__)
-COLUMNS = ["id", "query", "pos", "neg", "instruction", "symmetric", "category", "recipe"]
+COLUMNS = [
+    "id",
+    "query",
+    "pos",
+    "neg",
+    "instruction",
+    "symmetric",
+    "category",
+    "recipe",
+    "label",
+    "neg_labels",
+]
+PAD_TEXT = ""  # what a padding slot encodes (masked out of every denominator)
 
 
 @dataclass(frozen=True)
@@ -41,6 +62,9 @@ class ShardSource:
     rows: int
     weight: float
     filesystem: Any = None
+    scope: str = (
+        "batch"  # in-batch scope of its queries: batch | own | none (see kalm.training.losses.candidates)
+    )
 
 
 @dataclass
@@ -53,6 +77,8 @@ class Batch:
     symmetric: list[bool]
     sources: list[str]
     step: int
+    candidates: Any = None  # kalm.training.losses.candidates.Candidates of the global batch
+    offset: int = 0  # this rank's first row in the global batch
 
     @property
     def size(self) -> int:
@@ -163,38 +189,76 @@ class HomogeneousSampler:
         return [(i, int(k)) for i, k in enumerate(counts) if k]
 
     def next_batch(self) -> Batch:
-        rows: list[dict[str, Any]] = []
+        rows: list[tuple[dict[str, Any], int]] = []
         for src, n in self.plan(self.step):
-            rows += self._take(src, n)
-        # Stable order across ranks; the rank keeps a contiguous slice.
-        mine = rows[self.rank * self.per_device : (self.rank + 1) * self.per_device]
+            rows += [(r, src) for r in self._take(src, n)]
+        # Every row's positive and negatives are chosen on every rank (seeded per row), so each rank knows
+        # the whole batch's candidates; the rank then keeps a contiguous slice.
         m = self.group_size - 1
-        docs = []
-        for j, r in enumerate(mine):
-            negs = list(r["neg"] or [])
-            pick = np.random.default_rng([self.seed, self.step, int(r["id"][:8], 16), 4])
-            pos = r["pos"][int(pick.integers(len(r["pos"])))]
-            if m and not negs:
-                # Counted, not silent: borrow other rows' positives of this global batch (in-batch negatives).
-                self.rows_without_negatives += 1
-                me = self.rank * self.per_device + j
-                negs = [o["pos"][0] for k, o in enumerate(rows) if k != me and o["pos"][0] != pos]
-            docs.append([pos, *self._negatives(r["id"], negs, m)])
+        groups = [self._group(r, m) for r, _ in rows]
+        start, stop = self.rank * self.per_device, (self.rank + 1) * self.per_device
+        mine = [r for r, _ in rows[start:stop]]
+        self.rows_without_negatives += sum(
+            1 for g in groups[start:stop] if m and not any(k != PAD for k in g[2])
+        )
         batch = Batch(
             queries=[r["query"] for r in mine],
-            docs=docs,
+            docs=[[pos, *negs] for pos, negs, _, _ in groups[start:stop]],
             instructions=[r["instruction"] for r in mine],
             symmetric=[bool(r["symmetric"]) for r in mine],
             sources=[r["recipe"] for r in mine],
             step=self.step,
+            candidates=self._candidates(rows, groups, m),
+            offset=start,
         )
         self.step += 1
         return batch
 
-    def _negatives(self, row_id: str, negs: list[str], m: int) -> list[str]:
-        """``m`` negatives from the row's list: a seeded sample, cycled when the list is short."""
-        if m == 0 or not negs:
-            return []
-        rng = np.random.default_rng([self.seed, self.step, int(row_id[:8], 16), 5])
-        order = rng.permutation(len(negs))
-        return [negs[int(order[i % len(negs)])] for i in range(m)]
+    def _group(self, r: dict[str, Any], m: int) -> tuple[str, list[str], list[int], list[str]]:
+        """(positive, m negative texts, their keys (PAD for padding), their labels) of one row.
+
+        The negatives are a seeded sample of the row's distinct negatives (by normalised text); slots it
+        cannot fill are padding, not repeats."""
+        pick = np.random.default_rng([self.seed, self.step, int(r["id"][:8], 16), 4])
+        pos = r["pos"][int(pick.integers(len(r["pos"])))]
+        negs = list(r["neg"] or [])
+        labs = list(r.get("neg_labels") or [])
+        labs = labs if len(labs) == len(negs) else [""] * len(negs)
+        texts: list[str] = []
+        keys: list[int] = []
+        labels: list[str] = []
+        if m and negs:
+            rng = np.random.default_rng([self.seed, self.step, int(r["id"][:8], 16), 5])
+            for i in rng.permutation(len(negs)):
+                key = text_key(negs[int(i)])
+                if key in keys:
+                    continue
+                texts.append(negs[int(i)])
+                keys.append(key)
+                labels.append(labs[int(i)])
+                if len(texts) == m:
+                    break
+        pad = m - len(texts)
+        return pos, texts + [PAD_TEXT] * pad, keys + [PAD] * pad, labels + [""] * pad
+
+    def _candidates(self, rows: list[tuple[dict[str, Any], int]], groups: list[Any], m: int) -> Candidates:
+        """Who every candidate of the global batch is: positive and negative text keys, class ids, scopes."""
+        names = sorted({r.get("label") or "" for r, _ in rows} | {lab for g in groups for lab in g[3]} - {""})
+        ids = {name: i for i, name in enumerate(names)}
+
+        def lab(name: str | None) -> int:
+            return ids.get(name or "", NO_LABEL)
+
+        return Candidates(
+            pos_key=torch.tensor([text_key(g[0]) for g in groups], dtype=torch.int64),
+            pos_label=torch.tensor([lab(r.get("label")) for r, _ in rows], dtype=torch.int64),
+            neg_key=torch.tensor([g[2] for g in groups], dtype=torch.int64).reshape(len(rows), m)
+            if m
+            else None,
+            neg_label=torch.tensor([[lab(x) for x in g[3]] for g in groups], dtype=torch.int64).reshape(
+                len(rows), m
+            )
+            if m
+            else None,
+            scope=torch.tensor([SCOPES[self.sources[src].scope] for _, src in rows], dtype=torch.int64),
+        )

@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -32,8 +32,11 @@ from kalm.core.fingerprint import model_fingerprint
 from kalm.core.layout import MANIFEST, run_dir, training_data_root
 from kalm.core.storage import DataRoot, read_manifest
 from kalm.training.config import TrainConfig, load_train_config, model_width, resolve_model_path
+from kalm.training.losses.base import shared_draws
+from kalm.training.losses.candidates import Candidates
 from kalm.training.losses.gradcache import GradCache
-from kalm.training.sampler import Batch, HomogeneousSampler, ShardSource
+from kalm.training.losses.mixing import HardNegativeMixer
+from kalm.training.sampler import PAD_TEXT, Batch, HomogeneousSampler, ShardSource
 
 log = logging.getLogger("kalm.training.train")
 
@@ -99,7 +102,9 @@ def data_sources(cfg: TrainConfig, root: DataRoot) -> list[ShardSource]:
         category = m.get("category", "")
         weight = cfg.data.weights.get(name, cfg.data.weights.get(category, float(rows)))
         files = [root.path(rel, f["name"]) for f in m["files"] if f["rows"]]
-        sources.append(ShardSource(name, files, rows, float(weight), None if root.is_local else root.fs))
+        scope = cfg.data.scope(name, category, m.get("task_type", ""))
+        fs = None if root.is_local else root.fs
+        sources.append(ShardSource(name, files, rows, float(weight), fs, scope))
     if not sources:
         raise KalmError(f"no training rows for stage {stage!r} in {root.uri} (empty or missing shards)")
     return sources
@@ -252,13 +257,13 @@ def setup(cfg: TrainConfig, root: DataRoot, out: Path) -> Trainer:
 # ----------------------------------------------------------------------------------------------- step
 def format_batch(t: Trainer, batch: Batch) -> tuple[list[str], list[list[str]]]:
     """Queries with their instruction; documents bare (or with it for symmetric tasks), one list per row:
-    [positive, negative_1, ..., negative_M]."""
+    [positive, negative_1, ..., negative_M] (padding slots stay empty: the loss masks them)."""
     from kalm.training.instructions import format_document, format_query
 
     tmpl = t.model.query_template
     q_texts = [format_query(q, i, tmpl) for q, i in zip(batch.queries, batch.instructions, strict=True)]
     docs = [
-        [format_document(d, i, s, tmpl) for d in row]
+        [d if d == PAD_TEXT else format_document(d, i, s, tmpl) for d in row]
         for row, i, s in zip(batch.docs, batch.instructions, batch.symmetric, strict=True)
     ]
     return q_texts, docs
@@ -278,16 +283,22 @@ def encode_batch(t: Trainer, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 def focal_weight_mean(
-    loss_fn: torch.nn.Module, q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None
+    loss_fn: torch.nn.Module,
+    q: torch.Tensor,
+    p: torch.Tensor,
+    n: torch.Tensor | None,
+    candidates: Candidates | None = None,
 ) -> float:
-    """The mean focal weight of the batch (1.0 when focal reweighting is off), for the run log."""
+    """The mean focal weight of the batch (1.0 when focal reweighting is off), for the run log. Call it
+    inside the step's ``shared_draws`` block: it then sees the synthetic negatives the loss saw."""
     from kalm.training.losses import FocalInfoNCE, focal_weights
 
     focal = next((m for m in loss_fn.modules() if isinstance(m, FocalInfoNCE)), None)
     if focal is None:
         return 1.0
     with torch.no_grad():
-        losses = focal.inner.per_query(q.detach(), p.detach(), None if n is None else n.detach())
+        detached = None if n is None else n.detach()
+        losses = focal.inner.per_query(q.detach(), p.detach(), detached, candidates)
         return float(focal_weights(losses, focal.gamma, detach=True, normalize=focal.normalize).mean())
 
 
@@ -320,7 +331,12 @@ def gradcache_step(t: Trainer, batch: Batch) -> tuple[Embeddings, torch.Tensor, 
     cache = t.loss_fn
     assert isinstance(cache, GradCache)
     loss = cache.step(
-        lambda **f: t.engine(**f).float(), query=q_tok, pos=p_tok, neg=n_tok, backward=micro_step
+        lambda **f: t.engine(**f).float(),
+        query=q_tok,
+        pos=p_tok,
+        neg=n_tok,
+        backward=micro_step,
+        candidates=_candidates(t, batch),
     )
     assert cache.last is not None
     expected = t.engine.gradient_accumulation_steps()
@@ -329,23 +345,39 @@ def gradcache_step(t: Trainer, batch: Batch) -> tuple[Embeddings, torch.Tensor, 
     return cache.last, loss, tokens, passes[0]
 
 
+def _candidates(t: Trainer, batch: Batch) -> Candidates | None:
+    """Who each candidate of the global batch is (the loss masks copies, same-class texts and padding)."""
+    if batch.candidates is None:
+        return None
+    cands = cast(Candidates, batch.candidates)
+    if not t.cfg.loss_config().get("mask_false_negatives", True):
+        cands = cands.padding_only()
+    return cands.to(t.model.device)
+
+
 def train_step(t: Trainer) -> dict[str, Any]:
     batch = t.sampler.next_batch()
     start = time.perf_counter()
-    if isinstance(t.loss_fn, GradCache):
-        (q, p, n), loss, tokens, passes = gradcache_step(t, batch)
-    else:
-        q, p, n, tokens = encode_batch(t, batch)
-        passes = 1
-        loss = t.loss_fn(q, p, n)
-        t.engine.backward(loss)
-        t.engine.step()
-    dt = time.perf_counter() - start
+    cands = _candidates(t, batch)
+    with shared_draws(t.loss_fn):  # one mixer draw per step: every Matryoshka dim and the metrics share it
+        if isinstance(t.loss_fn, GradCache):
+            (q, p, n), loss, tokens, passes = gradcache_step(t, batch)
+        else:
+            q, p, n, tokens = encode_batch(t, batch)
+            passes = 1
+            loss = t.loss_fn(q, p, n, cands)
+            t.engine.backward(loss)
+            t.engine.step()
+        dt = time.perf_counter() - start
+        focal = focal_weight_mean(t.loss_fn, q, p, n, cands)
     grad_norm = t.engine.get_global_grad_norm()
+    valid = cands.local_valid(batch.offset, batch.size) if cands is not None else None
     return {
         "step": batch.step + 1,
         "loss": float(loss.detach()),
-        "focal_weight": focal_weight_mean(t.loss_fn, q, p, n),
+        "focal_weight": focal,
+        "padded_negatives": int((~valid).sum()) if valid is not None else 0,
+        "mix_skipped": sum(m.skipped for m in t.loss_fn.modules() if isinstance(m, HardNegativeMixer)),
         "lr": float(t.engine.get_lr()[0]),
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "samples_per_s": batch.size * t.world / dt,
@@ -433,7 +465,12 @@ def save_final(t: Trainer, root: DataRoot, info: dict[str, Any]) -> Path | None:
     shutil.rmtree(tmp, ignore_errors=True)
     # ZeRO-1/2 shard optimizer states and gradients only: rank 0's module holds the full weights.
     model = t.model.float()
+    from kalm.training.model import declared_max_length
+
+    train_length = model.max_length
+    model.max_length = t.cfg.model.save_max_length or declared_max_length(info["model_dir"]) or train_length
     model.save(tmp)
+    model.max_length = train_length
     metrics = [json.loads(x) for x in (t.out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     plot_loss(metrics, t.out / "loss.png")
     job = t.out / "_job.json"

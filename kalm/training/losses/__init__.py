@@ -52,6 +52,10 @@ LOSS_DEFAULTS: dict[str, Any] = {
     "matryoshka_dims": None,
     "matryoshka_weights": None,
     "gradcache_chunk_size": None,
+    # Mask our own false negatives (copies of the positive, same-class candidates, the in-batch scope);
+    # padding is masked either way. Consumed by the training step (it builds the candidates); off only to
+    # measure what masking buys (kalm ablate).
+    "mask_false_negatives": True,
 }
 
 # What a stage changes before the user's own keys apply.
@@ -74,7 +78,14 @@ def resolve_loss_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return resolved
 
 
-_BOOL_KEYS = ("cross_device", "focal_detach", "focal_normalize", "mix_detach", "matryoshka")
+_BOOL_KEYS = (
+    "cross_device",
+    "focal_detach",
+    "focal_normalize",
+    "mix_detach",
+    "matryoshka",
+    "mask_false_negatives",
+)
 _INT_KEYS = ("mix_k", "mix_seed")
 _FLOAT_KEYS = ("temperature", "focal_gamma", "mix_alpha", "mix_softmax_temperature")
 _OPTIONAL_INT_KEYS = ("mix_top_n", "gradcache_chunk_size")

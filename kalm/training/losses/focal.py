@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from kalm.training.losses.base import EmbeddingLoss
+from kalm.training.losses.candidates import Candidates
 from kalm.training.losses.infonce import InfoNCE
 
 DEFAULT_GAMMA = 0.5  # METHOD.md [reported]
@@ -65,8 +66,10 @@ class FocalInfoNCE(EmbeddingLoss):
     def columns(self) -> tuple[str, ...]:
         return self.inner.columns
 
-    def forward(self, q: Tensor, p: Tensor, n: Tensor | None = None) -> Tensor:
-        losses = self.inner.per_query(q, p, n)
+    def forward(
+        self, q: Tensor, p: Tensor, n: Tensor | None = None, candidates: Candidates | None = None
+    ) -> Tensor:
+        losses = self.inner.per_query(q, p, n, candidates)
         weights = focal_weights(losses, self.gamma, detach=self.detach, normalize=self.normalize)
         return (weights * losses).mean()
 

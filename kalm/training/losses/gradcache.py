@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.utils.checkpoint import get_device_states, set_device_states
 
 from kalm.training.losses.base import EmbeddingLoss
+from kalm.training.losses.candidates import Candidates
 
 EmbedFn = Callable[..., Tensor]  # (input_ids=(B, T), attention_mask=(B, T)) -> (B, D)
 
@@ -93,6 +94,7 @@ class GradCache(EmbeddingLoss):
         neg: dict[str, Tensor] | None = None,
         no_sync: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
         backward: Callable[[Tensor], Any] | None = None,
+        candidates: Candidates | None = None,
     ) -> Tensor:
         """Forward + backward of one batch; returns the loss (detached). Gradients land in the parameters.
 
@@ -105,6 +107,7 @@ class GradCache(EmbeddingLoss):
             backward: runs each chunk's backward (default ``t.backward()``); a DeepSpeed job passes one that
                 calls ``engine.backward`` then ``engine.step`` (one gradient-accumulation micro-step per
                 chunk, see :func:`backward_passes`).
+            candidates: who each candidate is (the loss masks what is not a negative).
         """
         groups = {"query": query, "pos": pos}
         if neg is not None:
@@ -121,7 +124,7 @@ class GradCache(EmbeddingLoss):
                 rows = cached["neg"].size(0)
                 raise ValueError(f"neg rows ({rows}) are not a multiple of the queries ({q.size(0)})")
             n = cached["neg"].view(q.size(0), -1, q.size(-1))
-        loss = self.loss(q, p, n)
+        loss = self.loss(q, p, n, candidates)
         loss.backward()
 
         jobs = [
@@ -157,9 +160,11 @@ class GradCache(EmbeddingLoss):
     def columns(self) -> tuple[str, ...]:
         return self.loss.columns
 
-    def forward(self, q: Tensor, p: Tensor, n: Tensor | None = None) -> Tensor:
+    def forward(
+        self, q: Tensor, p: Tensor, n: Tensor | None = None, candidates: Candidates | None = None
+    ) -> Tensor:
         """The wrapped loss on ready embeddings (no caching): lets a GradCache stand in for its loss."""
-        return self.loss(q, p, n)
+        return self.loss(q, p, n, candidates)
 
     def config(self) -> dict[str, Any]:
         return {"name": "gradcache", "chunk_size": self.chunk_size, "inner": self.loss.config()}

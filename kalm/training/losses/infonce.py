@@ -10,8 +10,13 @@ query's extra negatives (synthetic ones from hard-negative mixing, which join on
 ``cross_device`` and several ranks, positives and (batch-scope) hard negatives are gathered from all ranks
 first; queries stay local, so each rank's loss is the mean over its own queries (see ``distributed.py``).
 
+Candidates that are not negatives (copies of the query's own positive, same-class texts, padding, and what
+the query's in-batch scope leaves out) are masked out of ``Z_i`` when the caller says who each candidate is
+(:class:`~kalm.training.losses.candidates.Candidates`); synthetic negatives that could not be made from two
+distinct hard negatives are masked too.
+
 Columns consumed: ``query`` -> q, ``pos`` (first positive) -> p, ``neg`` -> n (M per query; absent when
-``hard_negatives="none"``, the pre-training setting).
+``hard_negatives="none"``, the pre-training setting); ``label``, ``neg_labels`` for the mask.
 
 >>> q = p = torch.eye(2); infonce_per_query(q, p, temperature=1.0)   # log(1 + e^{-1}) each
 tensor([0.3133, 0.3133])
@@ -26,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kalm.training.losses.base import EmbeddingLoss
+from kalm.training.losses.candidates import Candidates, candidate_masks
 from kalm.training.losses.distributed import gather_rows
 
 if TYPE_CHECKING:
@@ -45,6 +51,7 @@ def infonce_logits(
     hard_negatives: HardNegatives = "batch",
     extra_negatives: Tensor | None = None,
     positive_offset: int = 0,
+    mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Scaled scores of every query against its candidates, and the column of its positive.
 
@@ -57,6 +64,8 @@ def infonce_logits(
            ``"none"`` (or n=None): in-batch negatives only.
         extra_negatives: (N, K, D) per-query extra candidates (synthetic negatives), or None.
         positive_offset: where this rank's positives start in ``p`` (0 on one device).
+        mask: (N, C) bool over the logits' columns, True = not a candidate (its logit becomes -inf); never
+            set on a query's own positive.
 
     Returns:
         logits (N, P [+ B·M | + M] [+ K]) already divided by τ, and labels (N,) int64.
@@ -77,6 +86,10 @@ def infonce_logits(
         blocks.append(torch.einsum("nd,nkd->nk", q, extra_negatives))
     logits = torch.cat(blocks, dim=1) / temperature
     labels = torch.arange(q.size(0), device=q.device) + positive_offset
+    if mask is not None:
+        if mask.shape != logits.shape:
+            raise ValueError(f"mask {tuple(mask.shape)} does not match the logits {tuple(logits.shape)}")
+        logits = logits.masked_fill(mask, float("-inf"))
     return logits, labels
 
 
@@ -89,6 +102,7 @@ def infonce_per_query(
     hard_negatives: HardNegatives = "batch",
     extra_negatives: Tensor | None = None,
     positive_offset: int = 0,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Per-query losses ``L_i = logsumexp(logits_i) - logits_i[label_i]`` -> (N,). Arguments as
     :func:`infonce_logits`. ``exp(-L_i)`` is the softmax probability of the positive (focal's ``p_i``)."""
@@ -100,6 +114,7 @@ def infonce_per_query(
         hard_negatives=hard_negatives,
         extra_negatives=extra_negatives,
         positive_offset=positive_offset,
+        mask=mask,
     )
     return F.cross_entropy(logits, labels, reduction="none")
 
@@ -107,8 +122,9 @@ def infonce_per_query(
 class InfoNCE(EmbeddingLoss):
     """InfoNCE over in-batch and hard negatives; the core every other loss wraps.
 
-    ``forward(q (N, D), p (N, D), n (N, M, D) | None) -> scalar`` = mean over this rank's queries.
-    ``per_query`` gives the (N,) losses before reduction (used by :class:`FocalInfoNCE`).
+    ``forward(q (N, D), p (N, D), n (N, M, D) | None, candidates=None) -> scalar`` = mean over this rank's
+    queries. ``per_query`` gives the (N,) losses before reduction (used by :class:`FocalInfoNCE`).
+    ``candidates`` (:class:`~kalm.training.losses.candidates.Candidates`) masks what is not a negative.
 
     Args:
         temperature: τ, default 0.01 [paper: code].
@@ -143,18 +159,26 @@ class InfoNCE(EmbeddingLoss):
         uses_neg = self.hard_negatives != "none" or (self.mixer is not None and self.mixer.k > 0)
         return ("query", "pos", "neg") if uses_neg else ("query", "pos")
 
-    def per_query(self, q: Tensor, p: Tensor, n: Tensor | None = None) -> Tensor:
+    def per_query(
+        self, q: Tensor, p: Tensor, n: Tensor | None = None, candidates: Candidates | None = None
+    ) -> Tensor:
         """q (N, D), p (N, D), n (N, M, D) | None, all unit norm -> (N,) per-query losses."""
         if p.shape != q.shape:
             raise ValueError(f"q and p must have the same shape, got {tuple(q.shape)} and {tuple(p.shape)}")
-        # Mixing uses the local query's own negatives, before any gather.
-        extra = self.mixer(q, n) if self.mixer is not None else None
         negatives = n if self.hard_negatives != "none" else None
         offset = 0
         if self.cross_device:
             p, offset = gather_rows(p)
             if negatives is not None and self.hard_negatives == "batch":
                 negatives, _ = gather_rows(negatives)
+        # Mixing uses the local query's own negatives (padding excluded), never gathered ones.
+        extra, ok = None, None
+        if self.mixer is not None:
+            valid = candidates.local_valid(offset, q.size(0)) if candidates is not None else None
+            extra, ok = self.mixer.mix(q, n, valid)
+        mask = None
+        if candidates is not None or ok is not None:
+            mask = self._mask(q, p, negatives, candidates, offset, ok if extra is not None else None)
         return infonce_per_query(
             q,
             p,
@@ -163,11 +187,38 @@ class InfoNCE(EmbeddingLoss):
             hard_negatives=self.hard_negatives,
             extra_negatives=extra,
             positive_offset=offset,
+            mask=mask,
         )
 
-    def forward(self, q: Tensor, p: Tensor, n: Tensor | None = None) -> Tensor:
+    def _mask(
+        self,
+        q: Tensor,
+        p: Tensor,
+        negatives: Tensor | None,
+        candidates: Candidates | None,
+        offset: int,
+        ok: Tensor | None,
+    ) -> Tensor:
+        """(N, C) True where a column is not a negative: [positives | hard negatives | synthetic]."""
+        n_q = q.size(0)
+        pos_mask, neg_mask = (
+            candidate_masks(candidates, offset, n_q, self.hard_negatives)
+            if candidates is not None
+            else (None, None)
+        )
+        blocks = [pos_mask if pos_mask is not None else q.new_zeros(n_q, p.size(0), dtype=torch.bool)]
+        if negatives is not None:
+            width = negatives.size(1) * (negatives.size(0) if self.hard_negatives == "batch" else 1)
+            blocks.append(neg_mask if neg_mask is not None else q.new_zeros(n_q, width, dtype=torch.bool))
+        if ok is not None:
+            blocks.append(~ok.to(q.device))
+        return torch.cat(blocks, dim=1)
+
+    def forward(
+        self, q: Tensor, p: Tensor, n: Tensor | None = None, candidates: Candidates | None = None
+    ) -> Tensor:
         """Mean of :meth:`per_query` over this rank's queries -> scalar."""
-        return self.per_query(q, p, n).mean()
+        return self.per_query(q, p, n, candidates).mean()
 
     def config(self) -> dict[str, Any]:
         return {

@@ -20,7 +20,8 @@ from typing import Any
 
 from torch import Tensor
 
-from kalm.training.losses.base import EmbeddingLoss
+from kalm.training.losses.base import EmbeddingLoss, shared_draws
+from kalm.training.losses.candidates import Candidates
 from kalm.training.pooling import truncate
 
 DEFAULT_DIMS: tuple[int, ...] = (896, 512, 256, 128, 64)  # [paper: code]
@@ -65,7 +66,9 @@ class MatryoshkaLoss(EmbeddingLoss):
 
     Each truncation is renormalised (inputs are unit vectors; the full width D is passed through as is, so
     one dim D with weight 1 is exactly the inner loss). The inner loss is any (q, p, n) -> scalar module:
-    :class:`InfoNCE` or :class:`FocalInfoNCE`. Columns consumed: those of the inner loss.
+    :class:`InfoNCE` or :class:`FocalInfoNCE`. Columns consumed: those of the inner loss. Hard-negative
+    mixing inside the inner loss draws once per call, at the largest dim, and every dim mixes the same
+    negatives with the same λ (truncated and renormalised): the dims differ only in resolution.
     """
 
     def __init__(
@@ -85,12 +88,16 @@ class MatryoshkaLoss(EmbeddingLoss):
     def columns(self) -> tuple[str, ...]:
         return self.inner.columns
 
-    def forward(self, q: Tensor, p: Tensor, n: Tensor | None = None) -> Tensor:
+    def forward(
+        self, q: Tensor, p: Tensor, n: Tensor | None = None, candidates: Candidates | None = None
+    ) -> Tensor:
         total: Tensor | None = None
         self.resolved = resolve_dims(q.size(-1), self.dims, self.weights)
-        for dim, weight in self.resolved:
-            term = weight * self.inner(_cut(q, dim), _cut(p, dim), _cut(n, dim) if n is not None else None)
-            total = term if total is None else total + term
+        with shared_draws(self.inner):  # one mixer draw (made at the full dim) for every dim
+            for dim, weight in self.resolved:
+                cut_n = _cut(n, dim) if n is not None else None
+                term = weight * self.inner(_cut(q, dim), _cut(p, dim), cut_n, candidates)
+                total = term if total is None else total + term
         assert total is not None  # resolve_dims never returns an empty list
         return total
 

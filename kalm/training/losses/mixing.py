@@ -7,9 +7,11 @@ weights over all M; ``"softmax"``: weights softmax(score / softmax_temperature) 
 so k must be 1), and whether gradients flow through the synthetics (``detach=True`` by default, as in MoCHi).
 
 The synthetic negatives join only their own query's denominator (``InfoNCE`` takes them as
-``extra_negatives``). Randomness comes from a CPU ``torch.Generator`` owned by the mixer; its state is part
-of the module's ``state_dict`` (extra state), so a resumed run draws the same numbers. Seed it differently
-per rank (e.g. ``seed + rank``) if ranks should not share draws.
+``extra_negatives``). Only real, distinct negatives are mixed (padding and repeats never are), and one
+draw per training step is shared by every Matryoshka dim and the logged metrics
+(:meth:`HardNegativeMixer.shared_draw`). Randomness comes from a CPU ``torch.Generator`` owned by the mixer;
+its state is part of the module's ``state_dict`` (extra state), so a resumed run draws the same numbers.
+Seed it differently per rank (e.g. ``seed + rank``) if ranks should not share draws.
 
 >>> mixer = HardNegativeMixer(k=2, alpha=2.0, top_n=4, seed=0)
 >>> extra = mixer(q, n)        # q (N, D), n (N, M, D) -> (N, 2, D), unit norm
@@ -17,7 +19,9 @@ per rank (e.g. ``seed + rank``) if ranks should not share draws.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any, Literal, cast, get_args
 
 import torch
@@ -97,7 +101,7 @@ class HardNegativeMixer(nn.Module):
         softmax_temperature: temperature of the ``"softmax"`` weights.
         seed / generator: the CPU generator of all draws (``generator`` wins when both are given).
 
-    ``last_draw`` keeps the last draw (indices and λ, or weights) for logging and tests.
+    ``last_draw`` keeps the last draw (indices and λ, or weights, and ``ok``) for logging and tests.
     """
 
     def __init__(
@@ -133,31 +137,89 @@ class HardNegativeMixer(nn.Module):
         self.seed = int(seed)
         self.generator = generator if generator is not None else torch.Generator().manual_seed(seed)
         self.last_draw: dict[str, Tensor] = {}
+        self._share_depth = 0
+        self._shared: dict[str, Tensor] | None = None
 
-    def forward(self, q: Tensor, n: Tensor | None) -> Tensor | None:
+    def forward(self, q: Tensor, n: Tensor | None, valid: Tensor | None = None) -> Tensor | None:
+        """The synthetic negatives (N, k, D), None when k = 0 (see :meth:`mix` for which are usable)."""
+        return self.mix(q, n, valid)[0]
+
+    def mix(
+        self, q: Tensor, n: Tensor | None, valid: Tensor | None = None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """(synthetic (N, k, D), ok (N, k) bool), or (None, None) when k = 0.
+
+        ``valid`` (N, M): real hard negatives (False = padding). A synthetic is only made from two distinct
+        real negatives (different vectors): a row with fewer than two is not mixed with itself, its slot is
+        ``ok = False`` (the loss masks it) and counted in ``skipped``. Inside :meth:`shared_draw` the first
+        call's draw (chosen by that call's scores: the full dim under Matryoshka) is reused by every later
+        call, so all Matryoshka dims and the logged metrics see the same synthetics and the generator
+        advances once per step.
+        """
         if self.k == 0:
-            return None
+            return None, None
         if n is None or n.size(1) < 2:
             raise ValueError("hard-negative mixing needs at least 2 hard negatives per query (column 'neg')")
+        draw = self._shared if self._share_depth and self._shared is not None else self._draw(q, n, valid)
+        if self._share_depth:
+            self._shared = draw
+        self.last_draw = draw
         source = n.detach() if self.detach else n
+        if "weights" in draw:
+            out = mix_weighted(source, draw["weights"].to(n.device))
+        else:
+            out = mix_pairs(
+                source, draw["idx_a"].to(n.device), draw["idx_b"].to(n.device), draw["lam"].to(n.device)
+            )
+        return out, draw["ok"]
+
+    def _draw(self, q: Tensor, n: Tensor, valid: Tensor | None) -> dict[str, Tensor]:
+        """Which negatives are mixed, and how; the only place the generator is used (fixed draws per call)."""
         with torch.no_grad():  # which negatives are hard is a selection, not something to differentiate
             scores = torch.einsum("nd,nmd->nm", q.detach(), n.detach())
-        num, m = scores.shape
-        if self.mode == "pair":
-            top = min(self.top_n or m, m)
-            hardest = scores.topk(top, dim=1).indices.cpu()  # (N, top), hardest first
-            # Two distinct positions among the top: the first two of a random permutation.
-            perm = torch.rand((num, self.k, top), generator=self.generator).argsort(dim=-1)[..., :2]
-            idx = torch.gather(hardest.unsqueeze(1).expand(-1, self.k, -1), 2, perm)
-            lam = sample_beta(self.alpha, (num, self.k), self.generator)
-            self.last_draw = {"idx_a": idx[..., 0], "idx_b": idx[..., 1], "lam": lam}
-            return mix_pairs(source, idx[..., 0].to(n.device), idx[..., 1].to(n.device), lam.to(n.device))
-        if self.mode == "dirichlet":
-            weights = sample_dirichlet(self.alpha, (num, self.k, m), self.generator).to(n.device)
-        else:
-            weights = torch.softmax(scores.double() / self.softmax_temperature, dim=-1).unsqueeze(1)
-        self.last_draw = {"weights": weights.cpu()}
-        return mix_weighted(source, weights)
+            num, m = scores.shape
+            real = torch.ones(num, m, dtype=torch.bool) if valid is None else valid.detach().cpu().bool()
+            scores = scores.cpu().masked_fill(~real, float("-inf"))
+            if self.mode == "pair":
+                top = min(self.top_n or m, m)
+                hardest = scores.topk(top, dim=1).indices  # (N, top), hardest real first
+                # Two distinct positions among the real top ones: a random order, padding sorted last.
+                keys = torch.rand((num, self.k, top), generator=self.generator)
+                keys = keys + 2.0 * (~torch.gather(real, 1, hardest)).unsqueeze(1).float()
+                perm = keys.argsort(dim=-1)[..., :2]
+                idx = torch.gather(hardest.unsqueeze(1).expand(-1, self.k, -1), 2, perm)
+                lam = sample_beta(self.alpha, (num, self.k), self.generator)
+                ia, ib = idx[..., 0], idx[..., 1]
+                va = torch.gather(n.detach().cpu(), 1, ia.unsqueeze(-1).expand(-1, -1, n.size(-1)))
+                vb = torch.gather(n.detach().cpu(), 1, ib.unsqueeze(-1).expand(-1, -1, n.size(-1)))
+                distinct = (va.float() * vb.float()).sum(-1) < 1.0 - 1e-6  # a repeated negative is no pair
+                ok = torch.gather(real, 1, ia) & torch.gather(real, 1, ib) & distinct
+                return {"idx_a": ia, "idx_b": ib, "lam": lam, "ok": ok}
+            if self.mode == "dirichlet":
+                weights = sample_dirichlet(self.alpha, (num, self.k, m), self.generator) * real.unsqueeze(1)
+                weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)
+            else:
+                weights = torch.softmax(scores.double() / self.softmax_temperature, dim=-1).unsqueeze(1)
+                weights = torch.nan_to_num(weights)
+            ok = (real.sum(-1) >= 2).unsqueeze(1).expand(-1, weights.size(1))
+            return {"weights": weights, "ok": ok}
+
+    @contextlib.contextmanager
+    def shared_draw(self) -> Iterator[None]:
+        """Within: one draw, made by the first call, reused by every call (re-entrant)."""
+        self._share_depth += 1
+        try:
+            yield
+        finally:
+            self._share_depth -= 1
+            if self._share_depth == 0:
+                self._shared = None
+
+    @property
+    def skipped(self) -> int:
+        """Synthetic slots of the last draw that could not be made (fewer than two distinct negatives)."""
+        ok = self.last_draw.get("ok")
+        return int((~ok).sum()) if ok is not None else 0
 
     # The generator state travels with the loss's state_dict, so resuming replays the same draws.
     def get_extra_state(self) -> dict[str, Any]:
