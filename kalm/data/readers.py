@@ -31,6 +31,7 @@ from kalm.core.storage import s3_filesystem
 
 log = logging.getLogger(__name__)
 Record = dict[str, Any]
+SELF_DISTRIBUTION = "kalm-pipeline"  # never a training source of itself (pkg_metadata)
 
 
 def _expand(path: str) -> str:
@@ -70,6 +71,7 @@ def source_fingerprint(spec: SourceSpec, base_dir: Path) -> list[Any]:
             f"{d.metadata['Name']}=={d.version}"
             for d in metadata.distributions()
             if fnmatch.fnmatch(str(d.metadata["Name"] or "").lower(), spec.path.lower())
+            and str(d.metadata["Name"] or "").lower() != SELF_DISTRIBUTION
         )
     if spec.format == "hf":
         base = Path(_expand(spec.path))
@@ -230,6 +232,8 @@ def read_pkg_metadata(pattern: str) -> Iterator[Record]:
         md = dist.metadata
         name = str(md["Name"] or "")
         if not name or name.lower() in seen or not fnmatch.fnmatch(name.lower(), pattern.lower()):
+            continue
+        if name.lower() == SELF_DISTRIBUTION:  # our own README: training on it would change with every doc edit
             continue
         seen.add(name.lower())
         classifiers = md.get_all("Classifier") or []
