@@ -95,3 +95,22 @@ def recipe_dir(tmp_path: Path) -> Callable[..., Path]:
         return folder
 
     return make
+
+
+@pytest.fixture(scope="module")
+def tiny_eval_specs(tmp_path_factory: pytest.TempPathFactory) -> list[Any]:
+    """The tiny retrieval and STS tasks of tests/evalkit.py, written once per module."""
+    from tests.evalkit import write_tiny_tasks
+
+    return write_tiny_tasks(tmp_path_factory.mktemp("tiny_tasks"))
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_eval_specs: list[Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One real run: MiniLM on the tiny retrieval + STS tasks at dims 384 and 128."""
+    from kalm.evaluation.results import run_eval
+    from tests.evalkit import minilm
+
+    root = tmp_path_factory.mktemp("data_root")
+    res = run_eval(minilm(), [], tiny_eval_specs, dims=[128], data_root=str(root))
+    return {"res": res, "root": root, "specs": tiny_eval_specs}

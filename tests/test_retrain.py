@@ -102,6 +102,9 @@ def test_retrain_dag_caches_and_partial_rerun(prefect_server, setup: dict[str, A
     assert not first["stale_negatives"]
     latest = json.loads((Path(setup["root"]) / "pipeline" / "e2e" / "latest.json").read_text())
     assert latest["checkpoints"] == first["checkpoints"]
+    # in-batch negatives of unlabelled pre-training rows stay in the denominator: the model learns
+    steps = Path(first["checkpoints"]["pretrain"]).parent / "metrics.jsonl"
+    assert all(json.loads(x)["loss"] > 0.05 for x in steps.read_text().splitlines())
 
     again = run()
     assert all(again["cache_hits"].values()), again["cache_hits"]

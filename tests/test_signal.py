@@ -80,6 +80,7 @@ def test_mask_same_label_padding_and_in_batch_scopes() -> None:
 
 
 def _shard(tmp_path: Path, rows: list[dict]) -> ShardSource:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     import pyarrow.parquet as pq
 
     from kalm.core.schema import row_id, rows_to_table
@@ -123,6 +124,41 @@ def test_sampler_pads_instead_of_borrowing_or_repeating(tmp_path: Path) -> None:
     row = {q: i for i, q in enumerate(batch.queries)}
     assert (c.neg_key[row["q0"]] == PAD).all() and int((c.neg_key[row["q1"]] == PAD).sum()) == 2
     assert sampler.rows_without_negatives == 1
+    # rows without a class are unlabelled: nothing of theirs is masked as "same class"
+    assert (c.pos_label == NO_LABEL).all() and (c.neg_label == NO_LABEL).all()
+    pos_mask, neg_mask = candidate_masks(c, 0, 3, "batch")
+    assert not pos_mask.any() and int(neg_mask.sum()) == 3 * 5  # only the 5 padding slots, for every query
+
+
+def test_sampler_labels_classes_and_the_loss_learns_from_unlabelled_rows(tmp_path: Path) -> None:
+    """A labelled batch masks same-class candidates; an unlabelled one keeps every in-batch negative, so
+    its loss is not zero (a labelling bug once made every row one class and the loss 0)."""
+    rows = [
+        {
+            "query": f"q{i}",
+            "pos": [f"p{i}"],
+            "neg": [f"n{i}"],
+            "label": "ab"[i % 2],
+            "neg_labels": ["ba"[i % 2]],
+        }
+        for i in range(4)
+    ]
+    sampler = HomogeneousSampler(
+        [_shard(tmp_path, rows)], per_device=4, world=1, rank=0, group_size=2, seed=0
+    )
+    c = sampler.next_batch().candidates
+    assert sorted(set(c.pos_label.tolist())) == [0, 1] and (c.neg_label != c.pos_label[:, None]).all()
+    pos_mask, _ = candidate_masks(c, 0, 4, "batch")
+    assert int(pos_mask.sum()) == 4  # each query loses the one other row of its class
+    plain = [{"query": f"q{i}", "pos": [f"p{i}"], "neg": []} for i in range(4)]
+    c2 = HomogeneousSampler(
+        [_shard(tmp_path / "b", plain)], per_device=4, world=1, rank=0, group_size=1, seed=0
+    )
+    q = F.normalize(torch.randn(4, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    loss = InfoNCE(temperature=0.05, cross_device=False).per_query(
+        q, q.flip(0), None, c2.next_batch().candidates
+    )
+    assert (loss > 0.1).all()
 
 
 # -- mixing ----------------------------------------------------------------------------------------------

@@ -90,7 +90,7 @@ def tiny_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def tiny_eval_specs(tmp_path_factory: pytest.TempPathFactory) -> list:
-    from tests.test_eval import write_tiny_tasks
+    from tests.evalkit import write_tiny_tasks
 
     return write_tiny_tasks(tmp_path_factory.mktemp("tiny_tasks"))
 

@@ -40,7 +40,7 @@ from kalm.mining.cache import EmbeddingStore, embed_texts
 from kalm.mining.chunks import finished_chunks, pre_drops, publish, with_negatives, write_chunk
 from kalm.mining.config import MineConfig
 from kalm.mining.encode import Encoder, load_encoder, show_progress
-from kalm.mining.pool import Keys, Pool, build_pool, load_corpus, most_common
+from kalm.mining.pool import Keys, Pool, build_pool, load_corpus, most_common, pool_labels
 from kalm.mining.sample import (
     ChunkCandidates,
     Window,
@@ -356,7 +356,7 @@ def _prepare(
         nq = norm_key(q)
         qnorm.append(nq)
         group.setdefault(nq, set()).update(ids)
-    labels, row_label, pool_label = _labels(cols, pool)
+    labels, row_label, pool_label = pool_labels(cols, pool)
     if len(labels):
         log.info(
             "mined %s/%s: %d classes: no negative of a query's own class is taken", stage, recipe, len(labels)
@@ -364,26 +364,6 @@ def _prepare(
     return MineJob(
         root, work, cfg, table, cols, pool, keys, own_pos, group, qnorm, window, labels, row_label, pool_label
     )
-
-
-def _labels(cols: dict[str, list[Any]], pool: Pool) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Class names, each row's class id and each pool text's (-1: none), from the rows' ``label`` (query
-    and positives) and ``neg_labels`` (negatives, aligned with ``neg``)."""
-    names = sorted({lab for lab in cols["label"] if lab})
-    index = {name: i for i, name in enumerate(names)}
-    row_label = np.array([index.get(lab or "", -1) for lab in cols["label"]], dtype=np.int64)
-    pool_label = np.full(len(pool.texts), -1, dtype=np.int64)
-    if not names:
-        return names, row_label, pool_label
-    for r, (pos, neg) in enumerate(zip(cols["pos"], cols["neg"], strict=True)):
-        for t in pos:
-            if row_label[r] >= 0 and t in pool.index and pool_label[pool.index[t]] < 0:
-                pool_label[pool.index[t]] = row_label[r]
-        labs = cols["neg_labels"][r] or []
-        for t, lab in zip(neg, labs if len(labs) == len(neg) else [], strict=False):
-            if lab in index and t in pool.index and pool_label[pool.index[t]] < 0:
-                pool_label[pool.index[t]] = index[lab]
-    return names, row_label, pool_label
 
 
 def _encode(

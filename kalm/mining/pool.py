@@ -123,3 +123,23 @@ def build_pool(
 
 def most_common(values: list[Any], default: Any) -> Any:
     return Counter(values).most_common(1)[0][0] if values else default
+
+
+def pool_labels(cols: dict[str, list[Any]], pool: Pool) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Class names, each row's class id and each pool text's (-1: none), from the rows' ``label`` (query
+    and positives) and ``neg_labels`` (negatives, aligned with ``neg``)."""
+    names = sorted({lab for lab in cols["label"] if lab})
+    index = {name: i for i, name in enumerate(names)}
+    row_label = np.array([index.get(lab or "", -1) for lab in cols["label"]], dtype=np.int64)
+    pool_label = np.full(len(pool.texts), -1, dtype=np.int64)
+    if not names:
+        return names, row_label, pool_label
+    for r, (pos, neg) in enumerate(zip(cols["pos"], cols["neg"], strict=True)):
+        for t in pos:
+            if row_label[r] >= 0 and t in pool.index and pool_label[pool.index[t]] < 0:
+                pool_label[pool.index[t]] = row_label[r]
+        labs = cols["neg_labels"][r] or []
+        for t, lab in zip(neg, labs if len(labs) == len(neg) else [], strict=False):
+            if lab in index and t in pool.index and pool_label[pool.index[t]] < 0:
+                pool_label[pool.index[t]] = index[lab]
+    return names, row_label, pool_label

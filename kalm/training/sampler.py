@@ -243,7 +243,9 @@ class HomogeneousSampler:
 
     def _candidates(self, rows: list[tuple[dict[str, Any], int]], groups: list[Any], m: int) -> Candidates:
         """Who every candidate of the global batch is: positive and negative text keys, class ids, scopes."""
-        names = sorted({r.get("label") or "" for r, _ in rows} | {lab for g in groups for lab in g[3]} - {""})
+        names = sorted(
+            ({r.get("label") or "" for r, _ in rows} | {lab for g in groups for lab in g[3]}) - {""}
+        )
         ids = {name: i for i, name in enumerate(names)}
 
         def lab(name: str | None) -> int:
