@@ -388,6 +388,20 @@ def test_classification_task_runs_through_mteb(tmp_path: Path, stdlib_spec: Loca
     assert row["instruction"].startswith("Classify the Python standard library package")
 
 
+def test_local_classification_learns_from_the_whole_train_split(stdlib_spec: LocalTaskSpec) -> None:
+    """mteb's default probe sees 8 texts per label: on a local set of a few hundred texts its score moves by
+    points with small embedding changes. Local tasks train the classifier on every train text instead, and
+    that protocol is part of the task's revision (stored scores of the old protocol are not reused)."""
+    from collections import Counter
+
+    from kalm.evaluation.local_tasks import PROTOCOL, make_local_task
+
+    task = make_local_task(stdlib_spec)
+    train = Counter(task.dataset["train"]["label"])
+    assert task.samples_per_label == max(train.values())
+    assert task.metadata.dataset["revision"].endswith(f"-p{PROTOCOL}")
+
+
 def test_a_model_without_a_template_is_scored_on_plain_texts(
     tmp_path: Path, tiny_eval_specs: list[LocalTaskSpec]
 ) -> None:
