@@ -1,5 +1,6 @@
-"""Faults found by feeding the data stage bad input and kills (issue #12): each one is a counted, logged
-skip or a one-line error now, never lost good rows, a crash of the whole stage or a stale folder read as data."""
+"""Faults found by feeding the data stage bad input and kills (issue #12): each one is now a counted,
+logged skip or a one-line error; never lost good rows, a crash of the whole stage or a stale folder read
+as data."""
 
 from __future__ import annotations
 

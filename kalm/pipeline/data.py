@@ -46,8 +46,13 @@ def run_data(
         [{"lr": lr, "root": root, "cfg": cfg, "force": force or lr.name in forced} for lr in todo],
         settle=True,
     )
-    failed = {lr.name: r for lr, r in zip(todo, settled, strict=True) if isinstance(r, BaseException)}
-    ingested = [r for r in settled if not isinstance(r, BaseException)]
+    failed: dict[str, BaseException] = {}
+    ingested: list[StageResult] = []
+    for lr, res in zip(todo, settled, strict=True):
+        if isinstance(res, BaseException):
+            failed[lr.name] = res
+        else:
+            ingested.append(res)
     for name, err in failed.items():
         log.error("ingest of %s failed: %s", name, _one_line(err))
     everyone = list(universe.values()) if isinstance(universe, RecipeSet) else list(universe)
