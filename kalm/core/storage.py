@@ -12,8 +12,11 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +30,8 @@ import pyarrow.parquet as pq
 
 from kalm.core.errors import KalmError
 from kalm.core.layout import MANIFEST, STAGING
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "./data"
 
@@ -158,9 +163,28 @@ class DataRoot:
             self.fs.delete_dir(p)
 
     def staging_dir(self, rel: str) -> str:
-        """A fresh sibling folder to build ``rel`` in before publishing it."""
+        """A fresh sibling folder to build ``rel`` in before publishing it.
+
+        Leftovers of an earlier build of the same ``rel`` that was killed (its staging folder, or the old
+        folder a publish was replacing) are removed first: one output is built by one process at a time.
+        """
         parent, _, name = rel.rstrip("/").rpartition("/")
+        self.sweep_leftovers(rel)
         return f"{parent}/{STAGING}/{name}-{uuid.uuid4().hex[:8]}"
+
+    def sweep_leftovers(self, rel: str) -> list[str]:
+        """Delete what a killed build or publish of ``rel`` left under ``<parent>/.staging``; returns them."""
+        parent, _, name = rel.rstrip("/").rpartition("/")
+        mine = re.compile(re.escape(name) + r"(-|\.old-)[0-9a-f]{8}")
+        gone = [d for d in self.list_all_dirs(f"{parent}/{STAGING}") if mine.fullmatch(d)]
+        for d in gone:
+            log.warning("removing %s/%s/%s, left by an interrupted build", parent, STAGING, d)
+            self.delete_dir(f"{parent}/{STAGING}/{d}")
+        return gone
+
+    def list_all_dirs(self, rel: str) -> list[str]:
+        sel = pafs.FileSelector(self.path(rel), allow_not_found=True)
+        return sorted(i.base_name for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.Directory)
 
     def publish_dir(self, staging: str, final: str) -> None:
         """Make a fully written staging folder (manifest included) the final one.
@@ -173,7 +197,11 @@ class DataRoot:
             final_p, staging_p = self.path(final), self.path(staging)
             trash = None
             if os.path.exists(final_p):
-                trash = f"{final_p}.old-{uuid.uuid4().hex[:8]}"
+                # the old folder waits in the hidden staging folder, never beside the final one, where a
+                # kill between the two renames would leave it looking like one more complete output
+                parent, _, name = final.rstrip("/").rpartition("/")
+                trash = self.path(f"{parent}/{STAGING}/{name}.old-{uuid.uuid4().hex[:8]}")
+                os.makedirs(os.path.dirname(trash), exist_ok=True)
                 os.replace(final_p, trash)
             os.makedirs(os.path.dirname(final_p), exist_ok=True)
             os.replace(staging_p, final_p)
@@ -189,10 +217,51 @@ class DataRoot:
         self.delete_dir(staging)
 
     # -- parquet -----------------------------------------------------------------------------------
-    def write_parquet(self, rel: str, table: pa.Table) -> None:
-        p = self.path(rel)
-        self.fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-        pq.write_table(table, p, filesystem=self.fs, compression="zstd")
+    def write_parquet(self, rel: str, table: pa.Table) -> dict[str, Any]:
+        """Write ``table`` (zstd) and return what a manifest records of the file: ``bytes`` and ``sha256``."""
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        data = sink.getvalue().to_pybytes()
+        self.write_bytes(rel, data)
+        return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    def read_parquet_checked(
+        self, rel: str, entry: dict[str, Any], columns: list[str] | None = None
+    ) -> pa.Table:
+        """Read a file a manifest lists, verified against the ``bytes``/``sha256`` it recorded (entries of
+        manifests written before checksums are read unverified). A mismatch is a one-line KalmError."""
+        if "sha256" not in entry:
+            return self.read_parquet(rel, columns=columns)
+        try:
+            data = self.read_bytes(rel)
+        except (OSError, FileNotFoundError) as err:
+            raise KalmError(
+                f"{self.full_uri(rel)} is listed in its manifest but cannot be read: {err}"
+            ) from None
+        why = None
+        if len(data) != entry.get("bytes", len(data)):
+            why = f"{len(data)} bytes, the manifest says {entry['bytes']}"
+        elif not hashlib.sha256(data).hexdigest().startswith(entry["sha256"]):  # mining records 16 digits
+            why = "its sha256 differs from the manifest's"
+        if why:
+            raise KalmError(
+                f"{self.full_uri(rel)} changed after it was written ({why}): rebuild it (--force)"
+            )
+        return pq.read_table(pa.BufferReader(data), columns=columns)
+
+    def files_intact(self, rel: str, files: list[dict[str, Any]]) -> str | None:
+        """Cheap check that a manifest's files are all there at their recorded sizes: ``None`` or what is
+        wrong (a stage must not call a truncated or missing file a cache hit)."""
+        sized = [f for f in files if "bytes" in f]
+        if not sized:
+            return None
+        infos = self.fs.get_file_info([self.path(f"{rel}/{f['name']}") for f in sized])
+        for f, info in zip(sized, infos, strict=True):
+            if info.type == pafs.FileType.NotFound:
+                return f"{f['name']} is missing"
+            if info.size != f["bytes"]:
+                return f"{f['name']} is {info.size} bytes, the manifest says {f['bytes']}"
+        return None
 
     def read_parquet(self, rel: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(self.path(rel), filesystem=self.fs, columns=columns)
@@ -216,7 +285,7 @@ def read_rows(root: DataRoot, rel: str, columns: list[str] | None = None) -> pa.
     m = read_manifest(root, rel)
     if m is None:
         raise KalmError(f"{root.full_uri(rel)} is missing or incomplete (no {MANIFEST}); run its stage first")
-    tables = [root.read_parquet(f"{rel}/{f['name']}", columns=columns) for f in m["files"]]
+    tables = [root.read_parquet_checked(f"{rel}/{f['name']}", f, columns=columns) for f in m["files"]]
     if not tables:
         schema = ROW_SCHEMA if columns is None else pa.schema([ROW_SCHEMA.field(c) for c in columns])
         return schema.empty_table()

@@ -13,9 +13,12 @@ folder and published at once; an unchanged recipe with an unchanged source is sk
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import random
+import re
+import shutil
 import tempfile
 import time
 from collections import Counter, defaultdict
@@ -94,11 +97,17 @@ def _pair_rows(lr: LoadedRecipe, records: Iterator[dict[str, Any]], stats: Count
         if keep_labels is not None and partial.get("label") not in keep_labels:
             stats["label_not_kept"] += 1
             continue
-        cleaned = clean_row(partial, r.filters, stats)
-        if isinstance(cleaned, str):
-            stats[cleaned] += 1
+        try:
+            cleaned = clean_row(partial, r.filters, stats)
+            if isinstance(cleaned, str):
+                stats[cleaned] += 1
+                continue
+            row = _canonical(lr, cleaned)
+        except (KeyError, TypeError, ValueError, UnicodeError) as err:  # one bad record, not the recipe
+            stats["bad_record"] += 1
+            log.warning("%s: a record could not be made a row (%s: %s), skipped", r.name, type(err).__name__, err)
             continue
-        yield _canonical(lr, cleaned)
+        yield row
 
 
 def _label_rows(
@@ -203,7 +212,10 @@ def run_ingest_recipe(
     )
     if not force and root.exists(f"{out}/{MANIFEST}"):
         old = root.read_json(f"{out}/{MANIFEST}")
-        if old.get("config_hash") == fp and old.get("source_fingerprint") == src_fp:
+        broken = root.files_intact(out, old.get("files", []))
+        if broken:
+            log.warning("%s: shards changed after they were written (%s); rebuilding", r.name, broken)
+        elif old.get("config_hash") == fp and old.get("source_fingerprint") == src_fp:
             log.info("%s: unchanged recipe and source, skipped", r.name)
             return _result(root, out, old, True, time.perf_counter() - t_call)
     t0 = time.perf_counter()
@@ -216,7 +228,8 @@ def run_ingest_recipe(
         seed=cfg.near_dedup.seed,
     )
     bands, band_rows = p.lsh_shape()
-    with tempfile.TemporaryDirectory(prefix=f"kalm-{r.name}-") as tmp:
+    _sweep_spills(r.name)
+    with tempfile.TemporaryDirectory(prefix=f"kalm-{r.name}-{os.getpid()}-") as tmp:
         spill_path = Path(tmp) / "spill.parquet"
         sig_path = Path(tmp) / "sig.u32"
         ids: list[np.ndarray] = []
@@ -250,6 +263,28 @@ def run_ingest_recipe(
         }
         manifest = _write_shards(root, out, spill_path, keep, cfg, r.holdout, stats, meta, t0)
     return _result(root, out, manifest, False, time.perf_counter() - t_call)
+
+
+def _sweep_spills(recipe: str) -> None:
+    """Remove the spill folders (tens of MB each) that killed ingests of ``recipe`` left in the temp dir:
+    those whose process is gone."""
+    mine = re.compile(re.escape(f"kalm-{recipe}-") + r"(\d+)-[^/]*")
+    for d in Path(tempfile.gettempdir()).glob(f"kalm-{glob.escape(recipe)}-*"):
+        m = mine.fullmatch(d.name)
+        if not m or not d.is_dir() or _alive(int(m.group(1))):
+            continue
+        log.warning("%s: removing %s, left by a killed ingest", recipe, d)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != 0
 
 
 def _result(root: DataRoot, out: str, m: dict[str, Any], cached: bool, seconds: float) -> StageResult:
@@ -361,8 +396,7 @@ def _write_shards(
     def flush(tables: list[pa.Table]) -> None:
         table = pa.concat_tables(tables)
         name = f"part-{len(files):05d}.parquet"
-        root.write_parquet(f"{staging}/{name}", table)
-        files.append({"name": name, "rows": table.num_rows})
+        files.append({"name": name, "rows": table.num_rows, **root.write_parquet(f"{staging}/{name}", table)})
 
     with pq.ParquetFile(spill_path) as pf:
         for batch in pf.iter_batches(batch_size=cfg.batch_rows):
@@ -398,8 +432,8 @@ def _write_shards(
         table = pa.concat_tables(held)
         ho_dir = holdout_dir(out.rsplit("/", 1)[-1])
         ho_staging = root.staging_dir(ho_dir)
-        root.write_parquet(f"{ho_staging}/part-00000.parquet", table)
-        files_ho = [{"name": "part-00000.parquet", "rows": table.num_rows}]
+        info = root.write_parquet(f"{ho_staging}/part-00000.parquet", table)
+        files_ho = [{"name": "part-00000.parquet", "rows": table.num_rows, **info}]
         root.write_json(f"{ho_staging}/{MANIFEST}", {"rows_out": table.num_rows, "files": files_ho})
         root.publish_dir(ho_staging, ho_dir)
         manifest["holdout_rows"] = table.num_rows

@@ -120,10 +120,16 @@ def run_build_stage(
 
     ``eval_texts``: texts of the evaluation tasks (the pipeline passes the eval config's tasks), decontaminated
     against besides the config's eval sets and the recipes' held-out rows."""
-    names = sorted(n for n in recipe_names if read_manifest(root, shard_dir(stage, n)) is not None)
-    missing = sorted(set(recipe_names) - set(names))
+    shard_ms = {n: read_manifest(root, shard_dir(stage, n)) for n in recipe_names}
+    missing = sorted(n for n, m in shard_ms.items() if m is None)
     if missing:
         log.warning("stage %s: no finished shards for %s (not ingested yet), left out", stage, missing)
+    empty = sorted(n for n, m in shard_ms.items() if m is not None and int(m.get("rows_out", 0)) == 0)
+    if empty:  # an empty or all-garbage source: nothing to mix, and no stale mixture left to train on
+        log.warning("stage %s: %s ingested 0 rows, left out of the mixtures", stage, empty)
+        for n in empty:
+            root.delete_dir(mixture_dir(stage, n))
+    names = sorted(n for n, m in shard_ms.items() if m is not None and n not in empty)
     t0 = time.perf_counter()
     index = None
     if cfg.decontamination.enabled:
@@ -135,16 +141,14 @@ def run_build_stage(
     # Who owns each id: the first recipe (by name) that has it.
     frames = []
     for order, name in enumerate(names):
-        ids = read_rows(root, shard_dir(stage, name), ["id"]).column("id")
-        frames.append(
-            pl.DataFrame({"id": ids.to_numpy(zero_copy_only=False)}).with_columns(
-                pl.lit(order, dtype=pl.Int32).alias("order")
-            )
-        )
+        ids = read_rows(root, shard_dir(stage, name), ["id"]).column("id").cast(pa.string())
+        frame = pl.from_arrow(pa.table({"id": ids}))
+        assert isinstance(frame, pl.DataFrame)
+        frames.append(frame.with_columns(pl.lit(order, dtype=pl.Int32).alias("order")))
     owners = (
         pl.concat(frames).group_by("id").agg(pl.col("order").min().alias("owner"))
         if frames
-        else pl.DataFrame({"id": [], "owner": []})
+        else pl.DataFrame(schema={"id": pl.Utf8, "owner": pl.Int32})
     )
     dups = {
         name: sorted(frames[order].join(owners, on="id", how="left").filter(pl.col("owner") < order)["id"].to_list())
@@ -170,7 +174,10 @@ def run_build_stage(
         )
         out = mixture_dir(stage, name)
         old = read_manifest(root, out)
-        cached = not force and old is not None and old.get("input_fingerprint") == fp
+        broken = root.files_intact(out, old.get("files", [])) if old is not None else None
+        if broken:
+            log.warning("mixture %s/%s changed after it was written (%s); rebuilding", stage, name, broken)
+        cached = not force and not broken and old is not None and old.get("input_fingerprint") == fp
         m = old if cached and old is not None else _build_one(root, stage, name, drop, fp)
         results.append(
             StageResult(
@@ -261,15 +268,14 @@ def _build_one(root: DataRoot, stage: str, name: str, drop: dict[str, list[str]]
     drops = dict.fromkeys(drop, 0)
     files, rows_in = [], 0
     for f in shard_m["files"]:
-        table = root.read_parquet(f"{src}/{f['name']}")
+        table = root.read_parquet_checked(f"{src}/{f['name']}", f)
         rows_in += table.num_rows
         for reason, ids in drop.items():
             if ids and table.num_rows:
                 keep = pc.invert(pc.is_in(table.column("id"), value_set=pa.array(ids, pa.string())))
                 drops[reason] += table.num_rows - pc.sum(keep).as_py()
                 table = table.filter(keep)
-        root.write_parquet(f"{staging}/{f['name']}", table)
-        files.append({"name": f["name"], "rows": table.num_rows})
+        files.append({"name": f["name"], "rows": table.num_rows, **root.write_parquet(f"{staging}/{f['name']}", table)})
     m = {
         "recipe": name,
         "stage": stage,

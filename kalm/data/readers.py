@@ -8,9 +8,11 @@ Every reader streams, so a source larger than memory works.
 from __future__ import annotations
 
 import ast
+import bz2
 import csv
 import fnmatch
 import glob
+import gzip
 import io
 import json
 import logging
@@ -83,18 +85,61 @@ def source_fingerprint(spec: SourceSpec, base_dir: Path) -> list[Any]:
     return [[i.path, i.size, i.mtime_ns] for i in infos]
 
 
-def _open_text_lines(fs: pafs.FileSystem, path: str) -> Iterator[bytes]:
+BOM = b"\xef\xbb\xbf"
+MAX_CSV_RECORD_LINES = 10_000  # a quoted field spanning more physical lines is taken as an unclosed quote
+
+
+def _open_text_lines(fs: pafs.FileSystem, path: str, stats: Counter[str] | None = None) -> Iterator[bytes]:
+    """The file's lines (bytes), a UTF-8 byte-order mark removed from the first. A compressed file that is
+    cut short (or corrupt) ends the read there: the lines before it are kept, ``truncated_file`` counted."""
     try:
-        stream = fs.open_input_stream(path, compression="detect")
+        # gzip/bz2 through Python's own decoders: they hand out every line before a cut-off end, where
+        # pyarrow's decoders fail the whole buffered block; other codecs (zstd, lz4) through pyarrow
+        compressed = path.endswith((".gz", ".bz2"))
+        stream = fs.open_input_stream(path, compression=None if compressed else "detect")
     except (OSError, ValueError) as err:
         raise KalmError(f"cannot open {path}: {err}") from None
     with stream:
-        yield from io.BufferedReader(stream, buffer_size=1 << 20)  # type: ignore[arg-type]
+        raw: Any = io.BufferedReader(stream, buffer_size=1 << 20)  # type: ignore[arg-type]
+        if path.endswith(".gz"):
+            raw = gzip.GzipFile(fileobj=raw)
+        elif path.endswith(".bz2"):
+            raw = bz2.BZ2File(raw)
+        lines = iter(raw)
+        first = True
+        while True:
+            try:
+                line = next(lines)
+            except StopIteration:
+                return
+            except (OSError, EOFError, ValueError) as err:  # gzip/zstd: truncated or corrupt stream
+                if stats is not None:
+                    stats["truncated_file"] += 1
+                log.warning("%s: unreadable from here on (%s); the lines before it are kept", path, err)
+                return
+            if first:
+                first = False
+                if line.startswith(BOM):
+                    line = line[len(BOM) :]
+            yield line
+
+
+def _no_invalid_unicode(obj: Any, depth: int = 0) -> bool:
+    """No lone surrogate in any string of a decoded JSON value (a ``\\ud800`` escape decodes to one)."""
+    if isinstance(obj, str):
+        return not has_invalid_unicode(obj)
+    if depth > 64:
+        return True  # json.loads already bounded the nesting; don't recurse without end
+    if isinstance(obj, dict):
+        return all(_no_invalid_unicode(k, depth + 1) and _no_invalid_unicode(v, depth + 1) for k, v in obj.items())
+    if isinstance(obj, list):
+        return all(_no_invalid_unicode(v, depth + 1) for v in obj)
+    return True
 
 
 def read_jsonl(fs: pafs.FileSystem, files: list[str], stats: Counter[str]) -> Iterator[Record]:
     for path in files:
-        for lineno, raw in enumerate(_open_text_lines(fs, path), 1):
+        for lineno, raw in enumerate(_open_text_lines(fs, path, stats), 1):
             if not raw.strip():
                 continue
             try:
@@ -109,32 +154,88 @@ def read_jsonl(fs: pafs.FileSystem, files: list[str], stats: Counter[str]) -> It
                 stats["malformed_json"] += 1
                 log.warning("%s:%d: malformed JSON (%s), skipped", path, lineno, err.msg)
                 continue
+            except RecursionError:
+                stats["malformed_json"] += 1
+                log.warning("%s:%d: JSON nested too deeply, skipped", path, lineno)
+                continue
             if not isinstance(rec, dict):
                 stats["not_an_object"] += 1
+                continue
+            if not _no_invalid_unicode(rec):
+                stats["invalid_utf8_line"] += 1
+                log.warning("%s:%d: a lone surrogate in a string, skipped", path, lineno)
                 continue
             yield rec
 
 
+def _csv_rows(lines: Iterator[str], delimiter: str, path: str, stats: Counter[str]) -> Iterator[list[str]]:
+    """CSV records, one at a time, that never let one bad quote swallow the rest of the file.
+
+    A record may span lines (a quoted field with newlines). Lines are gathered until the csv module parses
+    them as one complete record; a line without a quote character cannot close an open quote, so only those
+    trigger a re-parse. A record still open at the end of the file or after ``MAX_CSV_RECORD_LINES`` lines
+    (an unclosed quote), or one the csv module rejects, costs only its FIRST line (counted as
+    ``malformed_csv``): the lines after it are read again as records of their own.
+    """
+    pending: list[str] = []  # lines to read again, in order (a stack: last element is read first)
+    src = iter(lines)
+
+    def next_line() -> str | None:
+        if pending:
+            return pending.pop()
+        return next(src, None)
+
+    while True:
+        line = next_line()
+        if line is None:
+            return
+        buf = [line]
+        while True:
+            text = "".join(buf)
+            if len(buf) > 1 and '"' not in buf[-1]:
+                complete = None  # cannot have closed the quote: read on
+            else:
+                try:
+                    rows = list(csv.reader(io.StringIO(text), delimiter=delimiter, strict=True))
+                    complete = True
+                except csv.Error as err:
+                    complete = None if "unexpected end of data" in str(err) else False
+            if complete is None and len(buf) < MAX_CSV_RECORD_LINES:
+                more = next_line()
+                if more is not None:
+                    buf.append(more)
+                    continue
+            if complete:
+                if rows:
+                    yield rows[0]
+                break
+            stats["malformed_csv"] += 1
+            log.warning("%s: malformed CSV record (an unclosed or stray quote?), one line skipped", path)
+            pending.extend(reversed(buf[1:]))
+            break
+
+
 def read_csv(fs: pafs.FileSystem, files: list[str], stats: Counter[str], delimiter: str) -> Iterator[Record]:
     for path in files:
-        text = (raw.decode("utf-8", errors="surrogateescape") for raw in _open_text_lines(fs, path))
-        reader = csv.DictReader(text, delimiter=delimiter)
-        while True:
-            try:
-                rec = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as err:
-                stats["malformed_csv"] += 1
-                log.warning("%s: malformed CSV row (%s), skipped", path, err)
-                continue
-            if None in rec:  # more fields than the header
+        text = (raw.decode("utf-8", errors="surrogateescape") for raw in _open_text_lines(fs, path, stats))
+        rows = _csv_rows(text, delimiter, path, stats)
+        header = next(rows, None)
+        if header is None:
+            continue
+        header = [h.strip() for h in header]
+        for row in rows:
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue  # blank line
+            if len(row) > len(header):  # more fields than the header
                 stats["malformed_csv"] += 1
                 continue
-            if any(isinstance(v, str) and has_invalid_unicode(v) for v in rec.values()):
+            if any(has_invalid_unicode(v) for v in row):
                 stats["invalid_utf8_line"] += 1
                 continue
-            yield dict(rec)
+            rec: Record = dict(zip(header, row, strict=False))
+            for name in header[len(row) :]:
+                rec[name] = None  # fewer fields than the header: missing (as csv.DictReader does)
+            yield rec
 
 
 def read_parquet(fs: pafs.FileSystem, files: list[str], stats: Counter[str]) -> Iterator[Record]:

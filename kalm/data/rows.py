@@ -57,7 +57,7 @@ def map_record(rec: dict[str, Any], lr: LoadedRecipe) -> dict[str, Any] | str:
         try:
             out = lr.to_row(rec)
         except Exception as err:  # a bad record must not take its neighbours down
-            log.debug("%s: to_row failed: %s", r.name, err)
+            _warn_adapter(r.name, err)
             return "adapter_error"
         if out is None:
             return "adapter_skip"
@@ -91,7 +91,21 @@ def map_record(rec: dict[str, Any], lr: LoadedRecipe) -> dict[str, Any] | str:
             if text is None:
                 return "bad_type"
             row[target] = text
+    if any(k not in row for k in (("text", "label") if r.label_based else ("query", "pos"))):
+        return "missing_field"  # e.g. a to_row that left out a field
     return row
+
+
+_ADAPTER_WARNINGS: Counter[str] = Counter()
+MAX_ADAPTER_WARNINGS = 5  # per recipe and process; every failure is counted in the stats either way
+
+
+def _warn_adapter(recipe: str, err: Exception) -> None:
+    _ADAPTER_WARNINGS[recipe] += 1
+    n = _ADAPTER_WARNINGS[recipe]
+    if n <= MAX_ADAPTER_WARNINGS:
+        more = " (further failures are counted, not logged)" if n == MAX_ADAPTER_WARNINGS else ""
+        log.warning("%s: to_row failed on a record, skipped: %s: %s%s", recipe, type(err).__name__, err, more)
 
 
 def clean_row(row: dict[str, Any], f: FilterSpec, stats: Counter[str]) -> dict[str, Any] | str:

@@ -117,7 +117,7 @@ def publish(
             )
         name = f"part-{i:05d}.parquet"
         root.write_bytes(f"{staging}/{name}", data)
-        files.append({"name": name, "rows": mk["rows"], "sha256": mk["sha256"][:16]})
+        files.append({"name": name, "rows": mk["rows"], "sha256": mk["sha256"][:16], "bytes": len(data)})
     manifest["files"] = files
     manifest["fingerprint"] = hash_obj([[f["name"], f["sha256"], f["rows"]] for f in files])
     manifest["timing"] = {**timing, "total_s": round(time.perf_counter() - t_start, 3)}

@@ -13,11 +13,34 @@ from typing import Any, TypeVar
 
 from prefect.utilities.annotations import quote
 
+from kalm.core.errors import KalmError
 from kalm.orchestration.tasks import TASKS
 from kalm.pipeline.runner import Stage
 
 R = TypeVar("R")
 log = logging.getLogger(__name__)
+
+
+class UserErrorsWithoutTraceback(logging.Filter):
+    """A stage that fails on a user mistake (a :class:`KalmError`: bad config, missing source, failed
+    recipe) is logged by Prefect as one line, without the traceback Prefect attaches to every failure;
+    the run still fails and the UI still shows the message. Other exceptions keep their traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, KalmError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def install_user_error_filter() -> None:
+    for name in ("prefect.task_runs", "prefect.flow_runs", "prefect.flow_engine", "prefect.task_engine"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, UserErrorsWithoutTraceback) for f in lg.filters):
+            lg.addFilter(UserErrorsWithoutTraceback())
+
+
+install_user_error_filter()
 
 
 class PrefectRunner:
@@ -26,9 +49,12 @@ class PrefectRunner:
     def run(self, stage: Stage[R], /, **kwargs: Any) -> R:
         return TASKS[stage.name](**{k: quote(v) for k, v in kwargs.items()})  # type: ignore[return-value]
 
-    def map(self, stage: Stage[R], calls: Sequence[dict[str, Any]], /) -> list[R]:
+    def map(self, stage: Stage[R], calls: Sequence[dict[str, Any]], /, *, settle: bool = False) -> list[R]:
         futures = [TASKS[stage.name].submit(**{k: quote(v) for k, v in kw.items()}) for kw in calls]
-        return [f.result() for f in futures]
+        if not settle:
+            return [f.result() for f in futures]
+        # a failed task stays failed in the UI; its exception takes its place here
+        return [f.result(raise_on_failure=False) for f in futures]
 
     def publish(self, key: str, markdown: str, description: str = "") -> None:
         from prefect.artifacts import create_markdown_artifact

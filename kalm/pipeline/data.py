@@ -10,6 +10,7 @@ import logging
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING
 
+from kalm.core.errors import KalmError
 from kalm.core.results import StageResult
 from kalm.core.storage import DataRoot
 from kalm.data.config import IngestConfig
@@ -40,9 +41,20 @@ def run_data(
 
     The mixtures are decontaminated against every task of ``eval_cfg`` (default: the ingest config's
     ``decontamination.eval_config``), local tasks always, mteb tasks where their data is cached."""
-    ingested = runner.map(
-        INGEST, [{"lr": lr, "root": root, "cfg": cfg, "force": force or lr.name in forced} for lr in todo]
+    settled = runner.map(
+        INGEST,
+        [{"lr": lr, "root": root, "cfg": cfg, "force": force or lr.name in forced} for lr in todo],
+        settle=True,
     )
+    failed: dict[str, BaseException] = {}
+    ingested: list[StageResult] = []
+    for lr, res in zip(todo, settled, strict=True):
+        if isinstance(res, BaseException):
+            failed[lr.name] = res
+        else:
+            ingested.append(res)
+    for name, err in failed.items():
+        log.error("ingest of %s failed: %s", name, _one_line(err))
     everyone = list(universe.values()) if isinstance(universe, RecipeSet) else list(universe)
     wanted = list(stages) if stages is not None else sorted({lr.recipe.stage for lr in todo})
     texts = eval_task_texts(cfg, eval_cfg, root) if wanted else []
@@ -54,7 +66,30 @@ def run_data(
                 MIXTURES, stage=stage, recipe_names=names, root=root, cfg=cfg, force=force, eval_texts=texts
             )
             mixtures.extend(built)
+    if failed:
+        # the other recipes' shards and every stage's mixture are built (a failed recipe takes part with its
+        # last complete shards, if any); what depends on the failure (training on that stage) must not run
+        raise DataStageFailed(failed, ingested, mixtures)
     return ingested, mixtures
+
+
+class DataStageFailed(KalmError):
+    """Some recipes failed to ingest; the rest of the data stage was done. Names each failure in one line."""
+
+    def __init__(
+        self, failed: dict[str, BaseException], ingested: list[StageResult], mixtures: list[StageResult]
+    ) -> None:
+        self.failed, self.ingested, self.mixtures = failed, ingested, mixtures
+        what = "; ".join(f"{n}: {_one_line(e)}" for n, e in sorted(failed.items()))
+        super().__init__(
+            f"{len(failed)} of {len(failed) + len(ingested)} recipe(s) failed to ingest ({what}); the other "
+            f"recipes and {len(mixtures)} mixture(s) were built"
+        )
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return text if isinstance(err, KalmError) else f"{type(err).__name__}: {text}"
 
 
 def eval_task_texts(cfg: IngestConfig, eval_cfg: EvalConfig | None, root: DataRoot) -> list[str]:

@@ -70,8 +70,11 @@ class Runner(Protocol):
         """Run one stage and return its result (raises its error)."""
         ...
 
-    def map(self, stage: Stage[R], calls: Sequence[dict[str, Any]], /) -> list[R]:
-        """Run the stage once per keyword dict, concurrently where the runner can; results in order."""
+    def map(self, stage: Stage[R], calls: Sequence[dict[str, Any]], /, *, settle: bool = False) -> list[R]:
+        """Run the stage once per keyword dict, concurrently where the runner can; results in order.
+
+        ``settle``: every call runs to its end and a failed one's exception takes its place in the list
+        (one bad item must not stop its siblings); otherwise the first failure is raised."""
         ...
 
     def publish(self, key: str, markdown: str, description: str = "") -> None:
@@ -99,11 +102,19 @@ class LocalRunner:
                 time.sleep(stage.retry_delay_s)
         raise AssertionError("unreachable")
 
-    def map(self, stage: Stage[R], calls: Sequence[dict[str, Any]], /) -> list[R]:
+    def map(self, stage: Stage[R], calls: Sequence[dict[str, Any]], /, *, settle: bool = False) -> list[R]:
+        def one(kw: dict[str, Any]) -> Any:
+            if not settle:
+                return self.run(stage, **kw)
+            try:
+                return self.run(stage, **kw)
+            except Exception as err:
+                return err
+
         if len(calls) <= 1 or self.workers == 1:
-            return [self.run(stage, **kw) for kw in calls]
+            return [one(kw) for kw in calls]
         with ThreadPoolExecutor(min(self.workers, len(calls))) as pool:
-            return list(pool.map(lambda kw: self.run(stage, **kw), calls))
+            return list(pool.map(one, calls))
 
     def publish(self, key: str, markdown: str, description: str = "") -> None:
         self.reports[key] = markdown

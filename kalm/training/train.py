@@ -98,6 +98,12 @@ def data_sources(cfg: TrainConfig, root: DataRoot) -> list[ShardSource]:
         rows = int(m["rows_out"])
         if rows == 0:
             continue
+        broken = root.files_intact(rel, m["files"])
+        if broken:
+            raise KalmError(
+                f"training data {root.full_uri(rel)} changed after it was written ({broken}); "
+                "rerun the data stage"
+            )
         name = m.get("recipe") or rel.rsplit("/", 1)[-1]
         category = m.get("category", "")
         weight = cfg.data.weights.get(name, cfg.data.weights.get(category, float(rows)))
