@@ -289,3 +289,25 @@ def test_data_run_all_with_a_failing_recipe_exits_non_zero_naming_it(recipe_dir,
     assert len(errors) == 1 and "gamma" in errors[0] and "1 of 2 recipe(s)" in errors[0]
     assert "Traceback" not in proc.stderr
     assert read_manifest(DataRoot.from_uri(str(data)), mixture_dir("finetune", "alpha"))["rows_out"] == 20
+
+
+def test_the_training_sampler_verifies_each_shard_it_loads(recipe_dir, tmp_path: Path) -> None:
+    """Training reads shard files directly (not through read_rows): it checks the manifest's sha256 too."""
+    from kalm.training.sampler import HomogeneousSampler, ShardSource
+
+    folder = recipe_dir("faq", faq_rows(20))
+    root = DataRoot.from_uri(str(tmp_path / "data"))
+    m = _ingest(folder, "faq", root)
+    (f,) = m["files"]
+    path = root.path(shard_dir("finetune", "faq"), f["name"])
+
+    def sampler() -> HomogeneousSampler:
+        src = ShardSource("faq", [path], m["rows_out"], 1.0, sha256=[f["sha256"]])
+        return HomogeneousSampler([src], per_device=4, world=1, rank=0, group_size=1, seed=0)
+
+    assert len(sampler().next_batch().queries) == 4
+    data = bytearray(Path(path).read_bytes())
+    data[len(data) // 3] ^= 0x10
+    Path(path).write_bytes(bytes(data))
+    with pytest.raises(KalmError, match="changed after it was written"):
+        sampler().next_batch()

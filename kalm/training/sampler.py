@@ -27,14 +27,18 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
+from kalm.core.errors import KalmError
 from kalm.training.losses.candidates import NO_LABEL, PAD, SCOPES, Candidates, text_key
 
 log = logging.getLogger(__name__)
@@ -65,6 +69,7 @@ class ShardSource:
     scope: str = (
         "batch"  # in-batch scope of its queries: batch | own | none (see kalm.training.losses.candidates)
     )
+    sha256: list[str] | None = None  # per file, from the manifest (a prefix is enough): verified on load
 
 
 @dataclass
@@ -150,8 +155,18 @@ class HomogeneousSampler:
 
     def _load(self, src: int) -> None:
         c, s = self.cursors[src], self.sources[src]
-        path = s.files[int(self._shard_order(src, c.epoch)[c.shard])]
-        c.table = pq.read_table(path, columns=COLUMNS, filesystem=s.filesystem).to_pylist()
+        k = int(self._shard_order(src, c.epoch)[c.shard])
+        path = s.files[k]
+        if s.sha256 is None or not s.sha256[k]:
+            table = pq.read_table(path, columns=COLUMNS, filesystem=s.filesystem)
+        else:
+            fs = s.filesystem or pafs.LocalFileSystem()
+            with fs.open_input_stream(path) as f:
+                data = f.read()
+            if not hashlib.sha256(data).hexdigest().startswith(s.sha256[k]):
+                raise KalmError(f"training shard {path} changed after it was written: rerun the data stage")
+            table = pq.read_table(pa.BufferReader(data), columns=COLUMNS)
+        c.table = table.to_pylist()
         c.order = np.random.default_rng([self.seed, src, c.epoch, c.shard, 2]).permutation(len(c.table))
 
     def _take(self, src: int, n: int) -> list[dict[str, Any]]:

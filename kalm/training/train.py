@@ -107,10 +107,12 @@ def data_sources(cfg: TrainConfig, root: DataRoot) -> list[ShardSource]:
         name = m.get("recipe") or rel.rsplit("/", 1)[-1]
         category = m.get("category", "")
         weight = cfg.data.weights.get(name, cfg.data.weights.get(category, float(rows)))
-        files = [root.path(rel, f["name"]) for f in m["files"] if f["rows"]]
+        listed = [f for f in m["files"] if f["rows"]]
+        files = [root.path(rel, f["name"]) for f in listed]
+        sha = [str(f.get("sha256", "")) for f in listed]
         scope = cfg.data.scope(name, category, m.get("task_type", ""))
         fs = None if root.is_local else root.fs
-        sources.append(ShardSource(name, files, rows, float(weight), fs, scope))
+        sources.append(ShardSource(name, files, rows, float(weight), fs, scope, sha256=sha))
     if not sources:
         raise KalmError(f"no training rows for stage {stage!r} in {root.uri} (empty or missing shards)")
     return sources
