@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -205,6 +206,37 @@ def test_two_process_zero(tmp_path: Path, tiny_model: Path, data_root: str, zero
     assert emb.shape == (1, 32)
 
 
+def test_resume_skips_a_checkpoint_cut_short_by_a_kill(
+    tmp_path: Path, tiny_model: Path, data_root: str
+) -> None:
+    """DeepSpeed's ``latest`` may name a checkpoint a kill -9 cut short (seen when the kill lands while it
+    saves): resume then takes the newest COMPLETE one and reaches the same weights."""
+    from kalm.training.train import CHECKPOINT_DONE
+
+    cfg = _config(tmp_path, tiny_model, **{"schedule.max_steps": 6, "schedule.checkpoint_every": 2})
+    final = train(cfg, data_root, launcher="single", env=ENV)
+    want = _weights(final)
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints"
+    assert sorted(p.parent.name for p in ckpt.glob(f"*/{CHECKPOINT_DONE}")) == [
+        "step00000004",
+        "step00000006",
+    ]
+    # as if killed while saving step 6: its marker never written, a file half there; `latest` names it
+    (ckpt / "step00000006" / CHECKPOINT_DONE).unlink()
+    for f in (ckpt / "step00000006").glob("*model_states.pt"):
+        f.write_bytes(f.read_bytes()[:100])
+    assert (ckpt / "latest").read_text().strip() == "step00000006"
+    shutil.rmtree(run / "final")
+    (run / "_manifest.json").unlink()
+    resumed = train(cfg, data_root, launcher="single", env=ENV)
+    got = _weights(resumed)
+    for k in want:
+        torch.testing.assert_close(want[k], got[k], rtol=0, atol=1e-6)
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # steps 5-6 redone from the step-4 checkpoint, logged once
+
+
 def test_exact_resume_after_kill(tmp_path: Path, tiny_model: Path, data_root: str) -> None:
     full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
     full_dir.mkdir()
@@ -230,7 +262,7 @@ def test_exact_resume_after_kill(tmp_path: Path, tiny_model: Path, data_root: st
     # old checkpoints are pruned (keep_checkpoints), so wait for any step >= 4 rather than step 4 itself
     while time.time() < deadline and not any(
         int(d.name[4:]) >= 4 for d in ckpt.glob("step*") if d.name[4:].isdigit()
-    ):
+    ):  # (the kill may still land while a later checkpoint is being saved: resume must cope)
         time.sleep(0.05)
     time.sleep(0.3)
     os.killpg(proc.pid, signal.SIGKILL)  # kill -9, mid-run

@@ -410,17 +410,39 @@ def save_checkpoint(t: Trainer) -> None:
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
     t.engine.save_checkpoint(str(checkpoint_dir(t.out)), tag=tag, client_state=client)
+    torch.distributed.barrier()  # every rank's files are written
     if t.rank == 0:
-        tags = sorted(p.name for p in checkpoint_dir(t.out).glob("step*") if p.is_dir())
-        for old in tags[: -t.cfg.schedule.keep_checkpoints]:
-            shutil.rmtree(checkpoint_dir(t.out) / old, ignore_errors=True)
+        (checkpoint_dir(t.out) / tag / CHECKPOINT_DONE).write_text(json.dumps({"step": t.sampler.step}))
+        done = complete_checkpoints(t.out)
+        keep = set(done[-t.cfg.schedule.keep_checkpoints :])
+        for old in sorted(p.name for p in checkpoint_dir(t.out).glob("step*") if p.is_dir()):
+            if old not in keep and old < done[-1]:  # older than the newest complete one: never needed again
+                shutil.rmtree(checkpoint_dir(t.out) / old, ignore_errors=True)
     torch.distributed.barrier()
 
 
+CHECKPOINT_DONE = "kalm_complete.json"  # written once every rank has saved: the checkpoint is whole
+
+
+def complete_checkpoints(out: Path) -> list[str]:
+    """Tags of the checkpoints every rank finished writing, oldest first. DeepSpeed's ``latest`` may name
+    one a kill -9 cut short; resuming from that one fails, so resume uses the newest complete one."""
+    return sorted(p.parent.name for p in checkpoint_dir(out).glob(f"step*/{CHECKPOINT_DONE}"))
+
+
 def maybe_resume(t: Trainer) -> bool:
-    if not (checkpoint_dir(t.out) / "latest").exists():
+    ckpt = checkpoint_dir(t.out)
+    if not (ckpt / "latest").exists():
         return False
-    path, client = t.engine.load_checkpoint(str(checkpoint_dir(t.out)))
+    done = complete_checkpoints(t.out)
+    if not done:  # only cut-short checkpoints (or ones saved before completion markers): start over
+        log.warning("no complete checkpoint under %s; starting from step 0", ckpt)
+        return False
+    tag = done[-1]
+    latest = (ckpt / "latest").read_text().strip()
+    if tag != latest:
+        log.warning("checkpoint %s is incomplete (killed while saving?); resuming from %s", latest, tag)
+    path, client = t.engine.load_checkpoint(str(ckpt), tag=tag)
     if path is None:
         return False
     t.sampler.load_state_dict(client["sampler"])
