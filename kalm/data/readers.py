@@ -16,6 +16,7 @@ import gzip
 import io
 import json
 import logging
+import re
 import sysconfig
 import threading
 from collections import Counter
@@ -124,6 +125,9 @@ def _open_text_lines(fs: pafs.FileSystem, path: str, stats: Counter[str] | None 
             yield line
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # only such an escape can decode to a lone surrogate
+
+
 def _no_invalid_unicode(obj: Any, depth: int = 0) -> bool:
     """No lone surrogate in any string of a decoded JSON value (a ``\\ud800`` escape decodes to one)."""
     if isinstance(obj, str):
@@ -161,7 +165,7 @@ def read_jsonl(fs: pafs.FileSystem, files: list[str], stats: Counter[str]) -> It
             if not isinstance(rec, dict):
                 stats["not_an_object"] += 1
                 continue
-            if not _no_invalid_unicode(rec):
+            if _SURROGATE_ESCAPE.search(raw) and not _no_invalid_unicode(rec):
                 stats["invalid_utf8_line"] += 1
                 log.warning("%s:%d: a lone surrogate in a string, skipped", path, lineno)
                 continue

@@ -91,7 +91,8 @@ def map_record(rec: dict[str, Any], lr: LoadedRecipe) -> dict[str, Any] | str:
             if text is None:
                 return "bad_type"
             row[target] = text
-    if any(k not in row for k in (("text", "label") if r.label_based else ("query", "pos"))):
+    first, second = ("text", "label") if r.label_based else ("query", "pos")
+    if first not in row or second not in row:
         return "missing_field"  # e.g. a to_row that left out a field
     return row
 
