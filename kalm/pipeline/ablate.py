@@ -19,9 +19,9 @@ from typing import Any
 
 from kalm.core.layout import soup_dir
 from kalm.pipeline.config import Pipeline
-from kalm.pipeline.dag import _train_config, finished_model, run_name, run_retrain
+from kalm.pipeline.dag import _train_config, finished_model, run_name, run_retrain, run_soup
 from kalm.pipeline.runner import Runner
-from kalm.pipeline.stages import COMPARE, SOUP, TRAIN
+from kalm.pipeline.stages import COMPARE, TRAIN
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,6 @@ def run_ablation(
     if pretrained is None:
         raise RuntimeError("the pretrain stage left no model")
     recipes = sorted((run.get("mined") or {}).get("finetune", {})) or None
-    base = resolve_model_path(p.pretrain.model.path, root)
     models: dict[str, str] = {"base": resolve_model_path(pc.mining.base_model, root)}
     for name, overrides in variants.items():
         finals = []
@@ -68,18 +67,7 @@ def run_ablation(
             cfg = _train_config(p.finetune, pc.finetune.overrides, decided, f"{pc.name}: ablation {name}")
             finals.append(runner.run(TRAIN, cfg=cfg, root=root, nproc=pc.finetune.nproc).output)
         out = soup_dir(root, pc.name if name == "full" else f"{pc.name}-ablate-{_slug(name)}")
-        soup = runner.run(
-            SOUP,
-            method=pc.soup.method,
-            checkpoints=finals,
-            out=out,
-            weights=pc.soup.weights,
-            eval_cfg=p.eval,
-            root=root,
-            name=out.name,
-            base=base if pc.soup.base_weight else None,
-            base_weight=pc.soup.base_weight,
-        )
+        soup = run_soup(p, runner, finals, out, out.name)
         models[name] = soup.output
         if name == "full":
             models["no soup"] = finals[0]

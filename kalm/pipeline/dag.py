@@ -17,6 +17,7 @@ import logging
 import shutil
 import time
 from collections.abc import Collection, Sequence
+from pathlib import Path
 from typing import Any
 
 from kalm.core.config import with_updates
@@ -81,6 +82,29 @@ class _Clock:
         self.timings[stage] = round(time.perf_counter() - self._t0, 3)
         self.cached[stage] = cached
         log.info("stage %s: %.1f s%s", stage, self.timings[stage], " (cache hit)" if cached else "")
+
+
+def run_soup(
+    p: Pipeline, runner: Runner, checkpoints: list[str], out: Path, name: str, force: bool = False
+) -> StageResult:
+    """The pipeline's soup of ``checkpoints`` into ``out``: its method and weights, merged with the model
+    training started from when ``soup.base_weight`` is set."""
+    from kalm.training.config import resolve_model_path
+
+    sc = p.config.soup
+    return runner.run(
+        SOUP,
+        method=sc.method,
+        checkpoints=checkpoints,
+        out=out,
+        weights=sc.weights,
+        eval_cfg=p.eval,
+        root=p.root,
+        name=name,
+        force=force,
+        base=resolve_model_path(p.pretrain.model.path, p.root) if sc.base_weight else None,
+        base_weight=sc.base_weight,
+    )
 
 
 def run_retrain(
@@ -251,24 +275,10 @@ def run_retrain(
     # ---- soup
     soup_path = soup_dir(root, pc.name)
     if "soup" in wanted:
-        from kalm.training.config import resolve_model_path
-
         clock.start()
         if not finetuned:
             raise KalmError("soup: no fine-tuned checkpoints; run the finetune stage first")
-        soup = runner.run(
-            SOUP,
-            method=pc.soup.method,
-            checkpoints=finetuned,
-            out=soup_path,
-            weights=pc.soup.weights,
-            eval_cfg=p.eval,
-            root=root,
-            name=pc.name,
-            force=force,
-            base=resolve_model_path(p.pretrain.model.path, root) if pc.soup.base_weight else None,
-            base_weight=pc.soup.base_weight,
-        )
+        soup = run_soup(p, runner, finetuned, soup_path, pc.name, force=force)
         results["soup"] = [soup]
         manifest["soup"] = soup.manifest
         clock.stop("soup", soup.cached)
