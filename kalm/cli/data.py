@@ -135,6 +135,14 @@ def data_run(
     data_root: str | None = DataRootOpt,
     recipes_dir: list[str] | None = RecipesDirOpt,
     config: str | None = ConfigOpt,
+    executor: str | None = typer.Option(
+        None, help="single | local | ray (default: the ingest config's executor.kind)."
+    ),
+    workers: int | None = typer.Option(None, help="Processes (local) or Ray CPUs (ray)."),
+    ray_address: str | None = typer.Option(
+        None,
+        help="Join a running Ray cluster (auto, ray://host:10001); else $KALM_RAY_ADDRESS, else a local Ray.",
+    ),
 ) -> None:
     """Ingest one recipe (and rebuild its stage mixture) or all recipes, through the Prefect flows."""
     setup_logging()
@@ -149,17 +157,31 @@ def data_run(
     dirs = resolved_dirs(recipes_dir)
     found = _discover(recipes_dir, name)
     cfg_path = str(Path(config).resolve()) if config else None
-    load_ingest_config(cfg_path)  # config mistakes fail before Prefect starts
+    from kalm.data.config import with_executor
+
+    # config mistakes (and a bad --executor/--workers) fail before Prefect starts
+    with_executor(load_ingest_config(cfg_path), executor, workers, ray_address)
     root = root_str(data_root)
     if name is not None:
         found.get(name)  # fail fast, before starting Prefect
         from kalm.orchestration.flows import ingest_recipe_flow
 
-        out = ingest_recipe_flow(name, root, dirs, cfg_path, force)
+        out = ingest_recipe_flow(name, root, dirs, cfg_path, force, executor, workers, ray_address)
     else:
         from kalm.orchestration.flows import ingest_stage_flow
 
-        out = ingest_stage_flow([stage] if stage else None, None, tag or None, root, dirs, cfg_path, force)
+        out = ingest_stage_flow(
+            [stage] if stage else None,
+            None,
+            tag or None,
+            root,
+            dirs,
+            cfg_path,
+            force,
+            executor,
+            workers,
+            ray_address,
+        )
     ingested = [StageResult(**r) for r in out["recipes"]]
     mixtures = [StageResult(**m) for m in out["mixtures"]]
     typer.echo(data_report_markdown("Data report", ingested, mixtures))

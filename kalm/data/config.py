@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
-from kalm.core.config import CONFIG_DIR, StrictModel, config_path, load_yaml_model
+from kalm.core.config import CONFIG_DIR, StrictModel, config_path, format_validation_error, load_yaml_model
+from kalm.core.errors import KalmError
+from kalm.data.executors import ExecutorSpec
 
 DEFAULT_CONFIG = CONFIG_DIR / "ingest.yaml"
 
@@ -49,7 +51,13 @@ class IngestConfig(StrictModel):
     batch_rows: int = Field(20_000, ge=1)
     near_dedup: NearDedupSpec = Field(default_factory=NearDedupSpec)
     decontamination: DecontamSpec = Field(default_factory=DecontamSpec)
-    workers: int = Field(2, ge=1)
+    workers: int = Field(2, ge=1)  # single engine: recipes ingested at once (threads)
+    executor: ExecutorSpec = Field(default_factory=ExecutorSpec)
+    # partitioned engine (executor kind local or ray), see kalm/data/distributed.py
+    partition_bytes: int = Field(64 << 20, ge=1024)  # source bytes per partition (JSONL ranges, row groups)
+    exact_shards: int = Field(8, ge=1, le=4096)  # hash shards of the exact-dedup reduce
+    bucket_shards: int = Field(4, ge=1, le=4096)  # shards per LSH band of the near-dedup reduce
+    keep_intermediates: bool = False  # keep the reduce's files after the mixtures are published
 
 
 def load_ingest_config(path: str | Path | None = None) -> IngestConfig:
@@ -72,3 +80,15 @@ def load_ingest_config(path: str | Path | None = None) -> IngestConfig:
     return cfg.model_copy(
         update={"decontamination": cfg.decontamination.model_copy(update={"eval_sets": sets, "eval_config": ev})}
     )
+
+
+def with_executor(
+    cfg: IngestConfig, kind: str | None = None, workers: int | None = None, address: str | None = None
+) -> IngestConfig:
+    """``cfg`` with the CLI's executor choice applied (``None`` keeps the config's value); validated."""
+    spec = cfg.executor.model_dump()
+    spec.update({k: v for k, v in {"kind": kind, "workers": workers, "address": address}.items() if v is not None})
+    try:
+        return cfg.model_copy(update={"executor": ExecutorSpec.model_validate(spec)})
+    except ValidationError as err:
+        raise KalmError(format_validation_error(err, ExecutorSpec, "--executor/--workers")) from None

@@ -143,33 +143,38 @@ def _no_invalid_unicode(obj: Any, depth: int = 0) -> bool:
 
 def read_jsonl(fs: pafs.FileSystem, files: list[str], stats: Counter[str]) -> Iterator[Record]:
     for path in files:
-        for lineno, raw in enumerate(_open_text_lines(fs, path, stats), 1):
-            if not raw.strip():
-                continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                stats["invalid_utf8_line"] += 1
-                log.warning("%s:%d: invalid UTF-8, skipped", path, lineno)
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                stats["malformed_json"] += 1
-                log.warning("%s:%d: malformed JSON (%s), skipped", path, lineno, err.msg)
-                continue
-            except RecursionError:
-                stats["malformed_json"] += 1
-                log.warning("%s:%d: JSON nested too deeply, skipped", path, lineno)
-                continue
-            if not isinstance(rec, dict):
-                stats["not_an_object"] += 1
-                continue
-            if _SURROGATE_ESCAPE.search(raw) and not _no_invalid_unicode(rec):
-                stats["invalid_utf8_line"] += 1
-                log.warning("%s:%d: a lone surrogate in a string, skipped", path, lineno)
-                continue
-            yield rec
+        yield from parse_jsonl_lines(_open_text_lines(fs, path, stats), path, stats)
+
+
+def parse_jsonl_lines(lines: Iterator[bytes], path: str, stats: Counter[str]) -> Iterator[Record]:
+    """JSON objects of ``lines`` (bytes, BOM already removed); bad lines counted by reason and skipped."""
+    for lineno, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            stats["invalid_utf8_line"] += 1
+            log.warning("%s:%d: invalid UTF-8, skipped", path, lineno)
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            stats["malformed_json"] += 1
+            log.warning("%s:%d: malformed JSON (%s), skipped", path, lineno, err.msg)
+            continue
+        except RecursionError:
+            stats["malformed_json"] += 1
+            log.warning("%s:%d: JSON nested too deeply, skipped", path, lineno)
+            continue
+        if not isinstance(rec, dict):
+            stats["not_an_object"] += 1
+            continue
+        if _SURROGATE_ESCAPE.search(raw) and not _no_invalid_unicode(rec):
+            stats["invalid_utf8_line"] += 1
+            log.warning("%s:%d: a lone surrogate in a string, skipped", path, lineno)
+            continue
+        yield rec
 
 
 def _csv_rows(lines: Iterator[str], delimiter: str, path: str, stats: Counter[str]) -> Iterator[list[str]]:

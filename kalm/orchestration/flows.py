@@ -111,10 +111,14 @@ def ingest_recipe_flow(
     recipes_dirs: list[str] | None = None,
     config_path: str | None = None,
     force: bool = False,
+    executor: str | None = None,
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
-    """Rebuild one recipe's shards (a cache hit when unchanged) and the mixture of its stage."""
+    """Rebuild one recipe's shards (a cache hit when unchanged) and the mixture of its stage.
+    ``executor``/``workers``/``ray_address`` override the ingest config's ``executor``."""
     from kalm.core.storage import DataRoot
-    from kalm.data.config import load_ingest_config
+    from kalm.data.config import load_ingest_config, with_executor
     from kalm.data.recipes import discover
 
     found = discover(recipes_dirs or [])
@@ -124,7 +128,7 @@ def ingest_recipe_flow(
         [lr],
         found,
         DataRoot.from_uri(data_root),
-        load_ingest_config(config_path),
+        with_executor(load_ingest_config(config_path), executor, workers, ray_address),
         forced={name} if force else (),
     )
     return _data_report(f"Recipe {name}", ingested, mixtures)
@@ -139,11 +143,14 @@ def ingest_stage_flow(
     recipes_dirs: list[str] | None = None,
     config_path: str | None = None,
     force: bool = False,
+    executor: str | None = None,
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Ingest the recipes of the given stages (default: both; optionally only ``recipes`` or those with one
     of ``tags``) in parallel, then build each stage's mixture from every recipe of that stage."""
     from kalm.core.storage import DataRoot
-    from kalm.data.config import load_ingest_config
+    from kalm.data.config import load_ingest_config, with_executor
     from kalm.data.recipes import discover
 
     found = discover(recipes_dirs or [])
@@ -154,7 +161,7 @@ def ingest_stage_flow(
         todo,
         found,
         DataRoot.from_uri(data_root),
-        load_ingest_config(config_path),
+        with_executor(load_ingest_config(config_path), executor, workers, ray_address),
         force=force,
         stages=wanted,
     )

@@ -16,7 +16,7 @@ from kalm.core.storage import DataRoot
 from kalm.data.config import IngestConfig
 from kalm.data.recipes import LoadedRecipe, RecipeSet
 from kalm.pipeline.runner import Runner
-from kalm.pipeline.stages import INGEST, MIXTURES
+from kalm.pipeline.stages import INGEST, MIXTURES, PARTITIONED
 
 if TYPE_CHECKING:
     from kalm.evaluation.config import EvalConfig
@@ -41,6 +41,8 @@ def run_data(
 
     The mixtures are decontaminated against every task of ``eval_cfg`` (default: the ingest config's
     ``decontamination.eval_config``), local tasks always, mteb tasks where their data is cached."""
+    if cfg.executor.kind != "single":
+        return _run_partitioned(runner, todo, universe, root, cfg, force, forced, stages, eval_cfg)
     settled = runner.map(
         INGEST,
         [{"lr": lr, "root": root, "cfg": cfg, "force": force or lr.name in forced} for lr in todo],
@@ -69,6 +71,49 @@ def run_data(
     if failed:
         # the other recipes' shards and every stage's mixture are built (a failed recipe takes part with its
         # last complete shards, if any); what depends on the failure (training on that stage) must not run
+        raise DataStageFailed(failed, ingested, mixtures)
+    return ingested, mixtures
+
+
+def _run_partitioned(
+    runner: Runner,
+    todo: Sequence[LoadedRecipe],
+    universe: RecipeSet | Sequence[LoadedRecipe],
+    root: DataRoot,
+    cfg: IngestConfig,
+    force: bool,
+    forced: Collection[str],
+    stages: Sequence[str] | None,
+    eval_cfg: EvalConfig | None,
+) -> tuple[list[StageResult], list[StageResult]]:
+    """The partitioned engine: each wanted stage as one task over every recipe of the stage (dedup is
+    across all of them); ``todo``'s recipes are rebuilt when forced, the others reuse their partitions."""
+    everyone = list(universe.values()) if isinstance(universe, RecipeSet) else list(universe)
+    wanted = list(stages) if stages is not None else sorted({lr.recipe.stage for lr in todo})
+    texts = eval_task_texts(cfg, eval_cfg, root) if wanted else []
+    again = {lr.name for lr in todo} if force else set(forced)
+    ingested: list[StageResult] = []
+    mixtures: list[StageResult] = []
+    failed: dict[str, BaseException] = {}
+    for stage in wanted:
+        recipes = sorted((lr for lr in everyone if lr.recipe.stage == stage), key=lambda x: x.name)
+        if not recipes:
+            continue
+        ing, mix, bad = runner.run(
+            PARTITIONED,
+            stage=stage,
+            recipes=recipes,
+            root=root,
+            cfg=cfg,
+            forced=sorted(again),
+            eval_texts=texts,
+        )
+        ingested += ing
+        mixtures += mix
+        failed.update({name: KalmError(msg) for name, msg in bad.items()})
+    for name, err in failed.items():
+        log.error("ingest of %s failed: %s", name, _one_line(err))
+    if failed:
         raise DataStageFailed(failed, ingested, mixtures)
     return ingested, mixtures
 

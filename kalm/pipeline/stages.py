@@ -6,6 +6,7 @@ Prefect tasks; :class:`kalm.pipeline.runner.LocalRunner` calls them directly.
 |---|---|---|
 | ``INGEST`` | :func:`kalm.data.ingest.run_ingest_recipe` | ``StageResult`` (one recipe's shards) |
 | ``MIXTURES`` | :func:`kalm.data.mixtures.run_build_stage` | ``list[StageResult]`` (one per recipe) |
+| ``PARTITIONED`` | :func:`kalm.data.distributed.run_stage_distributed` | ingest + mixture results |
 | ``MINE`` | :func:`kalm.mining.mine.run_mine_recipe` | ``StageResult`` (one recipe's negatives) |
 | ``TRAIN`` | :func:`kalm.training.launch.run_training` | ``StageResult`` (the final model) |
 | ``SOUP`` | :func:`kalm.evaluation.soup.run_soup` (+ dev scorer, S3 upload) | ``StageResult`` (the soup) |
@@ -55,6 +56,30 @@ def mixtures_stage(
     from kalm.data.mixtures import run_build_stage
 
     return run_build_stage(stage, recipe_names, root, cfg, force, eval_texts)
+
+
+def partitioned_stage(
+    stage: str,
+    recipes: Sequence[LoadedRecipe],
+    root: DataRoot,
+    cfg: IngestConfig,
+    forced: Sequence[str] = (),
+    eval_texts: Sequence[str] = (),
+) -> tuple[list[StageResult], list[StageResult], dict[str, str]]:
+    """The whole data stage of ``stage`` on the configured executor (one task drives Ray or the local
+    processes; the units never become Prefect tasks): ingest results, mixtures, failures by recipe."""
+    from kalm.data.distributed import run_stage_distributed
+    from kalm.data.executors import make_executor
+
+    with make_executor(cfg.executor) as ex:
+        ingested, mixtures, failed = run_stage_distributed(
+            stage, recipes, root, cfg, ex, forced=forced, eval_texts=eval_texts
+        )
+    return (
+        ingested,
+        mixtures,
+        {k: str(v).splitlines()[0] if str(v) else type(v).__name__ for k, v in failed.items()},
+    )
 
 
 def mine_stage(
@@ -133,9 +158,12 @@ def evaluate_stage(
 
 INGEST = Stage("ingest-recipe", ingest_stage, "ingest-{lr.name}", retries=2, tags=("data",))
 MIXTURES = Stage("build-mixtures", mixtures_stage, "mixtures-{stage}", retries=2, tags=("data",))
+PARTITIONED = Stage(
+    "data-stage", partitioned_stage, "data-{stage}-{cfg.executor.kind}", retries=1, tags=("data",)
+)
 MINE = Stage("mine-recipe", mine_stage, "mine-{stage}-{recipe}", retries=2, tags=("mining",))
 TRAIN = Stage("train", train_stage, "train-{cfg.run_name}", retries=1, tags=("training",))
 SOUP = Stage("soup", soup_stage, "soup-{method}-{name}", retries=1, tags=("soup",))
 COMPARE = Stage("compare", compare_stage, "compare", retries=2, retry_delay_s=10, tags=("eval",))
 EVALUATE = Stage("evaluate", evaluate_stage, "evaluate", retries=2, retry_delay_s=10, tags=("eval",))
-STAGES = (INGEST, MIXTURES, MINE, TRAIN, SOUP, COMPARE, EVALUATE)
+STAGES = (INGEST, MIXTURES, PARTITIONED, MINE, TRAIN, SOUP, COMPARE, EVALUATE)

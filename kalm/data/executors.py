@@ -1,0 +1,185 @@
+"""Where the distributed data stage's work units run: processes on this machine, or a Ray cluster.
+
+A unit is a call ``fn(**kwargs)`` of a module-level function that reads its inputs from the data root,
+writes its outputs there (then its completion marker) and returns a small JSON-able dict. Units never
+pass data to each other through the executor, so the executor only decides *where* a unit runs, never
+*what* it produces: outputs do not depend on the executor or the number of workers.
+
+- ``local``: ``workers`` processes (``forkserver``); 1 worker runs the units in this process. A worker
+  that dies (kill -9, out of memory) breaks the pool; the units without a result are resubmitted to a
+  fresh pool, up to ``retries`` times.
+- ``ray``: one Ray task per unit (``num_cpus=1``, Ray retries a task whose worker died). With no address
+  a local Ray of ``workers`` CPUs is started and stopped here; ``address`` (``auto``, ``ray://host:10001``,
+  or ``host:6379``) joins a running cluster, which is left running.
+
+>>> with make_executor(ExecutorSpec(kind="local", workers=1)) as ex:
+...     ex.map(divmod, [{"a": 7, "b": 2}])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Literal
+
+from pydantic import Field
+
+from kalm.core.config import StrictModel
+from kalm.core.errors import KalmError
+
+log = logging.getLogger(__name__)
+RAY_ADDRESS_ENV = "KALM_RAY_ADDRESS"
+
+
+class ExecutorSpec(StrictModel):
+    """``kind``: ``single`` (the one-process per-recipe engine), ``local`` or ``ray`` (the partitioned
+    engine of :mod:`kalm.data.distributed`); ``workers``: processes or Ray CPUs; ``address``: a running Ray
+    cluster to join (else ``$KALM_RAY_ADDRESS``, else a local Ray is started)."""
+
+    kind: Literal["single", "local", "ray"] = "single"
+    workers: int = Field(1, ge=1, le=4096)
+    address: str | None = None
+
+
+class UnitFailed(KalmError):
+    """A work unit raised: names the unit and the error in one line."""
+
+
+class Executor:
+    kind = "base"
+    workers = 1
+
+    def map(self, fn: Callable[..., dict[str, Any]], calls: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+
+def _unit_name(fn: Callable[..., Any], kw: dict[str, Any]) -> str:
+    return str(kw.get("unit", fn.__name__))
+
+
+class LocalExecutor(Executor):
+    kind = "local"
+
+    def __init__(self, workers: int = 1, retries: int = 2) -> None:
+        self.workers, self.retries = workers, retries
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _fresh_pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("forkserver"))
+        return self._pool
+
+    def map(self, fn: Callable[..., dict[str, Any]], calls: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        if self.workers == 1 or len(calls) <= 1:
+            return [_call(fn, kw) for kw in calls]
+        results: dict[int, dict[str, Any]] = {}
+        for attempt in range(self.retries + 1):
+            todo = [i for i in range(len(calls)) if i not in results]
+            if not todo:
+                break
+            pool = self._fresh_pool()
+            futs: dict[Future[dict[str, Any]], int] = {pool.submit(_call, fn, calls[i]): i for i in todo}
+            wait(futs)
+            broken = 0
+            for fut, i in futs.items():
+                try:
+                    results[i] = fut.result()
+                except BrokenProcessPool:
+                    broken += 1
+            if broken:  # a dead worker breaks the whole pool: start a new one for what is left
+                log.warning("a worker process died; %d unit(s) resubmitted (attempt %d)", broken, attempt + 2)
+                self.close()
+        missing = [i for i in range(len(calls)) if i not in results]
+        if missing:
+            raise UnitFailed(f"{len(missing)} unit(s) lost their worker process {self.retries + 1} times")
+        return [results[i] for i in range(len(calls))]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+def _call(fn: Callable[..., dict[str, Any]], kw: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return fn(**kw)
+    except KalmError:
+        raise
+    except Exception as err:  # noqa: BLE001 - one line naming the unit, not a worker traceback
+        raise UnitFailed(f"unit {_unit_name(fn, kw)} failed: {type(err).__name__}: {err}") from err
+
+
+class RayExecutor(Executor):
+    kind = "ray"
+
+    def __init__(self, workers: int = 1, address: str | None = None, retries: int = 3) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise KalmError(
+                "the ray executor needs Ray: pip install 'kalm-pipeline[ray]' (ray[data], prefect-ray)"
+            ) from None
+        self.ray, self.workers, self.retries = ray, workers, retries
+        address = address or os.environ.get(RAY_ADDRESS_ENV) or None
+        self.started = False
+        if ray.is_initialized():
+            return
+        # the workers must import kalm from the same tree as this process (a checkout, not only a wheel)
+        src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = {
+            "env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+        }
+        try:
+            if address:
+                ray.init(address=address, runtime_env=env, log_to_driver=False, logging_level=logging.WARNING)
+            else:
+                ray.init(
+                    num_cpus=workers,
+                    include_dashboard=False,
+                    runtime_env=env,
+                    log_to_driver=False,
+                    logging_level=logging.WARNING,
+                )
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise KalmError(f"cannot start or join Ray ({address or 'local'}): {err}") from None
+        self.started = True
+        if address:
+            self.workers = max(1, int(ray.cluster_resources().get("CPU", workers)))
+
+    def map(self, fn: Callable[..., dict[str, Any]], calls: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        ray = self.ray
+        remote = ray.remote(num_cpus=1, max_retries=self.retries, retry_exceptions=False)(_call)
+        refs = [remote.remote(fn, kw) for kw in calls]
+        try:
+            return list(ray.get(refs))
+        except ray.exceptions.RayTaskError as err:
+            cause = err.as_instanceof_cause()
+            if isinstance(cause, KalmError):
+                raise KalmError(str(cause).splitlines()[0]) from None
+            raise UnitFailed(str(err).splitlines()[0]) from None
+        except ray.exceptions.WorkerCrashedError as err:
+            raise UnitFailed(f"a Ray worker died {self.retries + 1} times: {err}") from None
+
+    def close(self) -> None:
+        if self.started:
+            self.ray.shutdown()
+            self.started = False
+
+
+def make_executor(spec: ExecutorSpec) -> Executor:
+    if spec.kind == "ray":
+        return RayExecutor(spec.workers, spec.address)
+    return LocalExecutor(spec.workers)
