@@ -33,6 +33,8 @@ the recipe that lost the row), ``contaminated``; precedence exact > near > conta
 from __future__ import annotations
 
 import logging
+import os
+import re
 import time
 from collections import Counter
 from collections.abc import Collection, Sequence
@@ -43,6 +45,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
@@ -119,6 +122,8 @@ def _put_split(
     root: DataRoot, d: str, prefix: str, table: pa.Table, by: np.ndarray, files: list[dict[str, Any]]
 ) -> list[int]:
     """Write ``table`` split by the integer ``by`` (sorted first) as ``<prefix>/<value>.parquet``."""
+    if len(by) == 0:
+        return []
     order = np.argsort(by, kind="stable")
     by, table = by[order], table.take(pa.array(order))
     values, starts = np.unique(by, return_index=True)
@@ -128,8 +133,14 @@ def _put_split(
     return [int(v) for v in values]
 
 
-def _read(root: DataRoot, path: str) -> pa.Table:
-    return root.read_parquet(path)
+def _ref(d: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """A file another unit reads: its path and the size and checksum its writer recorded."""
+    return {**entry, "name": f"{d}/{entry['name']}"}
+
+
+def _read(root: DataRoot, ref: dict[str, Any]) -> pa.Table:
+    """Read a unit's file, verified against its marker's size and sha256 (a one-line error if changed)."""
+    return root.read_parquet_checked(ref["name"], ref)
 
 
 # -- units -------------------------------------------------------------------------------------------
@@ -221,17 +232,19 @@ def sign_unit(
     )
 
 
-def _gather(root: DataRoot, sources: list[tuple[str, int]]) -> pa.Table | None:
-    """Concatenate (path, recipe rank) files, turning their local ``key`` into the global key."""
+def _gather(root: DataRoot, sources: list[tuple[dict[str, Any], int]]) -> pa.Table | None:
+    """Concatenate (file, recipe rank) pairs, turning their local ``key`` into the global key."""
     tables = []
-    for path, rank in sources:
-        t = _read(root, path)
+    for ref, rank in sources:
+        t = _read(root, ref)
         k = t.column("key").to_numpy() | (np.uint64(rank) << np.uint64(ROW_BITS + PART_BITS))
         tables.append(t.set_column(t.schema.get_field_index("key"), "key", pa.array(k, U64)))
     return pa.concat_tables(tables) if tables else None
 
 
-def exact_unit(unit: str, root_uri: str, out: str, sources: list[tuple[str, int]]) -> dict[str, Any]:
+def exact_unit(
+    unit: str, root_uri: str, out: str, sources: list[tuple[dict[str, Any], int]]
+) -> dict[str, Any]:
     """One hash shard: rows sharing an id keep the smallest key; the others are exact duplicates."""
     root = DataRoot.from_uri(root_uri)
     if (info := done(root, out, unit)) is not None:
@@ -253,7 +266,9 @@ def exact_unit(unit: str, root_uri: str, out: str, sources: list[tuple[str, int]
     return _finish(root, out, unit, {"dups": dups, "files": files})
 
 
-def bands_unit(unit: str, root_uri: str, out: str, sources: list[tuple[str, int]]) -> dict[str, Any]:
+def bands_unit(
+    unit: str, root_uri: str, out: str, sources: list[tuple[dict[str, Any], int]]
+) -> dict[str, Any]:
     """One (band, bucket shard): candidate edges from each bucket's smallest key to its other members."""
     root = DataRoot.from_uri(root_uri)
     if (info := done(root, out, unit)) is not None:
@@ -282,17 +297,24 @@ def bands_unit(unit: str, root_uri: str, out: str, sources: list[tuple[str, int]
     return _finish(root, out, unit, {"edges": edges, "largest_bucket": biggest, "files": files})
 
 
-def _sig_of(root: DataRoot, sig_path: str, keys: np.ndarray, num_perm: int) -> np.ndarray:
-    t = _read(root, sig_path)
-    col = t.column("sig").combine_chunks()
-    sig = np.frombuffer(col.buffers()[1], dtype=np.uint32, count=len(col) * num_perm).reshape(
-        len(col), num_perm
+def _sigs(col: pa.Array | pa.ChunkedArray, num_perm: int) -> np.ndarray:
+    """A fixed-size-binary column of signatures as a uint32 array (n, num_perm), without a copy."""
+    flat = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    buf = flat.buffers()[1]
+    n = len(flat)
+    return np.frombuffer(buf, dtype=np.uint32, count=n * num_perm, offset=flat.offset * num_perm * 4).reshape(
+        n, num_perm
     )
+
+
+def _sig_of(root: DataRoot, ref: dict[str, Any], keys: np.ndarray, num_perm: int) -> np.ndarray:
+    """Signatures of ``keys`` (all in the partition whose signature file is ``ref``)."""
+    sig = _sigs(_read(root, ref).column("sig"), num_perm)
     return sig[(keys & np.uint64(MAX_ROWS_PER_PARTITION - 1)).astype(np.int64)]
 
 
 def verify1_unit(
-    unit: str, root_uri: str, out: str, inputs: list[str], sig_path: str, num_perm: int
+    unit: str, root_uri: str, out: str, inputs: list[dict[str, Any]], sig: dict[str, Any], num_perm: int
 ) -> dict[str, Any]:
     """Edges whose smaller end is in this partition: unique pairs, that end's signature attached, sent on
     to the partition of the other end."""
@@ -300,11 +322,11 @@ def verify1_unit(
     if (info := done(root, out, unit)) is not None:
         return info
     files: list[dict[str, Any]] = []
-    t = pa.concat_tables([_read(root, f"{out}/{i}") for i in inputs])
+    t = pa.concat_tables([_read(root, i) for i in inputs])
     a, b = t.column("a").to_numpy(), t.column("b").to_numpy()
     pairs = np.unique(np.stack([a, b], axis=1), axis=0)
     a, b = pairs[:, 0], pairs[:, 1]
-    sig_a = _sig_of(root, sig_path, a, num_perm)
+    sig_a = _sig_of(root, sig, a, num_perm)
     e = pa.table(
         {
             "a": pa.array(a, U64),
@@ -319,20 +341,23 @@ def verify1_unit(
 
 
 def verify2_unit(
-    unit: str, root_uri: str, out: str, inputs: list[str], sig_path: str, num_perm: int, threshold: float
+    unit: str,
+    root_uri: str,
+    out: str,
+    inputs: list[dict[str, Any]],
+    sig: dict[str, Any],
+    num_perm: int,
+    threshold: float,
 ) -> dict[str, Any]:
     """Edges whose larger end is in this partition: kept when the signatures agree on >= threshold."""
     root = DataRoot.from_uri(root_uri)
     if (info := done(root, out, unit)) is not None:
         return info
     files: list[dict[str, Any]] = []
-    t = pa.concat_tables([_read(root, f"{out}/{i}") for i in inputs])
+    t = pa.concat_tables([_read(root, i) for i in inputs])
     a, b = t.column("a").to_numpy(), t.column("b").to_numpy()
-    col = t.column("sig_a").combine_chunks()
-    sig_a = np.frombuffer(col.buffers()[1], dtype=np.uint32, count=len(col) * num_perm).reshape(
-        len(col), num_perm
-    )
-    score = minhash.estimated_jaccard(sig_a, _sig_of(root, sig_path, b, num_perm))
+    sig_a = _sigs(t.column("sig_a"), num_perm)
+    score = minhash.estimated_jaccard(sig_a, _sig_of(root, sig, b, num_perm))
     ok = score >= threshold
     _put(
         root,
@@ -346,13 +371,13 @@ def verify2_unit(
     return _finish(root, out, unit, {"candidates": len(a), "verified": int(ok.sum()), "files": files})
 
 
-def cluster_unit(unit: str, root_uri: str, out: str, inputs: list[str]) -> dict[str, Any]:
+def cluster_unit(unit: str, root_uri: str, out: str, inputs: list[dict[str, Any]]) -> dict[str, Any]:
     """Connected components of the verified edges; every member but the smallest key is a near duplicate."""
     root = DataRoot.from_uri(root_uri)
     if (info := done(root, out, unit)) is not None:
         return info
     files: list[dict[str, Any]] = []
-    tables = [_read(root, f"{out}/{i}") for i in inputs]
+    tables = [_read(root, i) for i in inputs]
     t = pa.concat_tables(tables) if tables else None
     dups, biggest = 0, 0
     if t is not None and t.num_rows:
@@ -376,10 +401,10 @@ def apply_unit(
     unit: str,
     root_uri: str,
     out: str,
-    rows_path: str,
+    rows: dict[str, Any],
     rank: int,
-    exact: list[str],
-    near: list[str],
+    exact: list[dict[str, Any]],
+    near: list[dict[str, Any]],
     index: EvalIndex | None,
     final: str,
 ) -> dict[str, Any]:
@@ -387,14 +412,14 @@ def apply_unit(
     root = DataRoot.from_uri(root_uri)
     if (info := done(root, out, unit)) is not None:
         return info
-    table = _read(root, rows_path)
+    table = _read(root, rows)
     n = table.num_rows
     reason = np.zeros(n, dtype=np.int8)  # 0 keep, 1 exact, 2 near, 3 contaminated
     same = np.zeros(n, dtype=bool)
     shift = np.uint64(ROW_BITS + PART_BITS)
     for code, paths in ((1, exact), (2, near)):
         for path in paths:
-            d = _read(root, f"{out}/{path}")
+            d = _read(root, path)
             key, canon = d.column("key").to_numpy(), d.column("canon").to_numpy()
             row = (key & np.uint64(MAX_ROWS_PER_PARTITION - 1)).astype(np.int64)
             fresh = reason[row] == 0
@@ -483,6 +508,8 @@ def run_stage_distributed(
         d = f"{wr}/sign/{lr.name}/{fp}"
         if force or lr.name in forced:
             root.delete_dir(d)
+        else:
+            _sweep_tmp(root, d)
         todo.append(_Recipe(lr, rank, d, fp, parts, {}))
     # 1. sign
     calls: list[dict[str, Any]] = []
@@ -542,120 +569,88 @@ def run_stage_distributed(
         }
     )
     red = f"{wr}/reduce/{red_fp}"
+    if not force and (same := _unchanged(root, stage, todo, red_fp)) is not None:
+        log.info("stage %s: every recipe's partitions and the eval index unchanged, mixtures kept", stage)
+        return ingested, same, failed
+    for d in root.list_all_dirs(f"{wr}/reduce"):  # a killed run's reduce for other inputs: never resumed
+        if d != red_fp:
+            root.delete_dir(f"{wr}/reduce/{d}")
+    _sweep_tmp(root, red)
     if force:
         root.delete_dir(red)
+
     # 3. exact, 4. bands, 5. verify, 6. cluster
-    written = {(r.rank, i): {f["name"] for f in m["files"]} for r in todo for i, m in r.markers.items()}
-
-    def sources(kind: str, unit: int) -> list[tuple[str, int]]:
+    def sources(kind: str, unit: int) -> list[tuple[dict[str, Any], int]]:
         """The sign files of one exact or band unit, in (recipe, partition) order."""
-        out = []
-        for r in todo:
-            for i in sorted(r.markers):
-                name = f"{Partition(**r.markers[i]['partition']).label}.{kind}/{unit}.parquet"
-                if name in written[(r.rank, i)]:
-                    out.append((f"{r.dir}/{name}", r.rank))
-        return out
+        refs = [(_sign_file(r, i, f"{kind}/{unit}.parquet"), r.rank) for r in todo for i in sorted(r.markers)]
+        return [(ref, rank) for ref, rank in refs if ref is not None]
 
-    ex = _units(
-        executor,
-        root,
-        red,
-        exact_unit,
-        [
-            {"unit": f"x{u:04d}", "root_uri": root.uri, "out": red, "sources": sources("exact", u)}
-            for u in range(cfg.exact_shards)
-        ],
-        "exact",
-    )
-    near_files: list[str] = []
+    def calls_for(prefix: str, n: int, **extra: Any) -> list[dict[str, Any]]:
+        return [{"unit": f"{prefix}{u:04d}", "root_uri": root.uri, "out": red, **extra} for u in range(n)]
+
+    xc = calls_for("x", cfg.exact_shards)
+    for c, u in zip(xc, range(cfg.exact_shards), strict=True):
+        c["sources"] = sources("exact", u)
+    ex = _units(executor, root, red, exact_unit, xc, "exact")
     stats: dict[str, Any] = {"exact_dups": sum(m["dups"] for m in ex)}
-    mp = near_params(cfg)
+    near_by: dict[int, list[dict[str, Any]]] = {}
     if cfg.near_dedup.enabled:
-        nb, _ = mp.lsh_shape()
-        bu = _units(
-            executor,
-            root,
-            red,
-            bands_unit,
-            [
-                {"unit": f"b{u:04d}", "root_uri": root.uri, "out": red, "sources": sources("bands", u)}
-                for u in range(nb * cfg.bucket_shards)
-            ],
-            "bands",
-        )
+        mp = near_params(cfg)
+        n_units = mp.lsh_shape()[0] * cfg.bucket_shards
+        bc = calls_for("b", n_units)
+        for c, u in zip(bc, range(n_units), strict=True):
+            c["sources"] = sources("bands", u)
+        bu = _units(executor, root, red, bands_unit, bc, "bands")
         stats["candidate_edges"] = sum(m["edges"] for m in bu)
         stats["largest_bucket"] = max((m["largest_bucket"] for m in bu), default=0)
-        by_part = _route(bu, "bands/")
-        sig_of = {
-            _gp(r.rank, i): f"{r.dir}/{Partition(**m['partition']).label}.sig.parquet"
-            for r in todo
-            for i, m in r.markers.items()
-        }
+        sig_of = {_gp(r.rank, i): _sign_file(r, i, "sig.parquet") for r in todo for i in r.markers}
+        common = {"root_uri": root.uri, "out": red, "num_perm": mp.num_perm}
         v1 = _units(
             executor,
             root,
             red,
             verify1_unit,
             [
-                {
-                    "unit": f"v1-{g}",
-                    "root_uri": root.uri,
-                    "out": red,
-                    "inputs": ins,
-                    "sig_path": sig_of[g],
-                    "num_perm": mp.num_perm,
-                }
-                for g, ins in sorted(by_part.items())
+                {"unit": f"v1-{g}", "inputs": ins, "sig": sig_of[g], **common}
+                for g, ins in _route(red, bu, "bands/").items()
             ],
             "verify1",
         )
-        by_part = _route(v1, "v1/")
         v2 = _units(
             executor,
             root,
             red,
             verify2_unit,
             [
-                {
-                    "unit": f"v2-{g}",
-                    "root_uri": root.uri,
-                    "out": red,
-                    "inputs": ins,
-                    "sig_path": sig_of[g],
-                    "num_perm": mp.num_perm,
-                    "threshold": mp.threshold,
-                }
-                for g, ins in sorted(by_part.items())
+                {"unit": f"v2-{g}", "inputs": ins, "sig": sig_of[g], "threshold": mp.threshold, **common}
+                for g, ins in _route(red, v1, "v1/").items()
             ],
             "verify2",
         )
         stats["verified_edges"] = sum(m["verified"] for m in v2)
-        inputs = [f["name"] for m in v2 for f in m["files"]]
+        inputs = [_ref(red, f) for m in v2 for f in m["files"]]
         cl = _units(
             executor,
             root,
             red,
             cluster_unit,
-            [{"unit": "cluster", "root_uri": root.uri, "out": red, "inputs": sorted(inputs)}],
+            [{"unit": "cluster", "root_uri": root.uri, "out": red, "inputs": inputs}],
             "cluster",
         )
-        stats["near_dups"] = cl[0]["dups"]
-        stats["largest_cluster"] = cl[0]["largest_cluster"]
-        near_files = [f["name"] for f in cl[0]["files"]]
-    exact_by = _route(ex, "exact/")
-    near_by = _route([{"files": [{"name": n} for n in near_files]}], "near/")
+        stats.update(near_dups=cl[0]["dups"], largest_cluster=cl[0]["largest_cluster"])
+        near_by = _route(red, cl, "near/")
+    exact_by = _route(red, ex, "exact/")
     # 7. apply
     calls = []
     for r in todo:
-        for i, m in sorted(r.markers.items()):
-            g, lab = _gp(r.rank, i), Partition(**m["partition"]).label
+        for i in sorted(r.markers):
+            g = _gp(r.rank, i)
             calls.append(
                 {
-                    "unit": f"a-{r.lr.name}-{lab}",
+                    "unit": f"a-{r.lr.name}-{Partition(**r.markers[i]['partition']).label}",
                     "root_uri": root.uri,
                     "out": red,
-                    "rows_path": f"{r.dir}/{lab}.rows.parquet",
+                    "rows": _sign_file(r, i, "rows.parquet"),
                     "rank": r.rank,
                     "exact": exact_by.get(g, []),
                     "near": near_by.get(g, []),
@@ -665,12 +660,13 @@ def run_stage_distributed(
             )
     applied = _units(executor, root, red, apply_unit, calls, "apply")
     # 8. publish
-    mixtures = []
+    mixtures: list[StageResult] = []
     k = 0
     for r in todo:
         mine = applied[k : k + len(r.markers)]
         k += len(r.markers)
-        mixtures.append(_publish(root, stage, r, red, mine, red_fp, force))
+        if (pub := _publish(root, stage, r, red, mine, red_fp, force)) is not None:
+            mixtures.append(pub)
     report = {
         "stage": stage,
         "engine": f"partitioned/{executor.kind}",
@@ -678,10 +674,17 @@ def run_stage_distributed(
         "schema_version": SCHEMA_VERSION,
         "dedup": stats,
         "recipes": {
-            m.name: {"rows_out": m.rows, "drops": m.manifest["drops"], "cached": m.cached} for m in mixtures
+            m.name: {
+                "rows_out": m.rows,
+                "drops": m.manifest["drops"],
+                "cached": m.cached,
+                "input_fingerprint": m.manifest["input_fingerprint"],
+            }
+            for m in mixtures
         },
         "rows_out": sum(m.rows or 0 for m in mixtures),
         "seconds": round(time.perf_counter() - t0, 3),
+        "reduce_fingerprint": red_fp,
     }
     root.write_json(f"{mixture_root(stage)}/{MANIFEST}", report)
     if not cfg.keep_intermediates:
@@ -691,18 +694,63 @@ def run_stage_distributed(
     return ingested, mixtures, failed
 
 
+_TMP = re.compile(r".*\.tmp-[0-9a-f]{8}")
+
+
+def _sweep_tmp(root: DataRoot, d: str) -> None:
+    """Remove the half-written files (``<name>.tmp-XXXXXXXX``) a killed unit left in ``d``."""
+    sel = pafs.FileSelector(root.path(d), recursive=True, allow_not_found=True)
+    for info in root.fs.get_file_info(sel):
+        if info.type == pafs.FileType.File and _TMP.fullmatch(info.base_name):
+            log.warning("removing %s, left by a killed unit", info.path)
+            root.fs.delete_file(info.path)
+
+
+def _unchanged(root: DataRoot, stage: str, todo: list[_Recipe], red_fp: str) -> list[StageResult] | None:
+    """The published mixtures, when the last run of this stage reduced exactly these inputs and every
+    mixture it published is still there, intact; else None."""
+    rep_path = f"{mixture_root(stage)}/{MANIFEST}"
+    if not root.exists(rep_path):
+        return None
+    rep = root.read_json(rep_path)
+    if rep.get("reduce_fingerprint") != red_fp:
+        return None
+    out = []
+    for r in todo:
+        if r.lr.name not in rep.get("recipes", {}):
+            continue  # left out (0 rows) by that run
+        d = mixture_dir(stage, r.lr.name)
+        m = read_manifest(root, d)
+        if m is None or m.get("input_fingerprint") != rep["recipes"][r.lr.name].get("input_fingerprint"):
+            return None
+        if root.files_intact(d, m.get("files", [])):
+            return None
+        out.append(
+            StageResult(
+                stage="mixture",
+                name=r.lr.name,
+                outputs=[root.full_uri(d)],
+                rows=int(m["rows_out"]),
+                cached=True,
+                lineage={"input_fingerprint": m["input_fingerprint"]},
+                manifest=m,
+            )
+        )
+    return out
+
+
 def _gp(rank: int, part: int) -> int:
     return (rank << PART_BITS) | part
 
 
-def _route(markers: list[dict[str, Any]], prefix: str) -> dict[int, list[str]]:
+def _route(d: str, markers: list[dict[str, Any]], prefix: str) -> dict[int, list[dict[str, Any]]]:
     """Files ``<prefix><unit>/<gpart>.parquet`` of unit markers, grouped by their global partition."""
-    out: dict[int, list[str]] = {}
+    out: dict[int, list[dict[str, Any]]] = {}
     for m in markers:
         for f in m["files"]:
             if f["name"].startswith(prefix):
-                out.setdefault(int(f["name"].rsplit("/", 1)[1].split(".")[0]), []).append(f["name"])
-    return {g: sorted(v) for g, v in out.items()}
+                out.setdefault(int(f["name"].rsplit("/", 1)[1].split(".")[0]), []).append(_ref(d, f))
+    return {g: sorted(v, key=lambda e: e["name"]) for g, v in sorted(out.items())}
 
 
 def _run_settled(
@@ -734,14 +782,23 @@ def _units(
     return [m for m in res if m is not None]
 
 
+def _sign_file(r: _Recipe, i: int, suffix: str) -> dict[str, Any] | None:
+    """The reference to a file the sign unit of partition ``i`` wrote (None when it wrote none)."""
+    name = f"{Partition(**r.markers[i]['partition']).label}.{suffix}"
+    entry = next((f for f in r.markers[i]["files"] if f["name"] == name), None)
+    return _ref(r.dir, entry) if entry is not None else None
+
+
+def _holdouts(root: DataRoot, r: _Recipe) -> list[pa.Table]:
+    refs = [_sign_file(r, i, "holdout.parquet") for i in sorted(r.markers)]
+    return [_read(root, ref) for ref in refs if ref is not None]
+
+
 def _holdout_texts(root: DataRoot, todo: list[_Recipe]) -> list[str]:
     texts: list[str] = []
     for r in todo:
-        for m in r.markers.values():
-            name = f"{Partition(**m['partition']).label}.holdout.parquet"
-            if any(f["name"] == name for f in m["files"]):
-                t = _read(root, f"{r.dir}/{name}")
-                texts += t.column("query").to_pylist() + [p[0] for p in t.column("pos").to_pylist() if p]
+        for t in _holdouts(root, r):
+            texts += t.column("query").to_pylist() + [p[0] for p in t.column("pos").to_pylist() if p]
     return texts
 
 
@@ -769,11 +826,18 @@ def _ingest_result(root: DataRoot, r: _Recipe, cached: bool) -> StageResult:
 
 def _publish(
     root: DataRoot, stage: str, r: _Recipe, red: str, applied: list[dict[str, Any]], red_fp: str, force: bool
-) -> StageResult:
-    """Make the recipe's applied shards its mixture (kept as it is when its rows did not change)."""
+) -> StageResult | None:
+    """Make the recipe's applied shards its mixture (kept as it is when its rows did not change). A recipe
+    left with 0 rows gets no mixture (an old one is removed: nothing stale to train on)."""
     t0 = time.perf_counter()
     out = mixture_dir(stage, r.lr.name)
     files = [f for m in applied for f in m["files"]]
+    if sum(f["rows"] for f in files) == 0:
+        log.warning(
+            "stage %s: %s has 0 rows after ingest and dedup, left out of the mixtures", stage, r.lr.name
+        )
+        root.delete_dir(out)
+        return None
     fp = hash_obj({"sign": r.fp, "shards": [f["sha256"] for f in files], "schema": SCHEMA_VERSION})
     old = read_manifest(root, out)
     cached = (
@@ -792,9 +856,7 @@ def _publish(
         listed = []
         for f in files:
             name = f["name"].rsplit("/", 1)[1]
-            root.fs.copy_file(
-                root.path(f"{red}/{f['name']}"), root.path(f"{staging}/{name}")
-            ) if not root.is_local else _move(root, f"{red}/{f['name']}", f"{staging}/{name}")
+            _move(root, f"{red}/{f['name']}", f"{staging}/{name}")
             listed.append({**f, "name": name})
         lrp = r.lr.recipe
         m = {
@@ -830,18 +892,16 @@ def _publish(
 
 
 def _move(root: DataRoot, src: str, dst: str) -> None:
-    import os
-
+    """A rename on a local root; a copy on S3 (the reduce folder is deleted after the stage)."""
+    if not root.is_local:
+        root.fs.copy_file(root.path(src), root.path(dst))
+        return
     os.makedirs(os.path.dirname(root.path(dst)), exist_ok=True)
     os.replace(root.path(src), root.path(dst))
 
 
 def _publish_holdout(root: DataRoot, r: _Recipe) -> None:
-    tables = []
-    for m in r.markers.values():
-        name = f"{Partition(**m['partition']).label}.holdout.parquet"
-        if any(f["name"] == name for f in m["files"]):
-            tables.append(_read(root, f"{r.dir}/{name}"))
+    tables = _holdouts(root, r)
     ho = holdout_dir(r.lr.name)
     if not tables:
         return
