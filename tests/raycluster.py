@@ -4,6 +4,7 @@ would stop every Ray on the machine)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -59,15 +60,11 @@ def ray_cluster(tmp: Path, cpus: int = 2) -> Iterator[str]:
         ]
         procs = {p.pid: p for p in mine}
         for p in mine:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 procs.update({c.pid: c for c in p.children(recursive=True)})
-            except psutil.NoSuchProcess:
-                pass
         for p in procs.values():
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 p.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
         psutil.wait_procs(list(procs.values()), timeout=10)
         time.sleep(0.5)
         for k, v in old.items():

@@ -37,7 +37,7 @@ from tests.conftest import FAQ_YAML, faq_rows, write_jsonl
 HAVE_RAY = importlib.util.find_spec("ray") is not None  # make test installs the ray extra
 needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="the ray extra is not installed")
 
-KILLER = '''"""Maps question/answer rows; kills its own process (SIGKILL) the first time it meets "kill": true."""
+KILLER = '''"""Maps question/answer rows; kills its own process (SIGKILL) the first time it sees "kill"."""
 import os, signal
 from pathlib import Path
 from kalm.data.recipes import Recipe, SourceSpec
@@ -291,7 +291,8 @@ from kalm.data.executors import LocalExecutor
 from kalm.data.recipes import discover
 from tests.test_partitioned import _cfg
 found = discover([Path(sys.argv[1])])
-run_stage_distributed("finetune", [found.get("other"), found.get("victim")], DataRoot.from_uri(sys.argv[2]), _cfg(), LocalExecutor(1))
+recipes = [found.get("other"), found.get("victim")]
+run_stage_distributed("finetune", recipes, DataRoot.from_uri(sys.argv[2]), _cfg(), LocalExecutor(1))
 """
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import resource
 import time
 from collections import Counter
 from collections.abc import Collection, Sequence
@@ -61,7 +62,8 @@ from kalm.data.executors import Executor
 from kalm.data.ingest import READER_SKIPS, _is_holdout, _label_rows, _pair_rows, ingest_fingerprint, near_text
 from kalm.data.mixtures import EvalIndex, load_eval_texts
 from kalm.data.partitions import Partition, plan_partitions, read_partition
-from kalm.data.readers import source_fingerprint
+from kalm.data.fastpath import fast_rows
+from kalm.data.readers import resolve_files, source_fingerprint
 from kalm.data.recipes import LoadedRecipe, load_recipe_file
 
 log = logging.getLogger(__name__)
@@ -110,7 +112,10 @@ def done(root: DataRoot, d: str, unit: str) -> dict[str, Any] | None:
 
 
 def _finish(root: DataRoot, d: str, unit: str, info: dict[str, Any]) -> dict[str, Any]:
-    root.write_json(_marker(d, unit), info)  # the marker last: it says every file above is whole
+    """Write the unit's marker (last: it says every file above is whole), with the peak RSS of the process
+    that ran it (a worker, or the driver with one local worker)."""
+    info["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    root.write_json(_marker(d, unit), info)
     return info
 
 
@@ -153,17 +158,22 @@ def sign_unit(
     if (info := done(root, out, unit)) is not None:
         return info
     stats: Counter[str] = Counter()
-    records = read_partition(lr, p, stats)
-    rows_iter = (
-        _label_rows(lr, records, stats, c) if lr.recipe.label_based else _pair_rows(lr, records, stats)
-    )
-    rows = list(rows_iter)
-    if len(rows) >= MAX_ROWS_PER_PARTITION:
+    fs = resolve_files(lr.recipe.source, lr.dir)[0] if p.path.startswith("s3://") else pafs.LocalFileSystem()
+    fast = fast_rows(lr, p, stats, fs)
+    if fast is not None:
+        table, texts = fast.table, fast.near_texts
+    else:
+        records = read_partition(lr, p, stats)
+        label = lr.recipe.label_based
+        rows = list(_label_rows(lr, records, stats, c) if label else _pair_rows(lr, records, stats))
+        table = pa.Table.from_pylist(rows, schema=ROW_SCHEMA) if rows else ROW_SCHEMA.empty_table()
+        texts = [near_text(row, label) for row in rows]
+        del rows
+    if table.num_rows >= MAX_ROWS_PER_PARTITION:
         raise KalmError(
-            f"{lr.name}: {len(rows)} rows in one partition (at most {MAX_ROWS_PER_PARTITION - 1}): lower partition_bytes"
+            f"{lr.name}: {table.num_rows} rows in one partition (at most {MAX_ROWS_PER_PARTITION - 1}): "
+            "lower partition_bytes"
         )
-    table = pa.Table.from_pylist(rows, schema=ROW_SCHEMA) if rows else ROW_SCHEMA.empty_table()
-    del rows
     ids = table.column("id").to_pylist()
     ho = np.array([_is_holdout(i, lr.recipe.holdout) for i in ids], dtype=bool)
     files: list[dict[str, Any]] = []
@@ -171,6 +181,7 @@ def sign_unit(
         _put(root, out, f"{p.label}.holdout.parquet", table.filter(pa.array(ho)), files)
         table = table.filter(pa.array(~ho))
         ids = [i for i, h in zip(ids, ho, strict=True) if not h]
+        texts = [t for t, h in zip(texts, ho, strict=True) if not h]
     n = table.num_rows
     local = (np.uint64(p.index) << np.uint64(ROW_BITS)) | np.arange(n, dtype=np.uint64)
     idh = np.array([int(i, 16) for i in ids], dtype=np.uint64)
@@ -185,11 +196,8 @@ def sign_unit(
     )
     if c.near_dedup.enabled and n:
         mp = near_params(c)
-        texts = [
-            near_text({"query": q, "pos": ps}, lr.recipe.label_based)
-            for q, ps in zip(table.column("query").to_pylist(), table.column("pos").to_pylist(), strict=True)
-        ]
-        sig = minhash.signatures(texts, mp)
+        step = 8192  # in chunks: the shingle arrays of a whole partition would not stay in cache
+        sig = np.concatenate([minhash.signatures(texts[i : i + step], mp) for i in range(0, n, step)])
         bands, band_rows = mp.lsh_shape()
         bh = minhash.band_hashes(sig, bands, band_rows)
         _put(
@@ -592,6 +600,7 @@ def run_stage_distributed(
     for c, u in zip(xc, range(cfg.exact_shards), strict=True):
         c["sources"] = sources("exact", u)
     ex = _units(executor, root, red, exact_unit, xc, "exact")
+    every = [m for r in todo for m in r.markers.values()] + ex  # every unit's marker, for the report
     stats: dict[str, Any] = {"exact_dups": sum(m["dups"] for m in ex)}
     near_by: dict[int, list[dict[str, Any]]] = {}
     if cfg.near_dedup.enabled:
@@ -601,6 +610,7 @@ def run_stage_distributed(
         for c, u in zip(bc, range(n_units), strict=True):
             c["sources"] = sources("bands", u)
         bu = _units(executor, root, red, bands_unit, bc, "bands")
+        every += bu
         stats["candidate_edges"] = sum(m["edges"] for m in bu)
         stats["largest_bucket"] = max((m["largest_bucket"] for m in bu), default=0)
         sig_of = {_gp(r.rank, i): _sign_file(r, i, "sig.parquet") for r in todo for i in r.markers}
@@ -628,6 +638,7 @@ def run_stage_distributed(
             "verify2",
         )
         stats["verified_edges"] = sum(m["verified"] for m in v2)
+        every += v1 + v2
         inputs = [_ref(red, f) for m in v2 for f in m["files"]]
         cl = _units(
             executor,
@@ -638,6 +649,7 @@ def run_stage_distributed(
             "cluster",
         )
         stats.update(near_dups=cl[0]["dups"], largest_cluster=cl[0]["largest_cluster"])
+        every += cl
         near_by = _route(red, cl, "near/")
     exact_by = _route(red, ex, "exact/")
     # 7. apply
@@ -659,6 +671,8 @@ def run_stage_distributed(
                 }
             )
     applied = _units(executor, root, red, apply_unit, calls, "apply")
+    every += applied
+    stats["peak_unit_rss_mb"] = max((m.get("peak_rss_mb", 0.0) for m in every), default=0.0)
     # 8. publish
     mixtures: list[StageResult] = []
     k = 0

@@ -16,6 +16,7 @@ cluster, so the same source always gives the same partitions (and rows the same 
 
 from __future__ import annotations
 
+import io
 import logging
 from collections import Counter
 from collections.abc import Iterator
@@ -69,8 +70,8 @@ def plan_partitions(lr: LoadedRecipe, target_bytes: int) -> list[Partition]:
     parts: list[Partition] = []
     infos = fs.get_file_info(files)
     for path, info in zip(files, infos, strict=True):
-        if spec.format == "jsonl" and path.endswith(UNCOMPRESSED_JSONL) and info.size > target_bytes:
-            for start in range(0, info.size, target_bytes):
+        if spec.format == "jsonl" and path.endswith(UNCOMPRESSED_JSONL):
+            for start in range(0, max(info.size, 1), target_bytes):
                 parts.append(
                     Partition(len(parts), path, "bytes", start, min(info.size, start + target_bytes))
                 )
@@ -115,42 +116,33 @@ def read_partition(lr: LoadedRecipe, part: Partition, stats: Counter[str]) -> It
         yield from read_python_ast([part.path], stats)
 
 
-def _range_lines(fs: pafs.FileSystem, part: Partition, block: int = 1 << 20) -> Iterator[bytes]:
-    """The lines that start in ``[start, end)``: the first partial line belongs to the range before."""
+def _first_line_start(f: Any, pos: int, size: int, block: int = 1 << 16) -> int:
+    """The offset just after the first newline at or after ``pos`` (``size`` if there is none)."""
+    f.seek(pos)
+    while pos < size:
+        chunk = f.read(min(block, size - pos))
+        if not chunk:
+            break
+        nl = chunk.find(b"\n")
+        if nl >= 0:
+            return pos + nl + 1
+        pos += len(chunk)
+    return size
+
+
+def range_bytes(fs: pafs.FileSystem, part: Partition) -> bytes:
+    """The bytes of the lines that start in ``[start, end)`` (a UTF-8 BOM at the file's start removed):
+    the partial line at ``start`` belongs to the range before, the line running past ``end`` to this one."""
     with fs.open_input_file(part.path) as f:
-        pos = part.start
-        if pos > 0:
-            f.seek(pos - 1)
-            buf = b""
-            while True:  # skip to just after the first newline at or after start - 1
-                chunk = f.read(block)
-                if not chunk:
-                    return
-                nl = chunk.find(b"\n")
-                if nl >= 0:
-                    pos += nl
-                    buf = chunk[nl + 1 :]
-                    break
-                pos += len(chunk)
-        else:
-            buf = b""
-        first = part.start == 0
-        while pos < part.end:
-            nl = buf.find(b"\n")
-            while nl < 0:
-                chunk = f.read(block)
-                if not chunk:
-                    break
-                buf += chunk
-                nl = buf.find(b"\n")
-            if nl < 0:
-                if buf:
-                    yield buf[3:] if first and buf.startswith(BOM) else buf
-                return
-            line, buf = buf[: nl + 1], buf[nl + 1 :]
-            if first:
-                first = False
-                if line.startswith(BOM):
-                    line = line[len(BOM) :]
-            yield line
-            pos += nl + 1
+        size = f.size()
+        lo = 0 if part.start == 0 else _first_line_start(f, part.start - 1, size)
+        hi = 0 if part.end == 0 else _first_line_start(f, part.end - 1, size)
+        if lo >= hi:
+            return b""
+        f.seek(lo)
+        data = bytes(f.read(hi - lo))
+    return data[len(BOM) :] if lo == 0 and data.startswith(BOM) else data
+
+
+def _range_lines(fs: pafs.FileSystem, part: Partition) -> Iterator[bytes]:
+    yield from io.BytesIO(range_bytes(fs, part))
