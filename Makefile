@@ -21,6 +21,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+RAY_STAMP := $(VENV)/.installed-ray
+
+# Ray (~1 GB) only for the tests and users of --executor ray, never on the demo's path
+$(RAY_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[dev,ray]"
+	touch $(RAY_STAMP)
+
 venv: $(STAMP)
 
 lint: venv
@@ -28,14 +35,15 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+test: lint $(RAY_STAMP)
 	$(BIN)/pytest -q
 
 demo: venv
 	$(BIN)/kalm demo
 
 bench: venv
-	for b in ingest mining train pipeline; do $(BIN)/python bench/bench_$$b.py || exit 1; done
+	$(BIN)/python -m pip install -q -e ".[dev,ray,bench]"
+	for b in ingest scale mining train pipeline; do $(BIN)/python bench/bench_$$b.py || exit 1; done
 
 clean:
 	rm -rf data .pytest_cache .mypy_cache .ruff_cache

@@ -377,3 +377,61 @@ def test_corrupt_files_and_leftovers(reference: tuple[Path, dict[str, Any]], tmp
     assert not (d / "p00001.rows.parquet.tmp-0badc0de").exists()
     run_stage_distributed("finetune", recipes, root, _cfg(), LocalExecutor(1), forced=["alpha"])
     assert _result(root) == ref and not trash.exists()
+
+
+# -- the command and what reads the mixtures -----------------------------------------------------------------
+def test_cli_executor_options_and_a_failing_recipe(recipe_dir, tmp_path: Path) -> None:
+    """``kalm data run --all --executor local --workers 2`` through the Prefect flow: the good recipe's
+    mixture is built, the command exits 2 naming the failed one; bad options are one-line errors."""
+    folder = recipe_dir("alpha", faq_rows(20, "alpha"))
+    (folder / "gamma.yaml").write_text(
+        FAQ_YAML.format(name="gamma", stage="finetune").replace("raw/gamma", "raw/none")
+    )
+    data = tmp_path / "data"
+    base = [
+        sys.executable,
+        "-m",
+        "kalm",
+        "data",
+        "run",
+        "--all",
+        "--recipes-dir",
+        str(folder),
+        "--data-root",
+        str(data),
+    ]
+    for bad, why in ((["--executor", "bogus"], "executor.kind"), (["--workers", "0"], "executor.workers")):
+        proc = subprocess.run(base + bad, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-1500:]
+        assert why in proc.stderr.strip().splitlines()[-1]
+    proc = subprocess.run(
+        base + ["--stage", "finetune", "--executor", "local", "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and "gamma" in errors[0] and "Traceback" not in proc.stderr
+    root = DataRoot.from_uri(str(data))
+    m = read_manifest(root, mixture_dir("finetune", "alpha"))
+    assert m is not None and m["rows_out"] == 20
+    assert root.read_json("mixtures/finetune/_manifest.json")["engine"] == "partitioned/local"
+
+
+def test_training_reads_partitioned_mixtures(reference: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    from kalm.core.config import CONFIG_DIR
+    from kalm.training.config import load_train_config
+    from kalm.training.sampler import HomogeneousSampler
+    from kalm.training.train import data_sources
+
+    folder, ref = reference
+    _run(folder, tmp_path / "d", LocalExecutor(1))
+    cfg = load_train_config(
+        CONFIG_DIR / "finetune_demo.yaml",
+        {"data.recipes": ["alpha", "beta", "gamma"], "data.source": "mixtures", "data.stage": "finetune"},
+    )
+    sources = data_sources(cfg, DataRoot.from_uri(str(tmp_path / "d")))
+    assert {s.name: s.rows for s in sources} == {n: r["rows"] for n, r in ref.items()}
+    batch = HomogeneousSampler(sources, per_device=4, world=1, rank=0, group_size=1, seed=0).next_batch()
+    assert len(batch.queries) == 4

@@ -130,11 +130,12 @@ class RayExecutor(Executor):
             import ray
         except ImportError:
             raise KalmError(
-                "the ray executor needs Ray: pip install 'kalm-pipeline[ray]' (ray[data], prefect-ray)"
+                "the ray executor needs Ray: pip install -e '.[ray]' (ray[data] 2.60)"
             ) from None
         self.ray, self.workers, self.retries = ray, workers, retries
         address = address or os.environ.get(RAY_ADDRESS_ENV) or None
         self.started = False
+        self.joined = False
         if ray.is_initialized():
             return
         # the workers must import kalm from the same tree as this process (a checkout, not only a wheel)
@@ -156,6 +157,7 @@ class RayExecutor(Executor):
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise KalmError(f"cannot start or join Ray ({address or 'local'}): {err}") from None
         self.started = True
+        self.joined = bool(address)
         if address:
             self.workers = max(1, int(ray.cluster_resources().get("CPU", workers)))
 

@@ -31,17 +31,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from kalm.data import minhash
-from kalm.data.config import IngestConfig
-from kalm.data.readers import iter_records, source_fingerprint
-from kalm.data.normalize import comparison_form
-from kalm.data.rows import clean_row, clean_text, map_record
 from kalm.core.hashing import hash_obj
-from kalm.data.recipes import LoadedRecipe
-from kalm.core.schema import ROW_SCHEMA, SCHEMA_VERSION, row_id
 from kalm.core.layout import MANIFEST, holdout_dir, shard_dir
 from kalm.core.results import StageResult
+from kalm.core.schema import ROW_SCHEMA, SCHEMA_VERSION, row_id
 from kalm.core.storage import DataRoot
+from kalm.data import minhash
+from kalm.data.config import IngestConfig
+from kalm.data.normalize import comparison_form
+from kalm.data.readers import iter_records, source_fingerprint
+from kalm.data.recipes import LoadedRecipe
+from kalm.data.rows import clean_row, clean_text, map_record
 
 log = logging.getLogger(__name__)
 # Reasons counted by the readers, before a record exists (they add to rows_in).

@@ -23,16 +23,16 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from kalm.core.errors import KalmError
+from kalm.core.hashing import hash_obj
+from kalm.core.layout import MANIFEST, holdout_dir, mixture_dir, mixture_root, shard_dir
+from kalm.core.results import StageResult
+from kalm.core.schema import SCHEMA_VERSION
+from kalm.core.storage import DataRoot, read_manifest, read_rows
 from kalm.data import minhash
 from kalm.data.config import DecontamSpec, IngestConfig
 from kalm.data.ingest import near_text
 from kalm.data.normalize import comparison_form
-from kalm.core.errors import KalmError
-from kalm.core.hashing import hash_obj
-from kalm.core.schema import SCHEMA_VERSION
-from kalm.core.layout import MANIFEST, holdout_dir, mixture_dir, mixture_root, shard_dir
-from kalm.core.results import StageResult
-from kalm.core.storage import DataRoot, read_manifest, read_rows
 
 log = logging.getLogger(__name__)
 

@@ -27,10 +27,10 @@ from typing import Any
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from kalm.data.normalize import has_invalid_unicode
 from kalm.core.errors import KalmError
-from kalm.data.recipes import SourceSpec
 from kalm.core.storage import s3_filesystem
+from kalm.data.normalize import has_invalid_unicode
+from kalm.data.recipes import SourceSpec
 
 log = logging.getLogger(__name__)
 Record = dict[str, Any]
