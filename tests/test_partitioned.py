@@ -400,7 +400,7 @@ def test_cli_executor_options_and_a_failing_recipe(recipe_dir, tmp_path: Path) -
         "--data-root",
         str(data),
     ]
-    for bad, why in ((["--executor", "bogus"], "executor.kind"), (["--workers", "0"], "executor.workers")):
+    for bad, why in ((["--executor", "bogus"], "'kind'"), (["--workers", "0"], "'workers'")):
         proc = subprocess.run(base + bad, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-1500:]
         assert why in proc.stderr.strip().splitlines()[-1]
@@ -435,3 +435,167 @@ def test_training_reads_partitioned_mixtures(reference: tuple[Path, dict[str, An
     assert {s.name: s.rows for s in sources} == {n: r["rows"] for n, r in ref.items()}
     batch = HomogeneousSampler(sources, per_device=4, world=1, rank=0, group_size=1, seed=0).next_batch()
     assert len(batch.queries) == 4
+
+
+# -- the fast path gives the per-row path's rows, or declines ---------------------------------------------
+def _line(q: Any, a: Any, **extra: Any) -> bytes:
+    return json.dumps({"question": q, "answer": a, **extra}).encode() + b"\n"
+
+
+FAST_CASES: dict[str, tuple[bytes, str]] = {
+    "plain": (_line("what is it", "hello world") + _line("how are you", "fine thanks"), ""),
+    "ascii controls and spaces": (_line("what\x1c is\x0b it \x7f", "hel\x1flo \t world") + b"   \n\n", ""),
+    "keep newlines": (_line("what is it", " a \n\n b \r\n c "), "filters: {keep_newlines: true}\n"),
+    "truncate to a space": (_line("what is it", "hello world foo"), "filters: {truncate_chars: 6}\n"),
+    "empty and short": (
+        _line("", "abc def") + _line("abc", "") + _line("ab", "abcd") + _line(None, "x y z"),
+        "",
+    ),
+    "unicode rows": (_line("Straße İ ﬁ", "Ｆｕｌｌ\u00a0width é") + _line("plain ascii", "row here"), ""),
+    "crlf lines": (_line("what is it", "hello world")[:-1] + b"\r\n" + _line("b c d", "e f g"), ""),
+    # the per-row path must judge these (and count them by reason): the fast path declines
+    "two objects on a line": (_line("a b c", "d e f")[:-1] + _line("g h i", "j k l"), ""),
+    "bare carriage return": (_line("a b c", "d e f")[:-1] + b"\r" + _line("g h i", "j k l"), ""),
+    "null line": (_line("a b c", "d e f") + b"null\n" + _line("g h i", "j k l"), ""),
+    "bad utf-8 elsewhere": (_line("a b c", "d e f")[:-2] + b',"x":"\xff"}\n', ""),
+    "deep nesting elsewhere": (
+        _line("a b c", "d e f")[:-2] + b',"x":' + b"[" * 3000 + b"]" * 3000 + b"}\n",
+        "",
+    ),
+    "form feed around": (b"\x0c" + _line("a b c", "d e f"), ""),
+    "number in a field": (_line(12345, "a list of words"), ""),
+}
+
+
+@pytest.mark.parametrize("case", list(FAST_CASES))
+def test_fast_path_equals_the_per_row_path(case: str, tmp_path: Path) -> None:
+    import pyarrow.fs as pafs
+
+    from kalm.core.schema import ROW_SCHEMA
+    from kalm.data.fastpath import fast_rows
+
+    buf, extra = FAST_CASES[case]
+    (tmp_path / "raw" / "r").mkdir(parents=True)
+    (tmp_path / "raw" / "r" / "a.jsonl").write_bytes(buf)
+    (tmp_path / "r.yaml").write_text(FAQ_YAML.format(name="r", stage="finetune") + extra)
+    lr = load_recipe_file(tmp_path / "r.yaml")
+    (part,) = plan_partitions(lr, 1 << 20)
+    fast_stats, slow_stats = Counter(), Counter()
+    fast = fast_rows(lr, part, fast_stats, pafs.LocalFileSystem())  # must not crash (Arrow does on "null")
+    slow = list(_pair_rows(lr, read_partition(lr, part, slow_stats), slow_stats))
+    declines = list(FAST_CASES).index(case) >= list(FAST_CASES).index("two objects on a line")
+    assert (fast is None) == declines
+    if fast is not None:
+        assert fast.table.equals(pa.Table.from_pylist(slow, schema=ROW_SCHEMA))
+        assert fast.near_texts == [near_text(r) for r in slow]
+        assert fast_stats == slow_stats
+
+
+# -- force, held-out rows, limits ----------------------------------------------------------------------------
+def test_force_rebuilds_from_new_rows_and_holdout_follows_the_recipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kalm.core.layout import holdout_dir
+    from kalm.data import units
+
+    folder = tmp_path / "recipes"
+    (folder / "raw" / "r").mkdir(parents=True)
+    write_jsonl(folder / "raw" / "r" / "part-0.jsonl", faq_rows(200, "h"))
+    (folder / "r.yaml").write_text(FAQ_YAML.format(name="r", stage="finetune") + "holdout: 0.3\n")
+    root = DataRoot.from_uri(str(tmp_path / "d"))
+
+    def run(**kw: Any) -> Any:
+        _, mix, failed = run_stage_distributed(
+            "finetune", [discover([folder]).get("r")], root, _cfg(), LocalExecutor(1), **kw
+        )
+        assert not failed, failed
+        return mix[0]
+
+    first = run()
+    held = read_rows(root, holdout_dir("r"), ["id"]).column("id").to_pylist()
+    assert 30 < len(held) < 90 and first.rows == 200 - len(held)
+    assert not set(held) & set(read_rows(root, mixture_dir("finetune", "r"), ["id"]).column("id").to_pylist())
+    orig = units.fast_rows
+
+    def one_row_fewer(*args: Any) -> Any:  # a code change in mapping: the same inputs now give other rows
+        fr = orig(*args)
+        if fr is not None:
+            fr.table, fr.near_texts = fr.table.slice(1), fr.near_texts[1:]
+        return fr
+
+    monkeypatch.setattr(units, "fast_rows", one_row_fewer)
+    assert run().cached  # nothing changed as far as the inputs know
+    again = run(forced=["r"])
+    assert not again.cached and again.rows < first.rows  # not the old mixture called cached
+    monkeypatch.setattr(units, "fast_rows", orig)
+    (folder / "r.yaml").write_text(FAQ_YAML.format(name="r", stage="finetune"))  # no held-out rows now
+    assert run().rows == 200 and read_manifest(root, holdout_dir("r")) is None
+
+
+def test_partition_limits_are_one_line_errors(tmp_path: Path) -> None:
+    folder = tmp_path / "recipes"
+    (folder / "raw" / "r").mkdir(parents=True)
+    write_jsonl(folder / "raw" / "r" / "part-0.jsonl", faq_rows(400))
+    (folder / "r.yaml").write_text(FAQ_YAML.format(name="r", stage="finetune"))
+    from kalm.data import distributed
+
+    root = DataRoot.from_uri(str(tmp_path / "d"))
+    lr = discover([folder]).get("r")
+    cfg = _cfg().model_copy(update={"partition_bytes": 1024})
+    old = distributed.MAX_PARTITIONS
+    try:
+        distributed.MAX_PARTITIONS = 10
+        _, _, failed = run_stage_distributed("finetune", [lr], root, cfg, LocalExecutor(1))
+    finally:
+        distributed.MAX_PARTITIONS = old
+    assert "raise partition_bytes" in str(failed["r"])
+
+
+RAY_DRIVER = """
+import sys
+from pathlib import Path
+from kalm.core.storage import DataRoot
+from kalm.data.distributed import run_stage_distributed
+from kalm.data.executors import RayExecutor
+from kalm.data.recipes import discover
+from tests.test_partitioned import _cfg
+found = discover([Path(sys.argv[1])])
+with RayExecutor(2, address=sys.argv[3]) as ex:
+    run_stage_distributed("finetune", [found.get("other")], DataRoot.from_uri(sys.argv[2]), _cfg(), ex)
+"""
+
+
+@needs_ray
+def test_ray_driver_killed_resumes(tmp_path: Path, ray_address: str) -> None:
+    """SIGKILL of the driver from outside, once some partitions are signed; the rerun signs only the rest
+    and gives the uninterrupted result."""
+    import time
+
+    folder = tmp_path / "recipes"
+    (folder / "raw" / "other").mkdir(parents=True)
+    (folder / "other.yaml").write_text(FAQ_YAML.format(name="other", stage="finetune"))
+    write_jsonl(folder / "raw" / "other" / "part-0.jsonl", faq_rows(3000, "big", seed=11))
+    ref = _run(folder, tmp_path / "ref", LocalExecutor(1))
+    root_dir = tmp_path / "d"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-c", RAY_DRIVER, str(folder), str(root_dir), ray_address]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    n_parts = len(plan_partitions(discover([folder]).get("other"), _cfg().partition_bytes))
+    deadline = time.time() + 240
+    markers: list[Path] = []
+    while time.time() < deadline and proc.poll() is None:
+        markers = list(root_dir.glob("work/finetune/sign/other/*/_markers/*.json"))
+        if len(markers) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    time.sleep(2)  # units already running may still finish and leave their markers
+    done_before = {
+        m: m.stat().st_mtime_ns for m in root_dir.glob("work/finetune/sign/other/*/_markers/*.json")
+    }
+    assert 3 <= len(done_before) < n_parts
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert {m: m.stat().st_mtime_ns for m in done_before} == done_before  # finished partitions not redone
+    assert _result(DataRoot.from_uri(str(root_dir))) == ref

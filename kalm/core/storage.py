@@ -217,10 +217,11 @@ class DataRoot:
         self.delete_dir(staging)
 
     # -- parquet -----------------------------------------------------------------------------------
-    def write_parquet(self, rel: str, table: pa.Table) -> dict[str, Any]:
-        """Write ``table`` (zstd) and return what a manifest records of the file: ``bytes`` and ``sha256``."""
+    def write_parquet(self, rel: str, table: pa.Table, compression: str = "zstd") -> dict[str, Any]:
+        """Write ``table`` (zstd; intermediates read once may pass a cheaper codec) and return what a
+        manifest records of the file: ``bytes`` and ``sha256``."""
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd")
+        pq.write_table(table, sink, compression=compression)
         data = sink.getvalue().to_pybytes()
         self.write_bytes(rel, data)
         return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}

@@ -3,7 +3,8 @@ recipes) and decontaminated in work units that run on any executor (:mod:`kalm.d
 
 Identity is data: each recipe's source is split into partitions from its sorted file listing
 (:mod:`kalm.data.partitions`), and row ``i`` of partition ``p`` of the recipe ranked ``k`` (by name) in
-the stage has the key ``k << 44 | p << 24 | i``. The smallest key is the first row in recipe-name, file and
+the stage has the key ``k << 52 | p << 28 | i`` (up to 4,096 recipes per stage, 16M partitions per recipe,
+268M rows per partition). The smallest key is the first row in recipe-name, file and
 line order: the row a duplicate cluster keeps (what the single-process engine keeps too).
 
 Units, each writing its files, then a marker listing them (a unit is done when its marker's files are
@@ -33,6 +34,7 @@ the recipe that lost the row), ``contaminated``; precedence exact > near > conta
 from __future__ import annotations
 
 import logging
+import resource
 import time
 from collections.abc import Collection, Sequence
 from typing import Any
@@ -54,6 +56,8 @@ from kalm.data.readers import source_fingerprint
 from kalm.data.recipes import LoadedRecipe
 from kalm.data.units import (
     ENGINE_VERSION,
+    MAX_PARTITIONS,
+    MAX_RECIPES,
     PART_BITS,
     SignedRecipe,
     apply_unit,
@@ -74,18 +78,11 @@ log = logging.getLogger(__name__)
 
 
 def _run(executor: Executor, fn: Any, calls: list[dict[str, Any]], what: str) -> list[dict[str, Any]]:
-    t0 = time.perf_counter()
-    out = executor.map(fn, calls) if calls else []
-    if calls:
-        log.info(
-            "%s: %d unit(s) in %.1f s on %s x%d",
-            what,
-            len(calls),
-            time.perf_counter() - t0,
-            executor.kind,
-            executor.workers,
-        )
-    return out
+    out = _run_settled(executor, fn, calls, what)
+    for res in out:
+        if isinstance(res, KalmError):
+            raise res
+    return out  # type: ignore[return-value]
 
 
 def run_stage_distributed(
@@ -113,9 +110,15 @@ def run_stage_distributed(
         )
     cfg_json = cfg.model_dump(mode="json")
     todo: list[SignedRecipe] = []
+    if len(recipes) > MAX_RECIPES:
+        raise KalmError(f"stage {stage}: {len(recipes)} recipes, the partitioned engine takes at most {MAX_RECIPES}")
     for rank, lr in enumerate(sorted(recipes, key=lambda x: x.name)):
         try:
             parts = plan_partitions(lr, cfg.partition_bytes)
+            if len(parts) > MAX_PARTITIONS:
+                raise KalmError(
+                    f"{lr.name}: {len(parts)} partitions (at most {MAX_PARTITIONS}): raise partition_bytes"
+                )
             src = hash_obj(source_fingerprint(lr.recipe.source, lr.dir))
         except KalmError as err:
             failed[lr.name] = err
@@ -157,7 +160,7 @@ def run_stage_distributed(
                 owners.append(r)
     cached_sign = {r.lr.name: len(r.markers) == len(r.parts) for r in todo}
     for r, res in zip(owners, _run_settled(executor, sign_unit, calls, "sign"), strict=True):
-        if isinstance(res, BaseException):
+        if isinstance(res, KalmError):
             failed.setdefault(r.lr.name, res)
         else:
             r.markers[Partition(**res["partition"]).index] = res
@@ -187,19 +190,23 @@ def run_stage_distributed(
         )
     red_fp = hash_obj(
         {
-            "sign": [(r.lr.name, r.fp) for r in todo],
+            # the sign outputs' checksums, not only their fingerprints: a forced re-sign by changed code
+            # must not reuse a reduce (or a published mixture) of the old rows
+            "sign": [(r.lr.name, r.fp, [f.get("sha256") for m in r.markers.values() for f in m["files"]]) for r in todo],
             "near": cfg.near_dedup.model_dump(),
             "eval": index.fingerprint if index else None,
             "engine": ENGINE_VERSION,
         }
     )
     red = f"{wr}/reduce/{red_fp}"
-    if not force and (same := unchanged_stage(root, stage, todo, red_fp)) is not None:
-        log.info("stage %s: every recipe's partitions and the eval index unchanged, mixtures kept", stage)
-        return ingested, same, failed
     for d in root.list_all_dirs(f"{wr}/reduce"):  # a killed run's reduce for other inputs: never resumed
         if d != red_fp:
             root.delete_dir(f"{wr}/reduce/{d}")
+    if not force and (same := unchanged_stage(root, stage, todo, red_fp)) is not None:
+        log.info("stage %s: every recipe's partitions and the eval index unchanged, mixtures kept", stage)
+        if not cfg.keep_intermediates:
+            root.delete_dir(red)  # left by a run killed after it published
+        return ingested, same, failed
     sweep_tmp(root, red)
     if force:
         root.delete_dir(red)
@@ -341,20 +348,20 @@ def _route(d: str, markers: list[dict[str, Any]], prefix: str) -> dict[int, list
 
 def _run_settled(
     executor: Executor, fn: Any, calls: list[dict[str, Any]], what: str
-) -> list[dict[str, Any] | BaseException]:
-    """Like :func:`_run`, but a failing unit yields its error instead of failing the others."""
+) -> list[dict[str, Any] | KalmError]:
+    """Run ``calls``; a failing unit yields its one-line error in its place instead of failing the others.
+    Logs the phase's time and the peak RSS of the units' processes (and of the driver)."""
     if not calls:
         return []
-    try:
-        return list(_run(executor, fn, calls, what))
-    except KalmError:
-        out: list[dict[str, Any] | BaseException] = []
-        for c in calls:  # find which: reruns only the unfinished ones (the others return their marker)
-            try:
-                out.append(executor.map(fn, [c])[0])
-            except KalmError as err:
-                out.append(err)
-        return out
+    t0 = time.perf_counter()
+    out = executor.map_settled(fn, calls)
+    peak = max((m.get("peak_rss_mb", 0.0) for m in out if isinstance(m, dict)), default=0.0)
+    log.info(
+        "%s: %d unit(s) in %.1f s on %s x%d; peak RSS %.0f MB per unit, %.0f MB in the driver",
+        what, len(calls), time.perf_counter() - t0, executor.kind, executor.workers, peak,
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
+    return out
 
 
 def _units(

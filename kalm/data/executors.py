@@ -49,12 +49,24 @@ class UnitFailed(KalmError):
     """A work unit raised: names the unit and the error in one line."""
 
 
+Result = dict[str, Any]
+
+
 class Executor:
     kind = "base"
     workers = 1
 
-    def map(self, fn: Callable[..., dict[str, Any]], calls: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    def map_settled(self, fn: Callable[..., Result], calls: Sequence[dict[str, Any]]) -> list[Result | KalmError]:
+        """Run every call to its end; a failed unit's one-line error takes its place in the list."""
         raise NotImplementedError
+
+    def map(self, fn: Callable[..., Result], calls: Sequence[dict[str, Any]]) -> list[Result]:
+        """Every call's result in order; the first failure (in call order) is raised."""
+        out = self.map_settled(fn, calls)
+        for res in out:
+            if isinstance(res, KalmError):
+                raise res
+        return out  # type: ignore[return-value]
 
     def __enter__(self) -> Executor:
         return self
@@ -82,16 +94,16 @@ class LocalExecutor(Executor):
             self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("forkserver"))
         return self._pool
 
-    def map(self, fn: Callable[..., dict[str, Any]], calls: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    def map_settled(self, fn: Callable[..., Result], calls: Sequence[dict[str, Any]]) -> list[Result | KalmError]:
         if self.workers == 1 or len(calls) <= 1:
-            return [_call(fn, kw) for kw in calls]
-        results: dict[int, dict[str, Any]] = {}
+            return [_settle(fn, kw) for kw in calls]
+        results: dict[int, Result | KalmError] = {}
         for attempt in range(self.retries + 1):
             todo = [i for i in range(len(calls)) if i not in results]
             if not todo:
                 break
             pool = self._fresh_pool()
-            futs: dict[Future[dict[str, Any]], int] = {pool.submit(_call, fn, calls[i]): i for i in todo}
+            futs: dict[Future[Result | KalmError], int] = {pool.submit(_settle, fn, calls[i]): i for i in todo}
             wait(futs)
             broken = 0
             for fut, i in futs.items():
@@ -102,9 +114,12 @@ class LocalExecutor(Executor):
             if broken:  # a dead worker breaks the whole pool: start a new one for what is left
                 log.warning("a worker process died; %d unit(s) resubmitted (attempt %d)", broken, attempt + 2)
                 self.close()
-        missing = [i for i in range(len(calls)) if i not in results]
-        if missing:
-            raise UnitFailed(f"{len(missing)} unit(s) lost their worker process {self.retries + 1} times")
+        for i in range(len(calls)):
+            if i not in results:
+                results[i] = UnitFailed(
+                    f"unit {_unit_name(fn, calls[i])} lost its worker process {self.retries + 1} times "
+                    "(killed, or out of memory)"
+                )
         return [results[i] for i in range(len(calls))]
 
     def close(self) -> None:
@@ -113,13 +128,15 @@ class LocalExecutor(Executor):
             self._pool = None
 
 
-def _call(fn: Callable[..., dict[str, Any]], kw: dict[str, Any]) -> dict[str, Any]:
+def _settle(fn: Callable[..., Result], kw: dict[str, Any]) -> Result | KalmError:
+    """The unit's result, or its error as a one-line KalmError naming the unit (returned, not raised, so
+    the executor can tell a unit's failure from a dead worker)."""
     try:
         return fn(**kw)
-    except KalmError:
-        raise
+    except KalmError as err:
+        return KalmError(str(err).splitlines()[0] if str(err) else type(err).__name__)
     except Exception as err:  # noqa: BLE001 - one line naming the unit, not a worker traceback
-        raise UnitFailed(f"unit {_unit_name(fn, kw)} failed: {type(err).__name__}: {err}") from err
+        return UnitFailed(f"unit {_unit_name(fn, kw)} failed: {type(err).__name__}: {err}")
 
 
 class RayExecutor(Executor):
@@ -161,19 +178,18 @@ class RayExecutor(Executor):
         if address:
             self.workers = max(1, int(ray.cluster_resources().get("CPU", workers)))
 
-    def map(self, fn: Callable[..., dict[str, Any]], calls: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    def map_settled(self, fn: Callable[..., Result], calls: Sequence[dict[str, Any]]) -> list[Result | KalmError]:
         ray = self.ray
-        remote = ray.remote(num_cpus=1, max_retries=self.retries, retry_exceptions=False)(_call)
+        remote = ray.remote(num_cpus=1, max_retries=self.retries, retry_exceptions=False)(_settle)
         refs = [remote.remote(fn, kw) for kw in calls]
-        try:
-            return list(ray.get(refs))
-        except ray.exceptions.RayTaskError as err:
-            cause = err.as_instanceof_cause()
-            if isinstance(cause, KalmError):
-                raise KalmError(str(cause).splitlines()[0]) from None
-            raise UnitFailed(str(err).splitlines()[0]) from None
-        except ray.exceptions.WorkerCrashedError as err:
-            raise UnitFailed(f"a Ray worker died {self.retries + 1} times: {err}") from None
+        out: list[Result | KalmError] = []
+        for ref, kw in zip(refs, calls, strict=True):  # every ref to its end: none left running
+            try:
+                out.append(ray.get(ref))
+            except ray.exceptions.RayError as err:  # the worker or node died (retries spent), OOM, lost object
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                out.append(UnitFailed(f"unit {_unit_name(fn, kw)} failed on Ray: {type(err).__name__}: {first}"))
+        return out
 
     def close(self) -> None:
         if self.started:

@@ -36,7 +36,7 @@ from kalm.data.recipes import LoadedRecipe
 from kalm.data.rows import clean_row, map_record
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-_CONTROL_ASCII = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"  # normalize.py's _CONTROL, restricted to ASCII
+CONTROL_ASCII = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"  # normalize.py's _CONTROL, restricted to ASCII
 
 
 @dataclass
@@ -70,14 +70,43 @@ def _read(lr: LoadedRecipe, part: Partition, fs: pafs.FileSystem) -> pa.Table | 
             return None
         return _valid(t)
     buf = range_bytes(fs, part)
-    if _SURROGATE_ESCAPE.search(buf):
+    lines = _plain_object_lines(buf)
+    if lines is None:
         return None
     schema = pa.schema([(c, pa.string()) for c in src])
     opts = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
     try:
-        return _valid(pj.read_json(io.BytesIO(buf), parse_options=opts))
+        t = pj.read_json(io.BytesIO(buf), parse_options=opts)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return None  # a line the per-row path must judge (and count) itself
+    return _valid(t) if t.num_rows == lines else None  # e.g. two objects on one line: the per-row path
+
+
+MAX_BRACKETS = 512  # a line with fewer brackets nests less deep than Python's json recursion limit
+
+
+def _plain_object_lines(buf: bytes) -> int | None:
+    """The number of non-blank lines when every one is a JSON object Python's reader would take as it is
+    (valid UTF-8, no lone ``\\r``, no surrogate escape, not nested near the recursion limit), else None.
+    These checks come before Arrow, whose reader crashes on some inputs (a ``null`` line) and accepts
+    others that Python rejects."""
+    if _SURROGATE_ESCAPE.search(buf) or buf.count(b"\r") != buf.count(b"\r\n"):
+        return None
+    try:
+        buf.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    n = 0
+    for line in buf.split(b"\n"):
+        if not line.strip():
+            continue  # blank, as the per-row reader skips it
+        j = line.strip(b" \t\r")  # JSON's own whitespace only (Python rejects a form feed around an object)
+        if j != line.strip() or not (j.startswith(b"{") and j.endswith(b"}")):
+            return None
+        if line.count(b"{") + line.count(b"[") > MAX_BRACKETS:
+            return None
+        n += 1
+    return n
 
 
 def _valid(t: pa.Table) -> pa.Table | None:
@@ -90,7 +119,7 @@ def _valid(t: pa.Table) -> pa.Table | None:
 
 
 def _normalize(e: pl.Expr, keep_newlines: bool) -> pl.Expr:
-    e = e.str.replace_all(_CONTROL_ASCII, "")
+    e = e.str.replace_all(CONTROL_ASCII, "")
     if keep_newlines:
         return e.str.replace_all(r"[^\S\n]+", " ").str.replace_all(r"\s*\n\s*", "\n").str.strip_chars()
     return e.str.replace_all(r"\s+", " ").str.strip_chars()
@@ -148,7 +177,9 @@ def fast_rows(lr: LoadedRecipe, part: Partition, stats: Counter[str], fs: pafs.F
     )
     # the comparison form of a normalised ASCII text is its lower case (newlines kept by the filters
     # become spaces there)
-    p_cmp = pl.col("pl").str.replace_all(r"\s+", " ").str.strip_chars() if f.keep_newlines else pl.col("pl")
+    # (a truncated one may end in a space, which the comparison form strips)
+    p_cmp = pl.col("pl").str.replace_all(r"\s+", " ") if f.keep_newlines else pl.col("pl")
+    p_cmp = p_cmp.str.strip_chars()
     fast = fast.with_columns(key=pl.col("ql") + "\x1f" + pl.col("pl"), near=pl.col("ql") + " \x1f " + p_cmp)
     slow_rows, slow_lines, slow_near = [], [], []
     for line, q_raw, p_raw in df.filter(~pl.col("simple")).select("line", "q_raw", "p_raw").iter_rows():

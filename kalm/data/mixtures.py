@@ -65,9 +65,13 @@ class EvalIndex:
             fingerprint=hash_obj([texts, spec.threshold, p.num_perm, p.ngram, p.seed]),
         )
 
-    def contaminated(self, texts: list[str]) -> np.ndarray:
-        """Boolean per text: equal (comparison form) to an eval text or near-matching one."""
-        texts = [comparison_form(t) for t in texts]
+    def contaminated(self, texts: list[str], forms: bool = False) -> np.ndarray:
+        """Boolean per text: equal (comparison form) to an eval text or near-matching one. ``forms``: the
+        texts are already in comparison form."""
+        if not forms:
+            texts = [comparison_form(t) for t in texts]
+        if not self.keys:
+            return np.zeros(len(texts), dtype=bool)
         hit = np.array([t in self.keys for t in texts], dtype=bool)
         if len(self.sig) == 0 or not texts:
             return hit

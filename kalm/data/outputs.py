@@ -19,7 +19,7 @@ from kalm.core.layout import MANIFEST, holdout_dir, mixture_dir, mixture_root
 from kalm.core.results import StageResult
 from kalm.core.schema import SCHEMA_VERSION
 from kalm.core.storage import DataRoot, read_manifest
-from kalm.data.units import SignedRecipe, holdouts
+from kalm.data.units import SignedRecipe, holdouts, sign_file
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ def publish_recipe(
     t0 = time.perf_counter()
     out = mixture_dir(stage, r.lr.name)
     files = [f for m in applied for f in m["files"]]
+    publish_holdout(root, r)  # first: decontamination already counted these rows as eval rows
     if sum(f["rows"] for f in files) == 0:
         log.warning(
             "stage %s: %s has 0 rows after ingest and dedup, left out of the mixtures", stage, r.lr.name
@@ -151,7 +152,6 @@ def publish_recipe(
         }
         root.write_json(f"{staging}/{MANIFEST}", m)
         root.publish_dir(staging, out)
-        publish_holdout(root, r)
         old = m
     assert old is not None
     return StageResult(
@@ -176,17 +176,24 @@ def move_file(root: DataRoot, src: str, dst: str) -> None:
 
 
 def publish_holdout(root: DataRoot, r: SignedRecipe) -> None:
-    tables = holdouts(root, r)
+    """Make ``holdout/<recipe>/`` the recipe's held-out rows (exact copies once), or remove it when it has
+    none; kept as it is when the rows are the same. Runs on every publish, cached mixture or not, so a
+    changed ``holdout`` (or a kill between the two publishes) never leaves stale eval rows."""
     ho = holdout_dir(r.lr.name)
+    refs = [sign_file(r, i, "holdout.parquet") for i in sorted(r.markers)]
+    fp = hash_obj([x["sha256"] for x in refs if x is not None])
+    tables = holdouts(root, r)
     if not tables:
+        root.delete_dir(ho)
+        return
+    old = read_manifest(root, ho)
+    if old is not None and old.get("input_fingerprint") == fp and not root.files_intact(ho, old["files"]):
         return
     t = pa.concat_tables(tables)
     _, first = np.unique(np.array(t.column("id").to_pylist()), return_index=True)
     t = t.take(pa.array(np.sort(first)))
     staging = root.staging_dir(ho)
     info = root.write_parquet(f"{staging}/part-00000.parquet", t)
-    root.write_json(
-        f"{staging}/{MANIFEST}",
-        {"rows_out": t.num_rows, "files": [{"name": "part-00000.parquet", "rows": t.num_rows, **info}]},
-    )
+    files = [{"name": "part-00000.parquet", "rows": t.num_rows, **info}]
+    root.write_json(f"{staging}/{MANIFEST}", {"rows_out": t.num_rows, "files": files, "input_fingerprint": fp})
     root.publish_dir(staging, ho)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -24,7 +25,8 @@ from kalm.core.schema import ROW_SCHEMA
 from kalm.core.storage import DataRoot
 from kalm.data import minhash
 from kalm.data.config import IngestConfig
-from kalm.data.fastpath import fast_rows
+from kalm.data.fastpath import CONTROL_ASCII, fast_rows
+from kalm.data.normalize import comparison_form
 from kalm.data.ingest import READER_SKIPS, _is_holdout, _label_rows, _pair_rows, near_text
 from kalm.data.mixtures import EvalIndex
 from kalm.data.partitions import Partition, read_partition
@@ -33,8 +35,10 @@ from kalm.data.recipes import LoadedRecipe, load_recipe_file
 
 log = logging.getLogger(__name__)
 ENGINE_VERSION = 1
-ROW_BITS, PART_BITS = 24, 20
+ROW_BITS, PART_BITS = 28, 24  # and 12 bits of recipe rank: 64 in all
 MAX_ROWS_PER_PARTITION = 1 << ROW_BITS
+MAX_PARTITIONS = 1 << PART_BITS
+MAX_RECIPES = 1 << (64 - ROW_BITS - PART_BITS)
 U64 = pa.uint64()
 
 
@@ -76,8 +80,13 @@ def _finish(root: DataRoot, d: str, unit: str, info: dict[str, Any]) -> dict[str
     return info
 
 
-def _put(root: DataRoot, d: str, name: str, table: pa.Table, files: list[dict[str, Any]]) -> None:
-    files.append({"name": name, "rows": table.num_rows, **root.write_parquet(f"{d}/{name}", table)})
+def _put(
+    root: DataRoot, d: str, name: str, table: pa.Table, files: list[dict[str, Any]], final: bool = False
+) -> None:
+    """Write one unit file: zstd for what is published, lz4 for intermediates (hashes and signatures do not
+    compress; zstd would spend the time for nothing)."""
+    info = root.write_parquet(f"{d}/{name}", table, compression="zstd" if final else "lz4")
+    files.append({"name": name, "rows": table.num_rows, **info})
 
 
 def _put_split(
@@ -129,7 +138,7 @@ def sign_unit(
     if table.num_rows >= MAX_ROWS_PER_PARTITION:
         raise KalmError(
             f"{lr.name}: {table.num_rows} rows in one partition (at most {MAX_ROWS_PER_PARTITION - 1}): "
-            "lower partition_bytes"
+            "lower partition_bytes, or split the source into more files"
         )
     ids = table.column("id").to_pylist()
     ho = np.array([_is_holdout(i, lr.recipe.holdout) for i in ids], dtype=bool)
@@ -260,6 +269,17 @@ def bands_unit(
             e = pa.table({"a": pa.array(head[m], U64), "b": pa.array(key[m], U64)})
             _put_split(root, out, f"bands/{unit}", e, gpart(head[m]), files)
     return _finish(root, out, unit, {"edges": edges, "largest_bucket": biggest, "files": files})
+
+
+def comparison_forms(texts: list[str]) -> list[str]:
+    """:func:`kalm.data.normalize.comparison_form` of each text, vectorised for ASCII texts (whose NFKC form
+    is themselves and whose case fold is their lower case); others through the Python function."""
+    s = pl.Series(texts, dtype=pl.Utf8)
+    fast = (
+        s.str.replace_all(CONTROL_ASCII, "").str.to_lowercase().str.replace_all(r"\s+", " ").str.strip_chars()
+    ).to_list()
+    ascii_ = (s.str.len_bytes() == s.str.len_chars()).to_list()
+    return [f if a else comparison_form(t) for t, f, a in zip(texts, fast, ascii_, strict=True)]
 
 
 def _sigs(col: pa.Array | pa.ChunkedArray, num_perm: int) -> np.ndarray:
@@ -394,7 +414,7 @@ def apply_unit(
         live = np.nonzero(reason == 0)[0]
         q = pc.take(table.column("query"), pa.array(live)).to_pylist()
         f = [(x or [""])[0] for x in pc.take(table.column("pos"), pa.array(live)).to_pylist()]
-        bad = index.contaminated(q) | index.contaminated(f)
+        bad = index.contaminated(comparison_forms(q), forms=True) | index.contaminated(comparison_forms(f), forms=True)
         reason[live[bad]] = 3
     drops = {
         "exact_dup": int(((reason == 1) & same).sum()),
@@ -404,7 +424,7 @@ def apply_unit(
         "contaminated": int((reason == 3).sum()),
     }
     files: list[dict[str, Any]] = []
-    _put(root, out, final, table.filter(pa.array(reason == 0)), files)
+    _put(root, out, final, table.filter(pa.array(reason == 0)), files, final=True)
     return _finish(root, out, unit, {"drops": {k: v for k, v in drops.items() if v}, "files": files})
 
 

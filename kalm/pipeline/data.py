@@ -87,11 +87,11 @@ def _run_partitioned(
     eval_cfg: EvalConfig | None,
 ) -> tuple[list[StageResult], list[StageResult]]:
     """The partitioned engine: each wanted stage as one task over every recipe of the stage (dedup is
-    across all of them); ``todo``'s recipes are rebuilt when forced, the others reuse their partitions."""
+    across all of them); ``force`` rebuilds everything, ``forced`` those recipes' partitions; the others are
+    reused."""
     everyone = list(universe.values()) if isinstance(universe, RecipeSet) else list(universe)
     wanted = list(stages) if stages is not None else sorted({lr.recipe.stage for lr in todo})
     texts = eval_task_texts(cfg, eval_cfg, root) if wanted else []
-    again = {lr.name for lr in todo} if force else set(forced)
     ingested: list[StageResult] = []
     mixtures: list[StageResult] = []
     failed: dict[str, BaseException] = {}
@@ -105,7 +105,8 @@ def _run_partitioned(
             recipes=recipes,
             root=root,
             cfg=cfg,
-            forced=sorted(again),
+            force=force,
+            forced=sorted(forced),
             eval_texts=texts,
         )
         ingested += ing

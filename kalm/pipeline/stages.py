@@ -63,6 +63,7 @@ def partitioned_stage(
     recipes: Sequence[LoadedRecipe],
     root: DataRoot,
     cfg: IngestConfig,
+    force: bool = False,
     forced: Sequence[str] = (),
     eval_texts: Sequence[str] = (),
 ) -> tuple[list[StageResult], list[StageResult], dict[str, str]]:
@@ -73,7 +74,7 @@ def partitioned_stage(
 
     with make_executor(cfg.executor) as ex:
         ingested, mixtures, failed = run_stage_distributed(
-            stage, recipes, root, cfg, ex, forced=forced, eval_texts=eval_texts
+            stage, recipes, root, cfg, ex, force=force, forced=forced, eval_texts=eval_texts
         )
     return (
         ingested,
