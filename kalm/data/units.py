@@ -216,6 +216,11 @@ def _gather(root: DataRoot, sources: list[tuple[dict[str, Any], int]]) -> pa.Tab
     return pa.concat_tables(tables) if tables else None
 
 
+def _heads(start: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """For rows sorted by group (``start`` marks each group's first row): the group's first key, per row."""
+    return key[np.maximum.accumulate(np.where(start, np.arange(len(key)), 0))]
+
+
 def exact_unit(
     unit: str, root_uri: str, out: str, sources: list[tuple[dict[str, Any], int]]
 ) -> dict[str, Any]:
@@ -231,7 +236,7 @@ def exact_unit(
         order = np.lexsort((key, idh))
         idh, key = idh[order], key[order]
         first = np.concatenate([[True], idh[1:] != idh[:-1]])
-        canon = key[np.maximum.accumulate(np.where(first, np.arange(len(key)), 0))]
+        canon = _heads(first, key)
         d = ~first
         dups = int(d.sum())
         if dups:
@@ -260,7 +265,7 @@ def bands_unit(
         order = np.lexsort((key, bk))
         bk, key = bk[order], key[order]
         start = np.concatenate([[True], bk[1:] != bk[:-1]])
-        head = key[np.maximum.accumulate(np.where(start, np.arange(len(key)), 0))]
+        head = _heads(start, key)
         m = ~start
         edges = int(m.sum())
         if edges:
