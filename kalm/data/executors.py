@@ -19,6 +19,7 @@ pass data to each other through the executor, so the executor only decides *wher
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 import multiprocessing as mp
 import os
 from collections.abc import Callable, Sequence
@@ -52,13 +53,13 @@ class UnitFailed(KalmError):
 Result = dict[str, Any]
 
 
-class Executor:
+class Executor(ABC):
     kind = "base"
     workers = 1
 
+    @abstractmethod
     def map_settled(self, fn: Callable[..., Result], calls: Sequence[dict[str, Any]]) -> list[Result | KalmError]:
         """Run every call to its end; a failed unit's one-line error takes its place in the list."""
-        raise NotImplementedError
 
     def map(self, fn: Callable[..., Result], calls: Sequence[dict[str, Any]]) -> list[Result]:
         """Every call's result in order; the first failure (in call order) is raised."""
