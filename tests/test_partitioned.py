@@ -9,6 +9,7 @@ import importlib.util
 import json
 import logging
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -61,7 +62,7 @@ def _edit(text: str) -> str:
 
 
 def _cfg(**kw: Any) -> IngestConfig:
-    cfg = IngestConfig(partition_bytes=16 * 1024, exact_shards=3, bucket_shards=2, **kw)
+    cfg = IngestConfig(partition_bytes=16 * 1024, reduce_unit_rows=50, **kw)
     return cfg.model_copy(
         update={"decontamination": cfg.decontamination.model_copy(update={"eval_config": None})}
     )
@@ -453,6 +454,7 @@ FAST_CASES: dict[str, tuple[bytes, str]] = {
     ),
     "unicode rows": (_line("Straße İ ﬁ", "Ｆｕｌｌ\u00a0width é") + _line("plain ascii", "row here"), ""),
     "crlf lines": (_line("what is it", "hello world")[:-1] + b"\r\n" + _line("b c d", "e f g"), ""),
+    "spaces around lines": (b"  " + _line("a b  c", "d \t\t e") + b"\t" + _line("x y z", " p  q "), ""),
     # the per-row path must judge these (and count them by reason): the fast path declines
     "two objects on a line": (_line("a b c", "d e f")[:-1] + _line("g h i", "j k l"), ""),
     "bare carriage return": (_line("a b c", "d e f")[:-1] + b"\r" + _line("g h i", "j k l"), ""),
@@ -489,6 +491,23 @@ def test_fast_path_equals_the_per_row_path(case: str, tmp_path: Path) -> None:
         assert fast.table.equals(pa.Table.from_pylist(slow, schema=ROW_SCHEMA))
         assert fast.near_texts == [near_text(r) for r in slow]
         assert fast_stats == slow_stats
+
+
+def test_vectorised_line_check_agrees_with_the_line_by_line_one() -> None:
+    """The vectorised layout check either declines (None) or counts what the line-by-line check counts."""
+    from kalm.data.fastpath import _loose_lines, _strict_lines
+
+    rng = random.Random(3)
+    pieces = [b"{}", b'{"a":"b"}', b"\n", b"\r\n", b" ", b"\t", b"\x0c", b"[", b"{", b"}", b"null", b""]
+    agreed = 0
+    for _ in range(3000):
+        buf = b"".join(rng.choices(pieces, k=rng.randrange(0, 12)))
+        strict = _strict_lines(buf)
+        assert strict is None or strict == _loose_lines(buf), buf
+        agreed += strict is not None
+    assert agreed > 300  # the usual layouts take the vectorised check
+    deep = b"{" + b"[" * 600 + b"]" * 600 + b"}\n"
+    assert _strict_lines(b"{}\n" * 5 + deep) is None and _loose_lines(b"{}\n" * 5 + deep) is None
 
 
 # -- force, held-out rows, limits ----------------------------------------------------------------------------

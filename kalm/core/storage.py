@@ -226,19 +226,18 @@ class DataRoot:
         self.write_bytes(rel, data)
         return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
-    def read_parquet_checked(
-        self, rel: str, entry: dict[str, Any], columns: list[str] | None = None
-    ) -> pa.Table:
-        """Read a file a manifest lists, verified against the ``bytes``/``sha256`` it recorded (entries of
-        manifests written before checksums are read unverified). A mismatch is a one-line KalmError."""
-        if "sha256" not in entry:
-            return self.read_parquet(rel, columns=columns)
+    def read_bytes_checked(self, rel: str, entry: dict[str, Any]) -> bytes:
+        """The bytes of a file a manifest lists, verified against the ``bytes``/``sha256`` it recorded
+        (entries without a checksum, from manifests written before them, are read unverified). A mismatch
+        or an unreadable file is a one-line KalmError."""
         try:
             data = self.read_bytes(rel)
         except (OSError, FileNotFoundError) as err:
             raise KalmError(
                 f"{self.full_uri(rel)} is listed in its manifest but cannot be read: {err}"
             ) from None
+        if "sha256" not in entry:
+            return data
         why = None
         if len(data) != entry.get("bytes", len(data)):
             why = f"{len(data)} bytes, the manifest says {entry['bytes']}"
@@ -248,7 +247,15 @@ class DataRoot:
             raise KalmError(
                 f"{self.full_uri(rel)} changed after it was written ({why}): rebuild it (--force)"
             )
-        return pq.read_table(pa.BufferReader(data), columns=columns)
+        return data
+
+    def read_parquet_checked(
+        self, rel: str, entry: dict[str, Any], columns: list[str] | None = None
+    ) -> pa.Table:
+        """Read a Parquet file a manifest lists, verified as :meth:`read_bytes_checked` does."""
+        if "sha256" not in entry:
+            return self.read_parquet(rel, columns=columns)
+        return pq.read_table(pa.BufferReader(self.read_bytes_checked(rel, entry)), columns=columns)
 
     def files_intact(self, rel: str, files: list[dict[str, Any]]) -> str | None:
         """Cheap check that a manifest's files are all there at their recorded sizes: ``None`` or what is

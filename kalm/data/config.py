@@ -55,8 +55,8 @@ class IngestConfig(StrictModel):
     executor: ExecutorSpec = Field(default_factory=ExecutorSpec)
     # partitioned engine (executor kind local or ray), see kalm/data/distributed.py
     partition_bytes: int = Field(64 << 20, ge=1024)  # source bytes per partition (JSONL ranges, row groups)
-    exact_shards: int = Field(8, ge=1, le=4096)  # hash shards of the exact-dedup reduce
-    bucket_shards: int = Field(4, ge=1, le=4096)  # shards per LSH band of the near-dedup reduce
+    # rows per exact or band reduce unit (the units' count follows the stage's rows, up to 256 per band)
+    reduce_unit_rows: int = Field(1_000_000, ge=1)
     keep_intermediates: bool = False  # keep the reduce's files after the mixtures are published
 
 

@@ -10,10 +10,10 @@ line order: the row a duplicate cluster keeps (what the single-process engine ke
 Units, each writing its files, then a marker listing them (a unit is done when its marker's files are
 intact: a rerun after a crash, of a worker or of the driver, redoes only unfinished units)::
 
-    sign     one per partition: read, map, clean, MinHash; write rows, signatures, exact-hash
-             shard files and LSH band-bucket files           work/<stage>/sign/<recipe>/<fp>/
-    exact    one per hash shard: rows with equal ids -> the smallest key keeps the row
-    bands    one per (band, bucket shard): buckets are whole in one unit; star edges from each bucket's
+    sign     one per partition: read, map, clean, MinHash; write rows, signatures, id-hash slots and
+             LSH band-bucket slots (checksummed per slot)    work/<stage>/sign/<recipe>/<fp>/
+    exact    one per range of id-hash slots: rows with equal ids -> the smallest key keeps the row
+    bands    one per (band, range of bucket slots): buckets are whole in one unit; star edges from each bucket's
              smallest key, exact copies counted once (never k^2 pairs, never a blown-up bucket)
     verify1  one per partition: attach the signatures of the edges' smaller end
     verify2  one per partition: attach the other end's, keep pairs with estimated Jaccard >= threshold
@@ -24,9 +24,10 @@ intact: a rerun after a crash, of a worker or of the driver, redoes only unfinis
     publish  in the driver: each recipe's shards become mixtures/<stage>/<recipe>/ (one shard per
              partition, named by it: the same rows in the same shards whatever the executor)
 
-Memory per unit is bounded by one partition (sign, verify, apply) or one hash/bucket shard of the
-stage's keys (exact, bands: 16-24 bytes per row over ``exact_shards`` or ``bands * bucket_shards``); the
-cluster unit holds only the verified near-duplicate edges. Reasons: ``exact_dup`` / ``near_dup`` (the
+Memory per unit is bounded by one partition (sign, verify, apply) or by ``reduce_unit_rows`` keys (exact,
+bands: each sign unit writes its keys as Arrow IPC files of 256 hash slots, a slot = a hash's top 8 bits,
+and each reduce unit reads a contiguous range of slots of every partition, the number of units following
+the stage's rows); the cluster unit holds only the verified near-duplicate edges. Reasons: ``exact_dup`` / ``near_dup`` (the
 survivor is in the same recipe), ``cross_recipe_dup`` / ``cross_recipe_near_dup`` (in another: counted in
 the recipe that lost the row), ``contaminated``; precedence exact > near > contamination.
 """
@@ -34,7 +35,6 @@ the recipe that lost the row), ``contaminated``; precedence exact > near > conta
 from __future__ import annotations
 
 import logging
-import resource
 import time
 from collections.abc import Collection, Sequence
 from typing import Any
@@ -59,6 +59,7 @@ from kalm.data.units import (
     MAX_PARTITIONS,
     MAX_RECIPES,
     PART_BITS,
+    SLOTS,
     SignedRecipe,
     apply_unit,
     bands_unit,
@@ -66,6 +67,7 @@ from kalm.data.units import (
     done,
     exact_unit,
     near_params,
+    peak_rss_mb,
     ref,
     sign_file,
     sign_unit,
@@ -77,8 +79,10 @@ from kalm.data.units import (
 log = logging.getLogger(__name__)
 
 
-def _run(executor: Executor, fn: Any, calls: list[dict[str, Any]], what: str) -> list[dict[str, Any]]:
-    out = _run_settled(executor, fn, calls, what)
+def _run(
+    executor: Executor, fn: Any, calls: list[dict[str, Any]], what: str, peaks: dict[str, float]
+) -> list[dict[str, Any]]:
+    out = _run_settled(executor, fn, calls, what, peaks)
     for res in out:
         if isinstance(res, KalmError):
             raise res
@@ -101,6 +105,7 @@ def run_stage_distributed(
     cannot be read fails alone; the others are built without it."""
     t0 = time.perf_counter()
     failed: dict[str, BaseException] = {}
+    peaks: dict[str, float] = {}  # peak RSS (MB) per phase's largest unit, and of the driver
     wr = work_root(stage)
     if executor.kind == "ray" and getattr(executor, "joined", False) and root.is_local:
         log.warning(
@@ -129,8 +134,6 @@ def run_stage_distributed(
                 "source": src,
                 "engine": ENGINE_VERSION,
                 "parts": [p.to_json() for p in parts],
-                "exact_shards": cfg.exact_shards,
-                "bucket_shards": cfg.bucket_shards,
             }
         )
         d = f"{wr}/sign/{lr.name}/{fp}"
@@ -159,7 +162,7 @@ def run_stage_distributed(
                 )
                 owners.append(r)
     cached_sign = {r.lr.name: len(r.markers) == len(r.parts) for r in todo}
-    for r, res in zip(owners, _run_settled(executor, sign_unit, calls, "sign"), strict=True):
+    for r, res in zip(owners, _run_settled(executor, sign_unit, calls, "sign", peaks), strict=True):
         if isinstance(res, KalmError):
             failed.setdefault(r.lr.name, res)
         else:
@@ -211,33 +214,39 @@ def run_stage_distributed(
     if force:
         root.delete_dir(red)
 
-    # 3. exact, 4. bands, 5. verify, 6. cluster
-    def sources(kind: str, unit: int) -> list[tuple[dict[str, Any], int]]:
-        """The sign files of one exact or band unit, in (recipe, partition) order."""
-        refs = [(sign_file(r, i, f"{kind}/{unit}.parquet"), r.rank) for r in todo for i in sorted(r.markers)]
+    # 3. exact, 4. bands, 5. verify, 6. cluster: units over ranges of hash slots, as many as the rows need
+    total = sum(m["rows"] for r in todo for m in r.markers.values())
+    n_red = min(SLOTS, max(1, -(-total // cfg.reduce_unit_rows)))
+    ranges = [(u * SLOTS // n_red, (u + 1) * SLOTS // n_red) for u in range(n_red)]
+
+    def sources(name: str) -> list[tuple[dict[str, Any], int]]:
+        """One sign file of every partition, in (recipe, partition) order: the keys come out sorted."""
+        refs = [(sign_file(r, i, name), r.rank) for r in todo for i in sorted(r.markers)]
         return [(ref, rank) for ref, rank in refs if ref is not None]
 
-    def calls_for(prefix: str, n: int, **extra: Any) -> list[dict[str, Any]]:
-        return [{"unit": f"{prefix}{u:04d}", "root_uri": root.uri, "out": red, **extra} for u in range(n)]
+    def call(unit: str, **extra: Any) -> dict[str, Any]:
+        return {"unit": unit, "root_uri": root.uri, "out": red, **extra}
 
-    xc = calls_for("x", cfg.exact_shards)
-    for c, u in zip(xc, range(cfg.exact_shards), strict=True):
-        c["sources"] = sources("exact", u)
-    ex = _units(executor, root, red, exact_unit, xc, "exact")
-    every = [m for r in todo for m in r.markers.values()] + ex  # every unit's marker, for the report
-    stats: dict[str, Any] = {"exact_dups": sum(m["dups"] for m in ex)}
+    # unit names carry their slot range: a resume with another unit count never reuses a wrong marker
+    xs = sources("exact.arrow")
+    ex = _units(
+        executor, root, red, exact_unit,
+        [call(f"x{lo:03d}-{hi:03d}", sources=xs, slots=[lo, hi]) for lo, hi in ranges], "exact", peaks,
+    )
+    stats: dict[str, Any] = {"exact_dups": sum(m["dups"] for m in ex), "reduce_units_per_band": n_red}
     near_by: dict[int, list[dict[str, Any]]] = {}
     if cfg.near_dedup.enabled:
         mp = near_params(cfg)
-        n_units = mp.lsh_shape()[0] * cfg.bucket_shards
-        bc = calls_for("b", n_units)
-        for c, u in zip(bc, range(n_units), strict=True):
-            c["sources"] = sources("bands", u)
-        bu = _units(executor, root, red, bands_unit, bc, "bands")
-        every += bu
+        bs = sources("bands.arrow")
+        bc = [
+            call(f"b{b}-{lo:03d}-{hi:03d}", sources=bs, slots=[b * SLOTS + lo, b * SLOTS + hi])
+            for b in range(mp.lsh_shape()[0])
+            for lo, hi in ranges
+        ]
+        bu = _units(executor, root, red, bands_unit, bc, "bands", peaks)
         stats["candidate_edges"] = sum(m["edges"] for m in bu)
         stats["largest_bucket"] = max((m["largest_bucket"] for m in bu), default=0)
-        sig_of = {_gp(r.rank, i): sign_file(r, i, "sig.parquet") for r in todo for i in r.markers}
+        sig_of = {_gp(r.rank, i): sign_file(r, i, "sig.arrow") for r in todo for i in r.markers}
         common = {"root_uri": root.uri, "out": red, "num_perm": mp.num_perm}
         v1 = _units(
             executor,
@@ -249,6 +258,7 @@ def run_stage_distributed(
                 for g, ins in _route(red, bu, "bands/").items()
             ],
             "verify1",
+            peaks,
         )
         v2 = _units(
             executor,
@@ -260,9 +270,9 @@ def run_stage_distributed(
                 for g, ins in _route(red, v1, "v1/").items()
             ],
             "verify2",
+            peaks,
         )
         stats["verified_edges"] = sum(m["verified"] for m in v2)
-        every += v1 + v2
         inputs = [ref(red, f) for m in v2 for f in m["files"]]
         cl = _units(
             executor,
@@ -271,9 +281,9 @@ def run_stage_distributed(
             cluster_unit,
             [{"unit": "cluster", "root_uri": root.uri, "out": red, "inputs": inputs}],
             "cluster",
+            peaks,
         )
         stats.update(near_dups=cl[0]["dups"], largest_cluster=cl[0]["largest_cluster"])
-        every += cl
         near_by = _route(red, cl, "near/")
     exact_by = _route(red, ex, "exact/")
     # 7. apply
@@ -294,9 +304,7 @@ def run_stage_distributed(
                     "final": f"out/{r.lr.name}/part-{i:05d}.parquet",
                 }
             )
-    applied = _units(executor, root, red, apply_unit, calls, "apply")
-    every += applied
-    stats["peak_unit_rss_mb"] = max((m.get("peak_rss_mb", 0.0) for m in every), default=0.0)
+    applied = _units(executor, root, red, apply_unit, calls, "apply", peaks)
     # 8. publish
     mixtures: list[StageResult] = []
     k = 0
@@ -305,6 +313,8 @@ def run_stage_distributed(
         k += len(r.markers)
         if (pub := publish_recipe(root, stage, r, red, mine, red_fp, force)) is not None:
             mixtures.append(pub)
+    peaks["driver"] = max(peaks.get("driver", 0.0), peak_rss_mb())
+    stats["peak_rss_mb"] = peaks  # per phase: the largest unit's own peak; the driver's since it started
     report = {
         "stage": stage,
         "engine": f"partitioned/{executor.kind}",
@@ -347,31 +357,38 @@ def _route(d: str, markers: list[dict[str, Any]], prefix: str) -> dict[int, list
 
 
 def _run_settled(
-    executor: Executor, fn: Any, calls: list[dict[str, Any]], what: str
+    executor: Executor, fn: Any, calls: list[dict[str, Any]], what: str, peaks: dict[str, float]
 ) -> list[dict[str, Any] | KalmError]:
     """Run ``calls``; a failing unit yields its one-line error in its place instead of failing the others.
-    Logs the phase's time and the peak RSS of the units' processes (and of the driver)."""
+    Records and logs the phase's time and the largest peak RSS of its units (each unit measures its own:
+    a reused worker's earlier units do not count), and the driver's."""
     if not calls:
         return []
     t0 = time.perf_counter()
     out = executor.map_settled(fn, calls)
     peak = max((m.get("peak_rss_mb", 0.0) for m in out if isinstance(m, dict)), default=0.0)
+    # a unit run in this process (one local worker) restarts the window: the driver's peak is the largest seen
+    peaks[what] = max(peaks.get(what, 0.0), peak)
+    peaks["driver"] = max(peaks.get("driver", 0.0), peak_rss_mb())
     log.info(
         "%s: %d unit(s) in %.1f s on %s x%d; peak RSS %.0f MB per unit, %.0f MB in the driver",
-        what, len(calls), time.perf_counter() - t0, executor.kind, executor.workers, peak,
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        what, len(calls), time.perf_counter() - t0, executor.kind, executor.workers, peak, peaks["driver"],
     )
     return out
 
 
 def _units(
-    executor: Executor, root: DataRoot, d: str, fn: Any, calls: list[dict[str, Any]], what: str
+    executor: Executor,
+    root: DataRoot,
+    d: str,
+    fn: Any,
+    calls: list[dict[str, Any]],
+    what: str,
+    peaks: dict[str, float],
 ) -> list[dict[str, Any]]:
     """Run the units without a valid marker; return every unit's marker in call order."""
     res: list[dict[str, Any] | None] = [done(root, d, c["unit"]) for c in calls]
     todo = [i for i, m in enumerate(res) if m is None]
-    for i, m in zip(todo, _run(executor, fn, [calls[i] for i in todo], what), strict=True):
+    for i, m in zip(todo, _run(executor, fn, [calls[i] for i in todo], what, peaks), strict=True):
         res[i] = m
     return [m for m in res if m is not None]
-
-

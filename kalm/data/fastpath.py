@@ -37,6 +37,10 @@ from kalm.data.rows import clean_row, map_record
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 CONTROL_ASCII = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"  # normalize.py's _CONTROL, restricted to ASCII
+# whitespace runs to one space, matching only the runs that change (not every single space: ~6x faster
+# than ``\s+``, same result): a space followed by more whitespace, or any other whitespace character
+WS_RUN = r" \s+|[^\S ]\s*"
+SPACE_RUN = r" [^\S\n]+|[^\S\n ][^\S\n]*"  # the same, newlines kept (``[^\S\n]+``)
 
 
 @dataclass
@@ -96,6 +100,35 @@ def _plain_object_lines(buf: bytes) -> int | None:
         buf.decode("utf-8")
     except UnicodeDecodeError:
         return None
+    n = _strict_lines(buf)
+    return n if n is not None else _loose_lines(buf)
+
+
+def _strict_lines(buf: bytes) -> int | None:
+    """Vectorised :func:`_loose_lines` for the usual layout: every line is empty or exactly ``{...}`` (a
+    CR before its LF allowed). None when any line is laid out otherwise (the line-by-line check decides)."""
+    a = np.frombuffer(buf, dtype=np.uint8)
+    if len(a) == 0:
+        return 0
+    nl = np.flatnonzero(a == 10)
+    starts = np.concatenate([[0], nl + 1])
+    ends = np.concatenate([nl, [len(a)]])
+    ends = ends - ((ends > starts) & (a[np.maximum(ends - 1, 0)] == 13))  # a CR here is always before a LF
+    live = ends > starts
+    s, e = starts[live], ends[live]
+    if len(s) == 0:
+        return 0
+    if not (np.all(a[s] == ord("{")) and np.all(a[e - 1] == ord("}"))):
+        return None
+    at = np.flatnonzero((a == ord("{")) | (a == ord("[")))
+    if len(at) > MAX_BRACKETS:  # then count per line
+        per_line = np.searchsorted(at, e) - np.searchsorted(at, s)
+        if int(per_line.max()) > MAX_BRACKETS:
+            return None
+    return len(s)
+
+
+def _loose_lines(buf: bytes) -> int | None:
     n = 0
     for line in buf.split(b"\n"):
         if not line.strip():
@@ -121,8 +154,8 @@ def _valid(t: pa.Table) -> pa.Table | None:
 def _normalize(e: pl.Expr, keep_newlines: bool) -> pl.Expr:
     e = e.str.replace_all(CONTROL_ASCII, "")
     if keep_newlines:
-        return e.str.replace_all(r"[^\S\n]+", " ").str.replace_all(r"\s*\n\s*", "\n").str.strip_chars()
-    return e.str.replace_all(r"\s+", " ").str.strip_chars()
+        return e.str.replace_all(SPACE_RUN, " ").str.replace_all(r"\s*\n\s*", "\n").str.strip_chars()
+    return e.str.replace_all(WS_RUN, " ").str.strip_chars()
 
 
 def fast_rows(lr: LoadedRecipe, part: Partition, stats: Counter[str], fs: pafs.FileSystem) -> FastRows | None:
@@ -178,7 +211,7 @@ def fast_rows(lr: LoadedRecipe, part: Partition, stats: Counter[str], fs: pafs.F
     # the comparison form of a normalised ASCII text is its lower case (newlines kept by the filters
     # become spaces there)
     # (a truncated one may end in a space, which the comparison form strips)
-    p_cmp = pl.col("pl").str.replace_all(r"\s+", " ") if f.keep_newlines else pl.col("pl")
+    p_cmp = pl.col("pl").str.replace_all(WS_RUN, " ") if f.keep_newlines else pl.col("pl")
     p_cmp = p_cmp.str.strip_chars()
     fast = fast.with_columns(key=pl.col("ql") + "\x1f" + pl.col("pl"), near=pl.col("ql") + " \x1f " + p_cmp)
     slow_rows, slow_lines, slow_near = [], [], []

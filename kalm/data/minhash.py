@@ -111,16 +111,15 @@ def signatures(texts: list[str], params: MinHashParams | None = None) -> np.ndar
     if empty.any():
         table = _densify_table(k, p.seed)
         filled = ~empty
+        r_idx, b_idx = np.nonzero(empty)
         for attempt in range(table.shape[0]):
-            r_idx, b_idx = np.nonzero(empty)
             if r_idx.size == 0:
                 break
             donor = table[attempt, b_idx]
-            ok = filled[r_idx, donor]
+            ok = filled[r_idx, donor]  # donors are bins filled by shingles, never by densification
             sig[r_idx[ok], b_idx[ok]] = sig[r_idx[ok], donor[ok]]
-            empty[r_idx[ok], b_idx[ok]] = False
+            r_idx, b_idx = r_idx[~ok], b_idx[~ok]
         # Extremely rare leftovers: take the row's minimum over filled bins (deterministic).
-        r_idx, b_idx = np.nonzero(empty)
         if r_idx.size:
             row_min = np.where(filled, sig, _EMPTY).min(axis=1)
             sig[r_idx, b_idx] = row_min[r_idx]
@@ -133,17 +132,19 @@ def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def band_hashes(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
-    """uint64 array ``(n, bands)``: one hash per band of ``rows`` signature slots (band index mixed in)."""
+    """uint64 array ``(n, bands)``: one hash per band of ``rows`` signature slots (band index mixed in).
+    Computed band-major (the result is a transposed view: ``.T`` of it is contiguous)."""
     n = sig.shape[0]
-    out = np.empty((n, bands), dtype=np.uint64)
-    s64 = sig.astype(np.uint64)
+    out = np.empty((bands, n), dtype=np.uint64)
+    s64 = np.ascontiguousarray(sig[:, : bands * rows].T, dtype=np.uint64)  # slot-major: contiguous columns
     with np.errstate(over="ignore"):
         for b in range(bands):
             h = np.full(n, np.uint64(b + 1) * np.uint64(0x9E3779B97F4A7C15), dtype=np.uint64)
             for j in range(rows):
-                h = (h * _PRIME) ^ s64[:, b * rows + j]
-            out[:, b] = _mix64(h)
-    return out
+                h *= _PRIME
+                h ^= s64[b * rows + j]
+            out[b] = _mix64(h)
+    return out.T
 
 
 class RowSource(Protocol):

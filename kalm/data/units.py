@@ -5,6 +5,7 @@ files, then its completion marker, and returns the marker. Units never pass data
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import resource
 from collections import Counter
@@ -17,6 +18,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
+import pyarrow.ipc as ipc
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
@@ -25,7 +27,7 @@ from kalm.core.schema import ROW_SCHEMA
 from kalm.core.storage import DataRoot
 from kalm.data import minhash
 from kalm.data.config import IngestConfig
-from kalm.data.fastpath import CONTROL_ASCII, fast_rows
+from kalm.data.fastpath import CONTROL_ASCII, WS_RUN, fast_rows
 from kalm.data.normalize import comparison_form
 from kalm.data.ingest import READER_SKIPS, _is_holdout, _label_rows, _pair_rows, near_text
 from kalm.data.mixtures import EvalIndex
@@ -34,7 +36,8 @@ from kalm.data.readers import resolve_files
 from kalm.data.recipes import LoadedRecipe, load_recipe_file
 
 log = logging.getLogger(__name__)
-ENGINE_VERSION = 1
+ENGINE_VERSION = 2
+SLOTS = 256  # hash classes of the reduce (a hash's top 8 bits): units take contiguous ranges of them
 ROW_BITS, PART_BITS = 28, 24  # and 12 bits of recipe rank: 64 in all
 MAX_ROWS_PER_PARTITION = 1 << ROW_BITS
 MAX_PARTITIONS = 1 << PART_BITS
@@ -72,10 +75,29 @@ def done(root: DataRoot, d: str, unit: str) -> dict[str, Any] | None:
     return info
 
 
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS window for this process (Linux: ``/proc/self/clear_refs``), so each unit
+    reports its own peak, not the largest of every unit a reused worker ran before."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # elsewhere the peak is the process's since it started (ru_maxrss)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS (MB) since :func:`reset_peak_rss`, or since it started."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def _finish(root: DataRoot, d: str, unit: str, info: dict[str, Any]) -> dict[str, Any]:
-    """Write the unit's marker (last: it says every file above is whole), with the peak RSS of the process
-    that ran it (a worker, or the driver with one local worker)."""
-    info["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    """Write the unit's marker (last: it says every file above is whole), with the unit's peak RSS."""
+    info["peak_rss_mb"] = peak_rss_mb()
     root.write_json(_marker(d, unit), info)
     return info
 
@@ -104,6 +126,87 @@ def _put_split(
     return [int(v) for v in values]
 
 
+def _digest(arrays: list[np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).data)
+    return h.hexdigest()
+
+
+def _put_slotted(
+    root: DataRoot,
+    d: str,
+    name: str,
+    cols: dict[str, np.ndarray],
+    slot: np.ndarray,
+    n_slots: int,
+    files: list[dict[str, Any]],
+) -> None:
+    """Write uint64 columns as an Arrow IPC file of ``n_slots`` record batches: batch ``s`` holds the rows
+    whose ``slot`` is ``s`` (in their order here; empty batches too), its sha256 in the batch's metadata.
+    A reduce unit reads only its slots (ranged reads on S3) and verifies each."""
+    order = np.argsort(slot, kind="stable")
+    cols = {k: v[order] for k, v in cols.items()}
+    ends = np.cumsum(np.bincount(slot, minlength=n_slots))
+    schema = pa.schema([(k, U64) for k in cols])
+    sink = pa.BufferOutputStream()
+    with ipc.new_file(sink, schema) as w:
+        start = 0
+        for end in ends.tolist():
+            part = [v[start:end] for v in cols.values()]
+            w.write_batch(
+                pa.record_batch([pa.array(a, U64) for a in part], schema=schema),
+                custom_metadata={"sha256": _digest(part)},
+            )
+            start = end
+    data = sink.getvalue()
+    root.write_bytes(f"{d}/{name}", data.to_pybytes())
+    files.append({"name": name, "rows": len(slot), "bytes": data.size, "sha256": hashlib.sha256(data).hexdigest()})
+
+
+def read_slots(root: DataRoot, ref: dict[str, Any], slots: range) -> dict[str, np.ndarray]:
+    """The rows of ``slots`` of a file :func:`_put_slotted` wrote, each batch verified against its
+    checksum (a one-line KalmError when the file was changed, truncated or is not one)."""
+    uri = root.full_uri(ref["name"])
+    try:
+        with root.fs.open_input_file(root.path(ref["name"])) as f:
+            if f.size() != ref["bytes"]:
+                raise KalmError(f"{uri} changed after it was written ({f.size()} bytes, the marker says {ref['bytes']})")
+            r = ipc.open_file(f)
+            parts: dict[str, list[np.ndarray]] = {n: [] for n in r.schema.names}
+            for s in slots:
+                batch, meta = r.get_batch_with_custom_metadata(s)
+                arrays = [c.to_numpy() for c in batch.columns]
+                if meta is None or meta.get(b"sha256", b"").decode() != _digest(arrays):
+                    raise KalmError(f"{uri} changed after it was written (slot {s}'s sha256 differs): rebuild it (--force)")
+                for n, a in zip(r.schema.names, arrays, strict=True):
+                    parts[n].append(a)
+    except (OSError, pa.ArrowInvalid, IndexError) as err:
+        if isinstance(err, KalmError):
+            raise
+        raise KalmError(f"{uri} is listed in its marker but cannot be read: {str(err).splitlines()[0]}") from None
+    return {n: np.concatenate(v) if v else np.empty(0, np.uint64) for n, v in parts.items()}
+
+
+def _put_sig(root: DataRoot, d: str, name: str, sig: np.ndarray, files: list[dict[str, Any]]) -> None:
+    """Signatures as an uncompressed Arrow IPC file (they do not compress)."""
+    n, k = sig.shape
+    col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(k * 4), n, [None, pa.py_buffer(np.ascontiguousarray(sig))])
+    sink = pa.BufferOutputStream()
+    with ipc.new_file(sink, pa.schema([("sig", pa.binary(k * 4))])) as w:
+        w.write_batch(pa.record_batch([col], names=["sig"]))
+    data = sink.getvalue()
+    root.write_bytes(f"{d}/{name}", data.to_pybytes())
+    files.append({"name": name, "rows": n, "bytes": data.size, "sha256": hashlib.sha256(data).hexdigest()})
+
+
+def read_sig(root: DataRoot, ref: dict[str, Any], num_perm: int) -> np.ndarray:
+    """A partition's signatures (n, num_perm) uint32, verified against the marker's size and sha256."""
+    data = root.read_bytes_checked(ref["name"], ref)
+    col = ipc.open_file(pa.BufferReader(data)).get_batch(0).column(0)
+    return _sigs(col, num_perm)
+
+
 def ref(d: str, entry: dict[str, Any]) -> dict[str, Any]:
     """A file another unit reads: its path and the size and checksum its writer recorded."""
     return {**entry, "name": f"{d}/{entry['name']}"}
@@ -119,6 +222,7 @@ def sign_unit(
     unit: str, root_uri: str, recipe_path: str, part: dict[str, Any], cfg: dict[str, Any], out: str
 ) -> dict[str, Any]:
     """Read one partition; write its rows, signatures, exact-hash shards, band buckets and held-out rows."""
+    reset_peak_rss()
     root, c = DataRoot.from_uri(root_uri), IngestConfig.model_validate(cfg)
     lr, p = load_recipe_file(Path(recipe_path)), Partition(**part)
     if (info := done(root, out, unit)) is not None:
@@ -152,44 +256,28 @@ def sign_unit(
     local = (np.uint64(p.index) << np.uint64(ROW_BITS)) | np.arange(n, dtype=np.uint64)
     idh = np.array([int(i, 16) for i in ids], dtype=np.uint64)
     _put(root, out, f"{p.label}.rows.parquet", table, files)
-    _put_split(
-        root,
-        out,
-        f"{p.label}.exact",
-        pa.table({"idh": pa.array(idh, U64), "key": pa.array(local, U64)}),
-        idh % np.uint64(c.exact_shards),
-        files,
-    )
+    top = np.uint64(64 - 8)  # the slot of a hash: its top 8 bits (uniform, independent of low-bit uses)
+    _put_slotted(root, out, f"{p.label}.exact.arrow", {"idh": idh, "key": local}, (idh >> top).astype(np.int64), SLOTS, files)
     if c.near_dedup.enabled and n:
         mp = near_params(c)
         step = 8192  # in chunks: the shingle arrays of a whole partition would not stay in cache
         sig = np.concatenate([minhash.signatures(texts[i : i + step], mp) for i in range(0, n, step)])
+        del texts
         bands, band_rows = mp.lsh_shape()
         bh = minhash.band_hashes(sig, bands, band_rows)
-        _put(
+        _put_sig(root, out, f"{p.label}.sig.arrow", sig, files)
+        del sig
+        # band-major: slot = band * SLOTS + the band hash's top 8 bits
+        slot = (np.arange(bands, dtype=np.int64)[:, None] * SLOTS + (bh.T >> top).astype(np.int64)).ravel()
+        _put_slotted(
             root,
             out,
-            f"{p.label}.sig.parquet",
-            pa.table(
-                {
-                    "sig": pa.FixedSizeBinaryArray.from_buffers(
-                        pa.binary(sig.shape[1] * 4), n, [None, pa.py_buffer(sig.tobytes())]
-                    )
-                }
-            ),
+            f"{p.label}.bands.arrow",
+            {"band_key": bh.T.ravel(), "idh": np.tile(idh, bands), "key": np.tile(local, bands)},
+            slot,
+            bands * SLOTS,
             files,
         )
-        unit_of = np.arange(bands, dtype=np.uint64)[None, :] * np.uint64(c.bucket_shards) + bh % np.uint64(
-            c.bucket_shards
-        )
-        bt = pa.table(
-            {
-                "band_key": pa.array(bh.ravel(), U64),
-                "idh": pa.array(np.repeat(idh, bands), U64),
-                "key": pa.array(np.repeat(local, bands), U64),
-            }
-        )
-        _put_split(root, out, f"{p.label}.bands", bt, unit_of.ravel(), files)
     reader_skips = sum(stats[k] for k in READER_SKIPS)
     return _finish(
         root,
@@ -206,14 +294,29 @@ def sign_unit(
     )
 
 
-def _gather(root: DataRoot, sources: list[tuple[dict[str, Any], int]]) -> pa.Table | None:
-    """Concatenate (file, recipe rank) pairs, turning their local ``key`` into the global key."""
-    tables = []
+def _gather(root: DataRoot, sources: list[tuple[dict[str, Any], int]], slots: range) -> dict[str, np.ndarray]:
+    """The ``slots`` of every (sign file, recipe rank), concatenated in that order, their local ``key``
+    turned into the global key."""
+    parts: dict[str, list[np.ndarray]] = {}
     for ref, rank in sources:
-        t = read_ref(root, ref)
-        k = t.column("key").to_numpy() | (np.uint64(rank) << np.uint64(ROW_BITS + PART_BITS))
-        tables.append(t.set_column(t.schema.get_field_index("key"), "key", pa.array(k, U64)))
-    return pa.concat_tables(tables) if tables else None
+        cols = read_slots(root, ref, slots)
+        cols["key"] = cols["key"] | (np.uint64(rank) << np.uint64(ROW_BITS + PART_BITS))
+        for k, v in cols.items():
+            parts.setdefault(k, []).append(v)
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def _shared(by: np.ndarray, *cols: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The rows of ``cols`` whose ``by`` value occurs more than once, in their order (one unstable sort
+    finds them, so the exact sorts that follow see only the few rows that can collide)."""
+    order = np.argsort(by)
+    s = by[order]
+    eq = s[1:] == s[:-1]
+    multi = np.zeros(len(by), dtype=bool)
+    multi[1:] |= eq
+    multi[:-1] |= eq
+    keep = np.sort(order[multi])
+    return tuple(c[keep] for c in cols)
 
 
 def _heads(start: np.ndarray, key: np.ndarray) -> np.ndarray:
@@ -222,17 +325,20 @@ def _heads(start: np.ndarray, key: np.ndarray) -> np.ndarray:
 
 
 def exact_unit(
-    unit: str, root_uri: str, out: str, sources: list[tuple[dict[str, Any], int]]
+    unit: str, root_uri: str, out: str, sources: list[tuple[dict[str, Any], int]], slots: list[int]
 ) -> dict[str, Any]:
-    """One hash shard: rows sharing an id keep the smallest key; the others are exact duplicates."""
+    """One range of id-hash slots: rows sharing an id keep the smallest key; the others are exact
+    duplicates."""
+    reset_peak_rss()
     root = DataRoot.from_uri(root_uri)
     if (info := done(root, out, unit)) is not None:
         return info
     files: list[dict[str, Any]] = []
-    t = _gather(root, sources)
+    t = _gather(root, sources, range(*slots))
     dups = 0
-    if t is not None and t.num_rows:
-        idh, key = t.column("idh").to_numpy(), t.column("key").to_numpy()
+    idh, key = _shared(t["idh"], t["idh"], t["key"]) if t else (np.empty(0, np.uint64),) * 2
+    del t
+    if len(key):
         order = np.lexsort((key, idh))
         idh, key = idh[order], key[order]
         first = np.concatenate([[True], idh[1:] != idh[:-1]])
@@ -246,17 +352,20 @@ def exact_unit(
 
 
 def bands_unit(
-    unit: str, root_uri: str, out: str, sources: list[tuple[dict[str, Any], int]]
+    unit: str, root_uri: str, out: str, sources: list[tuple[dict[str, Any], int]], slots: list[int]
 ) -> dict[str, Any]:
-    """One (band, bucket shard): candidate edges from each bucket's smallest key to its other members."""
+    """One band's range of bucket-hash slots (buckets are whole in it): candidate edges from each bucket's
+    smallest key to its other members."""
+    reset_peak_rss()
     root = DataRoot.from_uri(root_uri)
     if (info := done(root, out, unit)) is not None:
         return info
     files: list[dict[str, Any]] = []
-    t = _gather(root, sources)
+    t = _gather(root, sources, range(*slots))
     edges, biggest = 0, 0
-    if t is not None and t.num_rows:
-        bk, idh, key = (t.column(c).to_numpy() for c in ("band_key", "idh", "key"))
+    bk, idh, key = _shared(t["band_key"], t["band_key"], t["idh"], t["key"]) if t else (np.empty(0, np.uint64),) * 3
+    del t
+    if len(key):
         order = np.lexsort((key, idh, bk))
         bk, idh, key = bk[order], idh[order], key[order]
         # exact copies share every band: one member per id (its smallest key, the exact survivor)
@@ -281,7 +390,7 @@ def comparison_forms(texts: list[str]) -> list[str]:
     is themselves and whose case fold is their lower case); others through the Python function."""
     s = pl.Series(texts, dtype=pl.Utf8)
     fast = (
-        s.str.replace_all(CONTROL_ASCII, "").str.to_lowercase().str.replace_all(r"\s+", " ").str.strip_chars()
+        s.str.replace_all(CONTROL_ASCII, "").str.to_lowercase().str.replace_all(WS_RUN, " ").str.strip_chars()
     ).to_list()
     ascii_ = (s.str.len_bytes() == s.str.len_chars()).to_list()
     return [f if a else comparison_form(t) for t, f, a in zip(texts, fast, ascii_, strict=True)]
@@ -299,7 +408,7 @@ def _sigs(col: pa.Array | pa.ChunkedArray, num_perm: int) -> np.ndarray:
 
 def _sig_of(root: DataRoot, ref: dict[str, Any], keys: np.ndarray, num_perm: int) -> np.ndarray:
     """Signatures of ``keys`` (all in the partition whose signature file is ``ref``)."""
-    sig = _sigs(read_ref(root, ref).column("sig"), num_perm)
+    sig = read_sig(root, ref, num_perm)
     return sig[(keys & np.uint64(MAX_ROWS_PER_PARTITION - 1)).astype(np.int64)]
 
 
@@ -308,6 +417,7 @@ def verify1_unit(
 ) -> dict[str, Any]:
     """Edges whose smaller end is in this partition: unique pairs, that end's signature attached, sent on
     to the partition of the other end."""
+    reset_peak_rss()
     root = DataRoot.from_uri(root_uri)
     if (info := done(root, out, unit)) is not None:
         return info
@@ -340,6 +450,7 @@ def verify2_unit(
     threshold: float,
 ) -> dict[str, Any]:
     """Edges whose larger end is in this partition: kept when the signatures agree on >= threshold."""
+    reset_peak_rss()
     root = DataRoot.from_uri(root_uri)
     if (info := done(root, out, unit)) is not None:
         return info
@@ -363,6 +474,7 @@ def verify2_unit(
 
 def cluster_unit(unit: str, root_uri: str, out: str, inputs: list[dict[str, Any]]) -> dict[str, Any]:
     """Connected components of the verified edges; every member but the smallest key is a near duplicate."""
+    reset_peak_rss()
     root = DataRoot.from_uri(root_uri)
     if (info := done(root, out, unit)) is not None:
         return info
@@ -399,6 +511,7 @@ def apply_unit(
     final: str,
 ) -> dict[str, Any]:
     """Drop this partition's duplicates and contaminated rows; write its final shard."""
+    reset_peak_rss()
     root = DataRoot.from_uri(root_uri)
     if (info := done(root, out, unit)) is not None:
         return info
@@ -415,7 +528,7 @@ def apply_unit(
             fresh = reason[row] == 0
             reason[row[fresh]] = code
             same[row[fresh]] = (canon[fresh] >> shift) == np.uint64(rank)
-    if index is not None and n:
+    if index is not None and index.keys and n:  # an empty index matches nothing: skip the forms
         live = np.nonzero(reason == 0)[0]
         q = pc.take(table.column("query"), pa.array(live)).to_pylist()
         f = [(x or [""])[0] for x in pc.take(table.column("pos"), pa.array(live)).to_pylist()]
