@@ -116,8 +116,9 @@ def child(system: str, workers: int, folder: Path, out: Path) -> dict[str, Any]:
         secs = time.perf_counter() - t0
         ids = read_rows(root, rel, ["id"]).column("id").to_pylist()
         rss = _rss_mb()
-        if system != "single":  # the largest unit's process, as its marker recorded it
-            rss["children"] = root.read_json("mixtures/pretrain/_manifest.json")["dedup"]["peak_unit_rss_mb"]
+        if system != "single":  # each unit's own peak, as its marker recorded it, and the driver's
+            peaks = root.read_json("mixtures/pretrain/_manifest.json")["dedup"]["peak_rss_mb"]
+            rss = {"self": peaks.pop("driver"), "children": max(peaks.values()), "phases": peaks}
         return {"seconds": secs, "ids": ids, "rss_mb": rss}
     return {"seconds": time.perf_counter() - t0, "ids": ids, "rss_mb": _rss_mb()}
 
@@ -223,6 +224,7 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=8)
     ap.add_argument("--systems", default="single:1,local:1,local:2,ray:1,ray:2,datatrove:1,datatrove:2")
     ap.add_argument("--rss-sizes", default="")
+    ap.add_argument("--rss-file-rows", type=int, default=125_000)  # ~40 MB of JSONL: one partition
     ap.add_argument("--child", nargs=4, metavar=("SYSTEM", "WORKERS", "FOLDER", "OUT"))
     args = ap.parse_args()
     if args.child:
@@ -266,13 +268,17 @@ def main() -> None:
         if one and ("datatrove", 1) in rates:
             print(f"per-core ratio, partitioned local x1 / datatrove x1: {one / rates[('datatrove', 1)]:.2f}")
         shutil.rmtree(folder, ignore_errors=True)
+        # the same files (rows per file fixed: one full partition each) in growing numbers: what grows with
+        # the stage must be the number of units, not a unit's memory
         for n in [int(x) for x in args.rss_sizes.split(",") if x]:
             folder = base / f"rss{n}"
-            generate(folder, n, args.files)
+            generate(folder, n, max(1, n // args.rss_file_rows))
             res = measure("local", 2, folder)
+            phases = ", ".join(f"{k} {v:.0f}" for k, v in res["rss_mb"]["phases"].items())
             print(
-                f"RSS at {n:,} rows, local x2: driver {res['rss_mb']['self']:.0f} MB, largest unit "
-                f"{res['rss_mb']['children']:.0f} MB ({n / res['seconds']:,.0f} rows/s)",
+                f"RSS at {n:,} rows ({max(1, n // args.rss_file_rows)} files), local x2: driver "
+                f"{res['rss_mb']['self']:.0f} MB, largest unit {res['rss_mb']['children']:.0f} MB "
+                f"(per phase: {phases}; {n / res['seconds']:,.0f} rows/s)",
                 flush=True,
             )
             shutil.rmtree(folder, ignore_errors=True)

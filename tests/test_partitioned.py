@@ -62,7 +62,7 @@ def _edit(text: str) -> str:
 
 
 def _cfg(**kw: Any) -> IngestConfig:
-    cfg = IngestConfig(partition_bytes=16 * 1024, reduce_unit_rows=50, **kw)
+    cfg = IngestConfig(**{"partition_bytes": 16 * 1024, "reduce_unit_rows": 50, **kw})
     return cfg.model_copy(
         update={"decontamination": cfg.decontamination.model_copy(update={"eval_config": None})}
     )
@@ -218,6 +218,56 @@ def test_matches_the_in_memory_oracle(reference: tuple[Path, dict[str, Any]], tm
 def test_same_result_with_two_local_workers(reference: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     folder, ref = reference
     assert _run(folder, tmp_path / "d", LocalExecutor(2)) == ref
+    dedup = DataRoot.from_uri(str(tmp_path / "d")).read_json(f"mixtures/finetune/{MANIFEST}")["dedup"]
+    # the reduce splits into units by the stage's rows (1,029 signed rows, 50 per unit: 21 per band)
+    assert dedup["reduce_units_per_band"] == 21
+    # each phase's largest unit measured in its own worker process, and the driver
+    peaks = dedup["peak_rss_mb"]
+    assert set(peaks) == {"sign", "exact", "bands", "verify1", "verify2", "cluster", "apply", "driver"}
+    assert all(30 < v < 4000 for v in peaks.values()), peaks
+
+
+def test_reduce_unit_count_does_not_change_the_result(
+    reference: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    folder, ref = reference
+    assert _run(folder, tmp_path / "d", LocalExecutor(1), _cfg(reduce_unit_rows=10**9)) == ref
+
+
+def test_slot_files_are_verified_per_slot(tmp_path: Path) -> None:
+    """A reduce unit reads only its slots of a sign file and checks each against its sha256: a flipped
+    byte fails the slot it is in (one line), a truncated file fails on its size, other slots still read."""
+    import numpy as np
+
+    from kalm.data.units import _put_slotted, read_slots
+
+    root = DataRoot.from_uri(str(tmp_path / "r"))
+    rng = np.random.default_rng(0)
+    idh = rng.integers(0, 2**63, 5000, dtype=np.uint64)
+    files: list[dict[str, Any]] = []
+    slot = (idh >> np.uint64(56)).astype(np.int64)
+    _put_slotted(
+        root, "w", "f.arrow", {"idh": idh, "key": np.arange(5000, dtype=np.uint64)}, slot, 256, files
+    )
+    ref = {**files[0], "name": "w/f.arrow"}
+    got = read_slots(root, ref, range(10, 20))
+    want = (slot >= 10) & (slot < 20)
+    rows = np.argsort(slot, kind="stable")  # slot by slot, each in the rows' order
+    rows = rows[want[rows]]
+    assert np.array_equal(got["idh"], idh[rows]) and np.array_equal(got["key"], rows.astype(np.uint64))
+    path = Path(root.path("w/f.arrow"))
+    raw = bytearray(path.read_bytes())
+    first = int(np.flatnonzero(slot == 0)[0])  # slot 0's first id sits after the schema, in slot 0's batch
+    at = raw.find(int(idh[first]).to_bytes(8, "little"))
+    assert at > 0
+    raw[at] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(KalmError, match=r"f\.arrow changed after it was written \(slot 0's sha256 differs\)"):
+        read_slots(root, ref, range(0, 4))
+    assert len(read_slots(root, ref, range(10, 20))["idh"]) == int(want.sum())
+    path.write_bytes(bytes(raw[:-100]))
+    with pytest.raises(KalmError, match=r"changed after it was written \(\d+ bytes, the marker says"):
+        read_slots(root, ref, range(10, 20))
 
 
 @needs_ray
@@ -489,7 +539,7 @@ def test_fast_path_equals_the_per_row_path(case: str, tmp_path: Path) -> None:
     assert (fast is None) == declines
     if fast is not None:
         assert fast.table.equals(pa.Table.from_pylist(slow, schema=ROW_SCHEMA))
-        assert fast.near_texts == [near_text(r) for r in slow]
+        assert fast.near_texts.to_pylist() == [near_text(r) for r in slow]
         assert fast_stats == slow_stats
 
 

@@ -46,7 +46,7 @@ SPACE_RUN = r" [^\S\n]+|[^\S\n ][^\S\n]*"  # the same, newlines kept (``[^\S\n]+
 @dataclass
 class FastRows:
     table: pa.Table  # ROW_SCHEMA, in source order
-    near_texts: list[str]  # what near dedup shingles, per row
+    near_texts: pa.Array  # what near dedup shingles, per row (strings)
 
 
 def eligible(lr: LoadedRecipe, part: Partition) -> bool:
@@ -120,10 +120,10 @@ def _strict_lines(buf: bytes) -> int | None:
         return 0
     if not (np.all(a[s] == ord("{")) and np.all(a[e - 1] == ord("}"))):
         return None
-    at = np.flatnonzero((a == ord("{")) | (a == ord("[")))
-    if len(at) > MAX_BRACKETS:  # then count per line
-        per_line = np.searchsorted(at, e) - np.searchsorted(at, s)
-        if int(per_line.max()) > MAX_BRACKETS:
+    long = (e - s) > MAX_BRACKETS  # only a line this long can hold that many brackets: count in those
+    for i in np.flatnonzero(long).tolist():
+        line = buf[int(s[i]) : int(e[i])]
+        if line.count(b"{") + line.count(b"[") > MAX_BRACKETS:
             return None
     return len(s)
 
@@ -245,12 +245,12 @@ def fast_rows(lr: LoadedRecipe, part: Partition, stats: Counter[str], fs: pafs.F
     pos = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32)), fast["p"].to_arrow().cast(pa.string()))
     cols = {"id": pa.array(ids, pa.string()), "query": fast["q"].to_arrow().cast(pa.string()), "pos": pos, **const}
     table = pa.table([cols[c] for c in ROW_SCHEMA.names], schema=ROW_SCHEMA)
-    near = fast["near"].to_list()
+    near = fast["near"].to_arrow().cast(pa.string())
     if slow_rows:  # back into source order
         lines = np.concatenate([fast["line"].to_numpy(), np.asarray(slow_lines, dtype=np.int64)])
         table = pa.concat_tables([table, pa.Table.from_pylist(slow_rows, schema=ROW_SCHEMA)])
-        near = near + slow_near
+        near = pa.concat_arrays([near, pa.array(slow_near, pa.string())])
         order = np.argsort(lines, kind="stable")
         table = table.take(pa.array(order))
-        near = [near[i] for i in order.tolist()]
+        near = near.take(pa.array(order))
     return FastRows(table, near)

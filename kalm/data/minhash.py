@@ -17,10 +17,13 @@ Example::
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import pyarrow as pa
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
@@ -49,10 +52,16 @@ class MinHashParams:
 
     def lsh_shape(self) -> tuple[int, int]:
         """(bands, rows) minimising weighted FP+FN probability, via datasketch's own optimiser."""
-        from datasketch.lsh import _optimal_param
+        return _lsh_shape(self.threshold, self.num_perm)
 
-        b, r = _optimal_param(self.threshold, self.num_perm, 0.5, 0.5)
-        return int(b), int(r)
+
+@functools.lru_cache(maxsize=64)
+def _lsh_shape(threshold: float, num_perm: int) -> tuple[int, int]:
+    """Cached: the optimiser integrates numerically (~0.1 s a call, and its import ~0.8 s)."""
+    from datasketch.lsh import _optimal_param
+
+    b, r = _optimal_param(threshold, num_perm, 0.5, 0.5)
+    return int(b), int(r)
 
 
 def _fmix32(h: np.ndarray) -> None:
@@ -64,29 +73,53 @@ def _fmix32(h: np.ndarray) -> None:
     h ^= h >> np.uint32(16)
 
 
-def shingle_hashes(texts: list[str], ngram: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def _ascii_codes(texts: pa.Array | pa.ChunkedArray, ngram: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The code points (uint8) and lengths of an Arrow string array without leaving Arrow, when every
+    text is ASCII (its UTF-8 bytes are its code points), none is null and none is shorter than ``ngram``;
+    else None."""
+    col = texts.combine_chunks() if isinstance(texts, pa.ChunkedArray) else texts
+    col = col.cast(pa.large_string())
+    n = len(col)
+    if col.null_count or n == 0:
+        return None
+    off = np.frombuffer(col.buffers()[1], np.int64, count=n + 1, offset=col.offset * 8)
+    lens = np.diff(off)
+    if int(lens.min()) < ngram:
+        return None
+    data = col.buffers()[2]
+    codes = np.frombuffer(data, np.uint8, count=int(off[-1] - off[0]), offset=int(off[0])) if data else None
+    if codes is None or int(codes.max()) >= 128:
+        return None
+    return codes, lens
+
+
+def shingle_hashes(
+    texts: Sequence[str] | pa.Array | pa.ChunkedArray, ngram: int, seed: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
     """Hash every character n-gram of every text (one pass per n-gram position, in place).
 
-    Returns ``(hashes, rows)``: uint32 hashes of shape ``(W,)`` over all windows of the concatenated
-    texts, and the int64 row of each window, ``-1`` for windows that straddle two texts. Texts shorter
-    than ``ngram`` (including empty ones) are padded with NUL so they give exactly one shingle.
+    Returns ``(hashes, lens)``: uint32 hashes of shape ``(W,)`` over all windows of the concatenated
+    texts (the last ``ngram - 1`` windows of each text straddle into the next one), and the int64 length
+    of each (padded) text. Texts shorter than ``ngram`` (including empty ones) are padded with NUL so they
+    give exactly one shingle. An Arrow string array of ASCII texts is read in place (no Python strings).
     """
-    n = len(texts)
-    padded = [t if len(t) >= ngram else t + "\x00" * (ngram - len(t)) for t in texts]
-    lens = np.fromiter(map(len, padded), dtype=np.int64, count=n)
-    cps = np.frombuffer("".join(padded).encode("utf-32-le"), dtype=np.uint32)
+    fast = _ascii_codes(texts, ngram) if isinstance(texts, pa.Array | pa.ChunkedArray) else None
+    if fast is not None:
+        cps, lens = fast
+    else:
+        if not isinstance(texts, list):
+            texts = texts.to_pylist() if isinstance(texts, pa.Array | pa.ChunkedArray) else list(texts)
+        n = len(texts)
+        padded = [t if len(t) >= ngram else t + "\x00" * (ngram - len(t)) for t in texts]
+        lens = np.fromiter(map(len, padded), dtype=np.int64, count=n)
+        cps = np.frombuffer("".join(padded).encode("utf-32-le"), dtype=np.uint32)
     n_win = int(lens.sum()) - ngram + 1
     h = np.full(n_win, np.uint32(seed * 0x9E3779B1 & 0xFFFFFFFF), dtype=np.uint32)
     for j in range(ngram):
         h *= np.uint32(0x01000193)  # FNV-1a 32-bit prime
         h ^= cps[j : j + n_win]
     _fmix32(h)
-    rows = np.repeat(np.arange(n, dtype=np.int64), lens)[:n_win]
-    ends = np.cumsum(lens)
-    for d in range(1, ngram):  # the last ngram-1 windows of each text run into the next text
-        idx = ends - d
-        rows[idx[idx < n_win]] = -1
-    return h, rows
+    return h, lens
 
 
 def _densify_table(num_perm: int, seed: int, attempts: int = 64) -> np.ndarray:
@@ -95,34 +128,46 @@ def _densify_table(num_perm: int, seed: int, attempts: int = 64) -> np.ndarray:
     return rng.integers(0, num_perm, size=(attempts, num_perm))
 
 
-def signatures(texts: list[str], params: MinHashParams | None = None) -> np.ndarray:
+def signatures(texts: Sequence[str] | pa.Array | pa.ChunkedArray, params: MinHashParams | None = None) -> np.ndarray:
     """MinHash signatures, uint32 array of shape ``(len(texts), num_perm)``."""
     p = params or MinHashParams()
     n, k = len(texts), p.num_perm
     if n == 0:
         return np.empty((0, k), dtype=np.uint32)
-    hashes, rows = shingle_hashes(texts, p.ngram, p.seed)
-    flat = np.where(rows >= 0, rows * k, n * k)  # straddling windows land in a spare row
-    flat += hashes % np.uint32(k)
+    hashes, lens = shingle_hashes(texts, p.ngram, p.seed)
+    # each window's bin in a flat (n + 1) x k array: its row's offset plus hash mod k; the windows that
+    # straddle two texts go to the spare last row
+    flat = np.repeat(np.arange(0, n * k, k, dtype=np.intp), lens)[: len(hashes)]  # intp: no index casts
+    ends = np.cumsum(lens)
+    for d in range(1, p.ngram):
+        idx = ends - d
+        flat[idx[idx < len(hashes)]] = n * k
+    if k & (k - 1) == 0:  # a power of two: mask and shift (the row offset is a multiple of k: | adds)
+        flat |= hashes & np.uint32(k - 1)
+        vals = hashes >> np.uint32(k.bit_length() - 1)
+    else:
+        flat += hashes % np.uint32(k)
+        vals = hashes // np.uint32(k)
     flat_sig = np.full((n + 1) * k, _EMPTY, dtype=np.uint32)
-    np.minimum.at(flat_sig, flat, hashes // np.uint32(k))
+    np.minimum.at(flat_sig, flat, vals)
     sig = flat_sig[: n * k].reshape(n, k)
-    empty = sig == _EMPTY
-    if empty.any():
+    flat_sig = flat_sig[: n * k]
+    holes = np.flatnonzero(flat_sig == _EMPTY)  # empty bins, as flat indices row * k + bin
+    if holes.size:
         table = _densify_table(k, p.seed)
-        filled = ~empty
-        r_idx, b_idx = np.nonzero(empty)
+        filled = flat_sig != _EMPTY
+        rows_k, bins = holes - holes % k, holes % k
         for attempt in range(table.shape[0]):
-            if r_idx.size == 0:
+            if holes.size == 0:
                 break
-            donor = table[attempt, b_idx]
-            ok = filled[r_idx, donor]  # donors are bins filled by shingles, never by densification
-            sig[r_idx[ok], b_idx[ok]] = sig[r_idx[ok], donor[ok]]
-            r_idx, b_idx = r_idx[~ok], b_idx[~ok]
+            donor = rows_k + table[attempt, bins]
+            ok = filled[donor]  # donors are bins filled by shingles, never by densification
+            flat_sig[holes[ok]] = flat_sig[donor[ok]]
+            holes, rows_k, bins = holes[~ok], rows_k[~ok], bins[~ok]
         # Extremely rare leftovers: take the row's minimum over filled bins (deterministic).
-        if r_idx.size:
-            row_min = np.where(filled, sig, _EMPTY).min(axis=1)
-            sig[r_idx, b_idx] = row_min[r_idx]
+        if holes.size:
+            row_min = np.where(filled.reshape(n, k), sig, _EMPTY).min(axis=1)
+            flat_sig[holes] = row_min[holes // k]
     return sig
 
 
@@ -131,19 +176,22 @@ def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.asarray((a == b).mean(axis=-1))
 
 
-def band_hashes(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+def band_hashes(sig: np.ndarray, bands: int, rows: int, chunk: int = 8192) -> np.ndarray:
     """uint64 array ``(n, bands)``: one hash per band of ``rows`` signature slots (band index mixed in).
-    Computed band-major (the result is a transposed view: ``.T`` of it is contiguous)."""
+    Computed band-major in row chunks that stay in cache (the result is a transposed view: its ``.T`` is
+    contiguous)."""
     n = sig.shape[0]
     out = np.empty((bands, n), dtype=np.uint64)
-    s64 = np.ascontiguousarray(sig[:, : bands * rows].T, dtype=np.uint64)  # slot-major: contiguous columns
     with np.errstate(over="ignore"):
-        for b in range(bands):
-            h = np.full(n, np.uint64(b + 1) * np.uint64(0x9E3779B97F4A7C15), dtype=np.uint64)
-            for j in range(rows):
-                h *= _PRIME
-                h ^= s64[b * rows + j]
-            out[b] = _mix64(h)
+        seeds = [np.uint64(b + 1) * np.uint64(0x9E3779B97F4A7C15) for b in range(bands)]
+        for i in range(0, n, chunk):
+            s64 = np.ascontiguousarray(sig[i : i + chunk, : bands * rows].T, dtype=np.uint64)  # slot-major
+            for b in range(bands):
+                h = np.full(s64.shape[1], seeds[b], dtype=np.uint64)
+                for j in range(rows):
+                    h *= _PRIME
+                    h ^= s64[b * rows + j]
+                out[b, i : i + chunk] = _mix64(h)
     return out.T
 
 

@@ -29,7 +29,7 @@ from kalm.data import minhash
 from kalm.data.config import IngestConfig
 from kalm.data.fastpath import CONTROL_ASCII, WS_RUN, fast_rows
 from kalm.data.normalize import comparison_form
-from kalm.data.ingest import READER_SKIPS, _is_holdout, _label_rows, _pair_rows, near_text
+from kalm.data.ingest import READER_SKIPS, _label_rows, _pair_rows, near_text
 from kalm.data.mixtures import EvalIndex
 from kalm.data.partitions import Partition, read_partition
 from kalm.data.readers import resolve_files
@@ -237,24 +237,25 @@ def sign_unit(
         label = lr.recipe.label_based
         rows = list(_label_rows(lr, records, stats, c) if label else _pair_rows(lr, records, stats))
         table = pa.Table.from_pylist(rows, schema=ROW_SCHEMA) if rows else ROW_SCHEMA.empty_table()
-        texts = [near_text(row, label) for row in rows]
+        texts = pa.array([near_text(row, label) for row in rows], pa.string())
         del rows
     if table.num_rows >= MAX_ROWS_PER_PARTITION:
         raise KalmError(
             f"{lr.name}: {table.num_rows} rows in one partition (at most {MAX_ROWS_PER_PARTITION - 1}): "
             "lower partition_bytes, or split the source into more files"
         )
-    ids = table.column("id").to_pylist()
-    ho = np.array([_is_holdout(i, lr.recipe.holdout) for i in ids], dtype=bool)
+    idh = id_hashes(table.column("id"))
+    # as ingest._is_holdout: the id's first 8 hex digits mod 10,000
+    frac = lr.recipe.holdout
+    ho = ((idh >> np.uint64(32)) % np.uint64(10_000)) < frac * 10_000 if frac > 0 else np.zeros(len(idh), bool)
     files: list[dict[str, Any]] = []
     if ho.any():
         _put(root, out, f"{p.label}.holdout.parquet", table.filter(pa.array(ho)), files)
         table = table.filter(pa.array(~ho))
-        ids = [i for i, h in zip(ids, ho, strict=True) if not h]
-        texts = [t for t, h in zip(texts, ho, strict=True) if not h]
+        idh = idh[~ho]
+        texts = texts.filter(pa.array(~ho))
     n = table.num_rows
     local = (np.uint64(p.index) << np.uint64(ROW_BITS)) | np.arange(n, dtype=np.uint64)
-    idh = np.array([int(i, 16) for i in ids], dtype=np.uint64)
     _put(root, out, f"{p.label}.rows.parquet", table, files)
     top = np.uint64(64 - 8)  # the slot of a hash: its top 8 bits (uniform, independent of low-bit uses)
     _put_slotted(root, out, f"{p.label}.exact.arrow", {"idh": idh, "key": local}, (idh >> top).astype(np.int64), SLOTS, files)
@@ -292,6 +293,28 @@ def sign_unit(
             "files": files,
         },
     )
+
+
+_HEX = np.full(256, 255, dtype=np.uint8)
+_HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
+
+
+def id_hashes(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Row ids (16 lowercase hex digits, :func:`kalm.core.schema.row_id`) as uint64, vectorised."""
+    col = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    n = len(col)
+    if n == 0:
+        return np.empty(0, np.uint64)
+    col = col.cast(pa.string())
+    off = np.frombuffer(col.buffers()[1], np.int32, count=n + 1, offset=col.offset * 4)
+    if col.null_count or not np.all(np.diff(off) == 16):
+        raise KalmError("row ids must be 16 hex digits")  # every id the ingest writes is
+    raw = np.frombuffer(col.buffers()[2], np.uint8, count=16 * n, offset=int(off[0]))
+    nib = _HEX[raw].reshape(n, 16)
+    if (nib == 255).any():
+        raise KalmError("row ids must be 16 hex digits")
+    b = (nib[:, 0::2] << 4) | nib[:, 1::2]  # big-endian bytes
+    return np.ascontiguousarray(b).view(">u8").ravel().astype(np.uint64)
 
 
 def _gather(root: DataRoot, sources: list[tuple[dict[str, Any], int]], slots: range) -> dict[str, np.ndarray]:
