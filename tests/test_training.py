@@ -3,6 +3,7 @@ launchers, and exact resume after kill -9. Tiny random BERT (hidden 32) so every
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ from kalm.data.ingest import run_ingest_recipe
 from kalm.data.mixtures import run_build_stage
 from kalm.data.recipes import get_recipe
 from kalm.training.config import load_train_config
-from kalm.training.launch import launch_command, run_training
+from kalm.training.launch import TrainingFailed, launch_command, run_training
 from kalm.training.train import preflight
 
 ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -284,12 +285,27 @@ def test_exact_resume_after_kill(tmp_path: Path, tiny_model: Path, data_root: st
     )
     assert again.cached and Path(again.output) == uninterrupted
     assert (uninterrupted / "model.safetensors").stat().st_mtime_ns == stamp
-    # a changed config starts fresh instead of resuming the old checkpoints
+    # a changed config under the same run name never deletes the finished model: refused in one line...
     cfg_full.write_text(cfg_full.read_text().replace("seed: 3", "seed: 4"))
-    reseeded = train(cfg_full, data_root, launcher="single", env=ENV)
+    digest = hashlib.sha256((uninterrupted / "model.safetensors").read_bytes()).hexdigest()
+    with pytest.raises(KalmError, match="holds a finished model of another config.*--overwrite"):
+        train(cfg_full, data_root, launcher="single", env=ENV)
+    # ...and with --overwrite, a new job that fails puts the old model back
+    with pytest.raises(TrainingFailed):
+        train(
+            cfg_full, data_root, launcher="single", env={**ENV, "DS_ACCELERATOR": "no-such"}, overwrite=True
+        )
+    assert hashlib.sha256((uninterrupted / "model.safetensors").read_bytes()).hexdigest() == digest
+    assert not (full_dir / "run" / ".previous").exists()
+    cfg_full.write_text(cfg_full.read_text().replace("seed: 4", "seed: 3"))
+    assert run_training(load_train_config(cfg_full), DataRoot.from_uri(data_root), launcher="single").cached
+    # a new job that finishes replaces it, starting fresh instead of resuming the old checkpoints
+    cfg_full.write_text(cfg_full.read_text().replace("seed: 3", "seed: 4"))
+    reseeded = train(cfg_full, data_root, launcher="single", env=ENV, overwrite=True)
     assert not torch.equal(
         _weights(reseeded)["embeddings.word_embeddings.weight"], a["embeddings.word_embeddings.weight"]
     )
+    assert not (full_dir / "run" / ".previous").exists()
 
 
 @pytest.mark.parametrize("zero,nproc", [(1, 1), (2, 2)])
@@ -363,3 +379,8 @@ def test_set_values_reach_the_worker_typed_and_null_stays_null(
     assert bad.exit_code == 2 and "max_steps" in bad.output and "Traceback" not in bad.output
     bad = CliRunner().invoke(app, [*args, "--set", "stage.x=1"], env=ENV)
     assert bad.exit_code == 2 and "not a mapping" in bad.output
+    # a changed value under the same run name: refused in one line, the finished model kept
+    other = [*args, *(x for s in sets for x in ("--set", s)), "--set", "loss.temperature=0.08"]
+    bad = CliRunner().invoke(app, other, env=ENV)
+    assert bad.exit_code == 2 and "--overwrite" in bad.output and "Traceback" not in bad.output
+    assert (run / "final" / "kalm_run.json").exists()

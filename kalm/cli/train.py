@@ -16,6 +16,12 @@ def train_cmd(
     set_: list[str] | None = typer.Option(
         None, "--set", help="Override a config key: KEY=VALUE, VALUE in YAML (null, 5, [a, b]); repeatable."
     ),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Replace a finished model of another config under the same run_name (kept until the new one is"
+        " done).",
+    ),
 ) -> None:
     """Launch one training stage; rerunning resumes from the newest checkpoint. The config (with every
     --set applied) is validated once here; the workers read it back from <run>/config.yaml."""
@@ -26,5 +32,5 @@ def train_cmd(
     from kalm.training.launch import run_training
 
     cfg = load_train_config(config, parse_set(set_ or []))
-    res = run_training(cfg, DataRoot.from_uri(data_root), nproc=nproc, launcher=launcher)
+    res = run_training(cfg, DataRoot.from_uri(data_root), nproc=nproc, launcher=launcher, overwrite=overwrite)
     typer.echo(f"final model: {res.output}{' (cache hit)' if res.cached else ''}")

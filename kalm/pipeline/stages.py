@@ -94,7 +94,9 @@ def mine_stage(
 def train_stage(cfg: TrainConfig, root: DataRoot, nproc: int | None = None) -> StageResult:
     from kalm.training.launch import run_training
 
-    return run_training(cfg, root, nproc=nproc)
+    # the pipeline owns its run names: a changed input retrains them (the old model kept until the new one
+    # is finished)
+    return run_training(cfg, root, nproc=nproc, overwrite=True)
 
 
 def soup_stage(

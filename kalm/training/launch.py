@@ -127,6 +127,9 @@ def launch_command(
 RESOLVED_CONFIG = "config.yaml"
 
 
+STALE = ("checkpoints", "final", "metrics.jsonl", "loss.png", MANIFEST)  # what a job writes in its run
+
+
 def run_training(
     cfg: TrainConfig,
     root: DataRoot,
@@ -135,35 +138,96 @@ def run_training(
     launcher: str | None = None,
     env: dict[str, str] | None = None,
     tail_lines: int = 40,
+    overwrite: bool = False,
 ) -> StageResult:
     """Check, launch, stream the log; the result's output is the final model folder.
 
     ``cfg`` is parsed and validated once, by the caller; the workers read it back from
     ``<run>/config.yaml`` (written here, every key resolved: model path, output folder), never from
-    ``--set`` strings. An unchanged job (same config, initial model and data) is a cache hit."""
+    ``--set`` strings. An unchanged job (same config, initial model and data) is a cache hit.
+
+    A run folder holding a *finished* model of another job (config, data or initial model changed under
+    the same run name) is refused with a one-line error unless ``overwrite``; with it, the old model is set
+    aside (``<run>/.previous/``) and deleted only once the new job has written its final model; a failed
+    job puts it back. Checkpoints of an unfinished other job are never resumed into this one."""
     from kalm.training.train import output_dir, preflight
 
     t0 = time.perf_counter()
     info = preflight(cfg, root)
     out = output_dir(cfg, root)
     job = job_fingerprint(cfg, root, info["model_dir"])
+    _restore_previous(out)  # a job killed while an older model was set aside: that model comes back first
     done = out / MANIFEST
     finished = (out / "final" / "kalm_run.json").exists() and done.exists()
     if finished and json.loads(done.read_text()).get("job_fingerprint") == job:
         log.info("%s: unchanged config, data and initial model; cached final model reused", cfg.run_name)
         return _result(cfg, root, out, job, True, t0)
+    if finished and not overwrite:
+        raise KalmError(
+            f"run {cfg.run_name!r} ({out}) holds a finished model of another config, data or initial model: "
+            "choose another run_name, or pass --overwrite to replace it"
+        )
     out.mkdir(parents=True, exist_ok=True)
     marker = out / "_job.json"
+    previous = out / ".previous"
     if marker.exists() and json.loads(marker.read_text()).get("job_fingerprint") != job:
         # another job wrote here before: its checkpoints must not be resumed into this one
-        log.info("%s: config, data or model changed; starting fresh", cfg.run_name)
-        for stale in ("checkpoints", "final", "metrics.jsonl", MANIFEST):
-            p = out / stale
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        if finished:
+            log.warning("%s: replacing the finished model of another job (--overwrite)", cfg.run_name)
+            previous.mkdir()
+            for name in STALE:
+                if (out / name).exists():
+                    os.replace(out / name, previous / name)
+            shutil.copy2(marker, previous / "_job.json")
+        else:
+            log.info("%s: config, data or model changed; starting fresh", cfg.run_name)
+            for name in STALE:
+                p = out / name
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     resolved = with_updates(cfg, {"model.path": info["model_dir"], "output_dir": str(out)}, cfg.run_name)
     config_file = out / RESOLVED_CONFIG
     config_file.write_text(dump_yaml(resolved), encoding="utf-8")
     marker.write_text(json.dumps({"job_fingerprint": job, "config": str(config_file)}))
+    try:
+        _launch(cfg, root, out, config_file, nproc, launcher, env, tail_lines)
+    except BaseException:
+        if previous.exists():
+            for name in STALE:  # the failed job's partial outputs go; the old finished model comes back
+                p = out / name
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            _restore_previous(out)
+            log.warning("%s: the new job failed; the previous finished model was put back", cfg.run_name)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
+    return _result(cfg, root, out, job, False, t0)
+
+
+def _restore_previous(out: Path) -> None:
+    """Move a set-aside finished model (``<run>/.previous/``) back into the run folder."""
+    previous = out / ".previous"
+    if not previous.exists():
+        return
+    if not (previous / "final" / "kalm_run.json").exists():
+        shutil.rmtree(previous, ignore_errors=True)  # never a finished model: nothing to restore
+        return
+    for name in STALE:
+        p = out / name
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    for p in previous.iterdir():
+        os.replace(p, out / p.name)
+    previous.rmdir()
+
+
+def _launch(
+    cfg: TrainConfig,
+    root: DataRoot,
+    out: Path,
+    config_file: Path,
+    nproc: int | None,
+    launcher: str | None,
+    env: dict[str, str] | None,
+    tail_lines: int,
+) -> None:
     cmd = launch_command(
         config_file,
         root.uri,
@@ -196,7 +260,6 @@ def run_training(
     final = out / "final"
     if not (final / "kalm_run.json").exists():
         raise TrainingFailed(f"training job {cfg.run_name} exited 0 but wrote no final model in {final}")
-    return _result(cfg, root, out, job, False, t0)
 
 
 def _result(cfg: TrainConfig, root: DataRoot, out: Path, job: str, cached: bool, t0: float) -> StageResult:
