@@ -11,6 +11,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -236,6 +237,47 @@ def test_resume_skips_a_checkpoint_cut_short_by_a_kill(
         torch.testing.assert_close(want[k], got[k], rtol=0, atol=1e-6)
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # steps 5-6 redone from the step-4 checkpoint, logged once
+
+
+class _Planted:
+    """A pickle that runs code when loaded (writes a file named by ``sentinel``)."""
+
+    def __init__(self, sentinel: Path) -> None:
+        self.sentinel = sentinel
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (os.system, (f"touch {self.sentinel}",))
+
+
+def test_planted_checkpoint_is_refused_and_never_runs(
+    tmp_path: Path, tiny_model: Path, data_root: str
+) -> None:
+    """A checkpoint file replaced by another pickle: refused in one line before any process starts (its
+    checksum differs); with its checksum forged too, the worker's weights-only load refuses it. The
+    planted code never runs either way."""
+    import pickle
+
+    from kalm.training.train import CHECKPOINT_DONE, checkpoint_files
+
+    cfg = _config(tmp_path, tiny_model, **{"schedule.max_steps": 4, "schedule.checkpoint_every": 2})
+    train(cfg, data_root, launcher="single", env=ENV)
+    run = tmp_path / "run"
+    shutil.rmtree(run / "final")  # so that the next run resumes from the step-4 checkpoint
+    (run / "_manifest.json").unlink()
+    tag = run / "checkpoints" / "step00000004"
+    sentinel = tmp_path / "planted-code-ran"
+    (tag / "mp_rank_00_model_states.pt").write_bytes(pickle.dumps({"module": _Planted(sentinel)}))
+    with pytest.raises(
+        KalmError, match=r"step00000004 is not what this job wrote \(changed or missing: mp_rank"
+    ):
+        train(cfg, data_root, launcher="single", env=ENV)
+    marker = json.loads((tag / CHECKPOINT_DONE).read_text())
+    (tag / CHECKPOINT_DONE).write_text(json.dumps({**marker, "files": checkpoint_files(tag)}))  # forged
+    with pytest.raises(
+        TrainingFailed, match="refusing to load .*mp_rank_00_model_states.pt: not a plain checkpoint"
+    ):
+        train(cfg, data_root, launcher="single", env=ENV)
+    assert not sentinel.exists()
 
 
 def test_exact_resume_after_kill(tmp_path: Path, tiny_model: Path, data_root: str) -> None:

@@ -184,6 +184,10 @@ def run_training(
             for name in STALE:
                 p = out / name
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    from kalm.training.train import checkpoint_dir, complete_checkpoints, verify_checkpoint
+
+    if done_tags := complete_checkpoints(out):  # the one a resume would load: checked here, in one line
+        verify_checkpoint(checkpoint_dir(out) / done_tags[-1])
     resolved = with_updates(cfg, {"model.path": info["model_dir"], "output_dir": str(out)}, cfg.run_name)
     config_file = out / RESOLVED_CONFIG
     config_file.write_text(dump_yaml(resolved), encoding="utf-8")

@@ -13,10 +13,12 @@ same loss randomness, same final weights as an uninterrupted run.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import socket
 import sys
@@ -259,7 +261,34 @@ def setup(cfg: TrainConfig, root: DataRoot, out: Path) -> Trainer:
         config=deepspeed_config(cfg, bf16, grad_accum),
         dist_init_required=False,
     )
+    _weights_only_loads(engine)
     return Trainer(cfg, engine, model, loss_fn, sampler, steps, out, rank, world)
+
+
+def _checkpoint_globals() -> list[Any]:
+    """The only non-tensor types a DeepSpeed ZeRO-1/2 checkpoint of ours holds (found with
+    ``torch.serialization.get_unsafe_globals_in_checkpoint``): everything else is refused on load."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _weights_only_loads(engine: Any) -> None:
+    """Make DeepSpeed's checkpoint reads ``torch.load(weights_only=True)`` with an allow-list (its own
+    engine passes ``weights_only=False``, which runs any pickled object a planted file holds)."""
+    allowed = _checkpoint_globals()
+
+    def load(path: str, map_location: Any = None) -> Any:
+        with torch.serialization.safe_globals(allowed):
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as err:
+                why = str(err).split("\n")[0][:200]
+                raise KalmError(f"refusing to load {path}: not a plain checkpoint ({why})") from None
+
+    engine.checkpoint_engine.load = load
 
 
 # ----------------------------------------------------------------------------------------------- step
@@ -412,7 +441,10 @@ def save_checkpoint(t: Trainer) -> None:
     t.engine.save_checkpoint(str(checkpoint_dir(t.out)), tag=tag, client_state=client)
     torch.distributed.barrier()  # every rank's files are written
     if t.rank == 0:
-        (checkpoint_dir(t.out) / tag / CHECKPOINT_DONE).write_text(json.dumps({"step": t.sampler.step}))
+        files = checkpoint_files(checkpoint_dir(t.out) / tag)
+        (checkpoint_dir(t.out) / tag / CHECKPOINT_DONE).write_text(
+            json.dumps({"step": t.sampler.step, "files": files})
+        )
         done = complete_checkpoints(t.out)
         keep = set(done[-t.cfg.schedule.keep_checkpoints :])
         for old in sorted(p.name for p in checkpoint_dir(t.out).glob("step*") if p.is_dir()):
@@ -422,6 +454,35 @@ def save_checkpoint(t: Trainer) -> None:
 
 
 CHECKPOINT_DONE = "kalm_complete.json"  # written once every rank has saved: the checkpoint is whole
+
+
+def checkpoint_files(d: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file of a checkpoint folder (its completion marker aside)."""
+    out: dict[str, dict[str, Any]] = {}
+    for f in sorted(p for p in d.rglob("*") if p.is_file() and p.name != CHECKPOINT_DONE):
+        h = hashlib.sha256()
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        out[f.relative_to(d).as_posix()] = {"bytes": f.stat().st_size, "sha256": h.hexdigest()}
+    return out
+
+
+def verify_checkpoint(d: Path) -> None:
+    """Refuse (one-line KalmError) a checkpoint folder whose files are not exactly those the job wrote."""
+    recorded = json.loads((d / CHECKPOINT_DONE).read_text()).get("files")
+    if recorded is None:
+        raise KalmError(
+            f"checkpoint {d} has no checksums (written by an older version): delete it to start over"
+        )
+    found = checkpoint_files(d)
+    extra = sorted(set(found) - set(recorded))
+    changed = sorted(k for k in recorded if found.get(k) != recorded[k])
+    if extra or changed:
+        what = f"{'added' if extra else 'changed or missing'}: {(extra or changed)[0]}"
+        raise KalmError(
+            f"checkpoint {d} is not what this job wrote ({what}); refusing to load it (delete it)"
+        )
 
 
 def complete_checkpoints(out: Path) -> list[str]:
@@ -442,6 +503,7 @@ def maybe_resume(t: Trainer) -> bool:
     latest = (ckpt / "latest").read_text().strip()
     if tag != latest:
         log.warning("checkpoint %s is incomplete (killed while saving?); resuming from %s", latest, tag)
+    verify_checkpoint(ckpt / tag)
     path, client = t.engine.load_checkpoint(str(ckpt), tag=tag)
     if path is None:
         return False
