@@ -149,6 +149,17 @@ def test_decoder_is_bidirectional(kind: str, attn: str, tokenizer) -> None:
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6 if device == "cpu" else 1e-2)
 
 
+def test_causal_attention_left_after_loading_fails_loudly(tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As under a transformers that ignores ``config.is_causal``: the model stays causal, and loading it
+    stops with one line instead of training a causal model silently."""
+    import kalm.training.model as model_mod
+    from kalm.core.errors import KalmError
+
+    monkeypatch.setattr(model_mod, "make_bidirectional", lambda m: 0)
+    with pytest.raises(KalmError, match=r"attention is still causal .* needs >= 5\.2"):
+        Embedder(tiny_decoder("qwen2", "sdpa"), tokenizer)
+
+
 def test_encoder_is_left_alone(minilm: Embedder) -> None:
     assert not minilm.is_decoder
     assert getattr(minilm.model.config, "is_causal", None) is None

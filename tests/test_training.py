@@ -172,6 +172,52 @@ def test_config_errors_before_launch(tmp_path: Path, tiny_model: Path, data_root
         preflight(load_train_config(_config(tmp_path, tiny_model, **{"data.recipes": ["ghost"]})), root)
 
 
+def test_launch_mistakes_are_one_line_and_relative_paths_work(
+    tmp_path: Path, tiny_model: Path, data_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each mistake a worker would fail on is one line (exit 2, no traceback) before any process starts;
+    a relative --config, output folder, model and DeepSpeed config resolve from the caller's directory."""
+    from typer.testing import CliRunner
+
+    from kalm.cli import app
+
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    shutil.copytree(tiny_model, work / "model")
+    pickled = work / "pickled"
+    shutil.copytree(tiny_model, pickled)
+    for f in pickled.glob("*.safetensors"):
+        f.rename(f.with_name("pytorch_model.bin"))
+    (work / "ds.json").write_text('{"zero_optimization": {"stage": 1}}')
+    (work / "broken.json").write_text("{not json")
+    monkeypatch.chdir(work)
+    _config(
+        work, Path("model"), **{"output_dir": "run", "schedule.max_steps": 2, "deepspeed.config": "ds.json"}
+    )
+    args = ["train", "--config", "train.yaml", "--data-root", data_root, "--launcher", "single"]
+    cases = {
+        "deepspeed.config=missing.json": "DeepSpeed config not found: missing.json",
+        "deepspeed.config=broken.json": "is not valid JSON",
+        f"model.path={pickled}": "has only pickle weights (pytorch_model.bin)",
+        "data.group_size=2": "needs at least 2: set data.group_size >= 3",
+    }
+    for setting, msg in cases.items():
+        res = CliRunner().invoke(app, [*args, "--set", setting], env=ENV)
+        assert res.exit_code == 2 and msg in res.output and "Traceback" not in res.output, (
+            setting,
+            res.output,
+        )
+    res = CliRunner().invoke(app, [*args, "--nproc", "0"], env=ENV)
+    assert res.exit_code == 2 and "nproc" in res.output and "Traceback" not in res.output
+    assert not (work / "run").exists()  # nothing launched, nothing written
+    res = CliRunner().invoke(app, args, env=ENV)
+    assert res.exit_code == 0, res.output
+    assert (work / "run" / "final" / "kalm_run.json").exists()
+    resolved = yaml.safe_load((work / "run" / "config.yaml").read_text())
+    assert resolved["deepspeed"]["config"] == str(work / "ds.json")
+    assert resolved["model"]["path"] == str(work / "model") and resolved["output_dir"] == str(work / "run")
+
+
 def test_launch_commands(tmp_path: Path) -> None:
     single = launch_command("c.yaml", "d", launcher="auto", nproc=1)
     assert single[1:3] == ["-m", "kalm.training.train"] and "--set" not in single

@@ -11,7 +11,7 @@ from kalm.cli.common import DataRootOpt, setup_logging, user_errors
 def train_cmd(
     config: str = typer.Option(..., "--config", help="Stage config YAML, e.g. configs/pretrain_demo.yaml."),
     data_root: str | None = DataRootOpt,
-    nproc: int | None = typer.Option(None, help="Processes per node (default: GPUs, else 1)."),
+    nproc: int | None = typer.Option(None, min=1, help="Processes per node (default: GPUs, else 1)."),
     launcher: str | None = typer.Option(None, help="auto | deepspeed | torchrun | single (default: config)."),
     set_: list[str] | None = typer.Option(
         None, "--set", help="Override a config key: KEY=VALUE, VALUE in YAML (null, 5, [a, b]); repeatable."

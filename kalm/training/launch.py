@@ -153,8 +153,10 @@ def run_training(
     from kalm.training.train import output_dir, preflight
 
     t0 = time.perf_counter()
+    if nproc is not None and nproc < 1:
+        raise KalmError(f"--nproc must be at least 1 (got {nproc})")
     info = preflight(cfg, root)
-    out = output_dir(cfg, root)
+    out = output_dir(cfg, root).absolute()  # the workers' directory is the project, not the caller's
     job = job_fingerprint(cfg, root, info["model_dir"])
     _restore_previous(out)  # a job killed while an older model was set aside: that model comes back first
     done = out / MANIFEST
@@ -188,7 +190,10 @@ def run_training(
 
     if done_tags := complete_checkpoints(out):  # the one a resume would load: checked here, in one line
         verify_checkpoint(checkpoint_dir(out) / done_tags[-1])
-    resolved = with_updates(cfg, {"model.path": info["model_dir"], "output_dir": str(out)}, cfg.run_name)
+    paths = {"model.path": info["model_dir"], "output_dir": str(out)}
+    if info["deepspeed_config"]:
+        paths["deepspeed.config"] = info["deepspeed_config"]  # resolved here: the workers run in the project
+    resolved = with_updates(cfg, paths, cfg.run_name)
     config_file = out / RESOLVED_CONFIG
     config_file.write_text(dump_yaml(resolved), encoding="utf-8")
     marker.write_text(json.dumps({"job_fingerprint": job, "config": str(config_file)}))

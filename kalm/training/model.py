@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from kalm.core.errors import KalmError
 from kalm.training.instructions import DEFAULT_QUERY_TEMPLATE, format_query, validate_template
 from kalm.training.pooling import POOLINGS, normalize, truncate
 
@@ -158,6 +159,32 @@ def _package_version(name: str) -> str:
         return "unknown"
 
 
+def assert_bidirectional(model: PreTrainedModel) -> None:
+    """Fail loudly when attention is still causal: the first token's state must change when only the last
+    token does. (transformers < 5.2 ignores ``config.is_causal`` and would silently train causally.)"""
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+    if vocab < 8:
+        return
+    param = next(model.parameters())
+    ids = torch.tensor([[3, 4, 5], [3, 4, 6]], device=param.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra)
+    finally:
+        model.train(was_training)
+    first = out.last_hidden_state[:, 0].float()
+    if torch.allclose(first[0], first[1], rtol=0, atol=1e-6):
+        import transformers
+
+        raise KalmError(
+            f"attention is still causal after making {type(model).__name__} bidirectional (transformers "
+            f"{transformers.__version__}: kalm needs >= 5.2, whose mask builders read config.is_causal)"
+        )
+
+
 class Embedder(nn.Module):
     """A backbone plus pooling plus L2 normalisation. ``forward`` maps token ids to (B, D) unit vectors.
 
@@ -185,6 +212,7 @@ class Embedder(nn.Module):
         if self.is_decoder:
             changed = make_bidirectional(model)
             log.info("bidirectional attention: config.is_causal=False, %d attention modules cleared", changed)
+            assert_bidirectional(model)
         if tokenizer.pad_token is None:
             # Decoder tokenizers often lack a pad token; any id works because pads are masked out everywhere.
             fallback = tokenizer.eos_token or tokenizer.unk_token

@@ -122,14 +122,30 @@ def data_sources(cfg: TrainConfig, root: DataRoot) -> list[ShardSource]:
 
 def preflight(cfg: TrainConfig, root: DataRoot) -> dict[str, Any]:
     """Every check that can fail before a process is launched: model, widths, data, negatives."""
-    from kalm.training.losses import build_loss
+    from kalm.training.losses import build_loss, resolve_loss_config
 
-    model_dir = resolve_model_path(cfg.model.path, root)
+    model_dir = os.path.abspath(resolve_model_path(cfg.model.path, root))  # workers run elsewhere
+    if os.path.isdir(model_dir):
+        _check_weights(model_dir)
     width = model_width(model_dir) if os.path.isdir(model_dir) else None
     try:
         build_loss(cfg.loss_config(), embedding_dim=width)
+        mix_k = resolve_loss_config(cfg.loss_config())["mix_k"]
     except ValueError as err:
         raise KalmError(f"loss: {err}") from None
+    if mix_k and cfg.data.group_size < 3:
+        raise KalmError(
+            f"loss.mix_k {mix_k} mixes pairs of a row's hard negatives, which needs at least 2: set "
+            f"data.group_size >= 3 (it is {cfg.data.group_size}) or loss.mix_k: 0"
+        )
+    ds_config = deepspeed_config_path(cfg) if cfg.deepspeed.enabled else None
+    if ds_config is not None:
+        try:
+            json.loads(ds_config.read_text())
+        except (OSError, ValueError) as err:
+            raise KalmError(
+                f"DeepSpeed config {ds_config} is not valid JSON: {str(err).splitlines()[0]}"
+            ) from None
     sources = data_sources(cfg, root)
     if cfg.data.group_size > 1:
         import pyarrow.parquet as pq
@@ -141,7 +157,39 @@ def preflight(cfg: TrainConfig, root: DataRoot) -> dict[str, Any]:
                     f"group_size {cfg.data.group_size} needs hard negatives but source {s.name!r} has none "
                     "(mine negatives first, or set data.group_size: 1)"
                 )
-    return {"model_dir": model_dir, "width": width, "sources": [s.name for s in sources]}
+    return {
+        "model_dir": model_dir,
+        "width": width,
+        "sources": [s.name for s in sources],
+        "deepspeed_config": str(ds_config) if ds_config else None,
+    }
+
+
+def _check_weights(model_dir: str) -> None:
+    """Models load from safetensors only (a pickle can run code): say so now, not in every worker."""
+    folder = Path(model_dir)
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles:
+        raise KalmError(
+            f"model {model_dir} has only pickle weights ({pickles[0]}); kalm loads safetensors only: save it "
+            "with save_pretrained(..., safe_serialization=True) first"
+        )
+    raise KalmError(f"model {model_dir} has no weights (no *.safetensors file)")
+
+
+def deepspeed_config_path(cfg: TrainConfig) -> Path:
+    """``deepspeed.config``: absolute, relative to the caller's directory, or relative to configs/."""
+    from kalm.core.config import CONFIG_DIR
+
+    path = Path(cfg.deepspeed.config).expanduser()
+    for cand in (path, CONFIG_DIR / path) if not path.is_absolute() else (path,):
+        if cand.exists():
+            return cand.resolve()
+    raise KalmError(
+        f"DeepSpeed config not found: {cfg.deepspeed.config} (looked in {Path.cwd()} and {CONFIG_DIR})"
+    )
 
 
 def total_steps(cfg: TrainConfig, sources: list[ShardSource], world: int) -> int:
@@ -170,13 +218,7 @@ def lr_lambda(cfg: TrainConfig, steps: int) -> Any:
 def deepspeed_config(cfg: TrainConfig, bf16: bool, grad_accum: int = 1) -> dict[str, Any]:
     """The DeepSpeed config: the JSON file plus what the training config decides. ``grad_accum`` > 1 only for
     GradCache, whose chunk backward passes are DeepSpeed micro-steps of one optimizer step."""
-    from kalm.core.config import CONFIG_DIR
-
-    path = Path(cfg.deepspeed.config)
-    path = path if path.is_absolute() else CONFIG_DIR / path
-    if not path.exists():
-        raise KalmError(f"DeepSpeed config not found: {path}")
-    ds = json.loads(path.read_text())
+    ds = json.loads(deepspeed_config_path(cfg).read_text())
     ds["train_micro_batch_size_per_gpu"] = cfg.per_device_batch
     ds["gradient_accumulation_steps"] = grad_accum
     ds["gradient_clipping"] = cfg.optim.grad_clip
