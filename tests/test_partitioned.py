@@ -62,7 +62,7 @@ def _edit(text: str) -> str:
 
 
 def _cfg(**kw: Any) -> IngestConfig:
-    cfg = IngestConfig(**{"partition_bytes": 16 * 1024, "reduce_unit_rows": 50, **kw})
+    cfg = IngestConfig(**{"partition_bytes": 16 * 1024, "reduce_unit_rows": 300, **kw})
     return cfg.model_copy(
         update={"decontamination": cfg.decontamination.model_copy(update={"eval_config": None})}
     )
@@ -219,8 +219,8 @@ def test_same_result_with_two_local_workers(reference: tuple[Path, dict[str, Any
     folder, ref = reference
     assert _run(folder, tmp_path / "d", LocalExecutor(2)) == ref
     dedup = DataRoot.from_uri(str(tmp_path / "d")).read_json(f"mixtures/finetune/{MANIFEST}")["dedup"]
-    # the reduce splits into units by the stage's rows (1,029 signed rows, 50 per unit: 21 per band)
-    assert dedup["reduce_units_per_band"] == 21
+    # the reduce splits into units by the stage's rows (1,029 signed rows, 300 per unit: 4 per band)
+    assert dedup["reduce_units_per_band"] == 4
     # each phase's largest unit measured in its own worker process, and the driver
     peaks = dedup["peak_rss_mb"]
     assert set(peaks) == {"sign", "exact", "bands", "verify1", "verify2", "cluster", "apply", "driver"}

@@ -5,6 +5,8 @@ files, then its completion marker, and returns the marker. Units never pass data
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import logging
 import resource
@@ -75,9 +77,21 @@ def done(root: DataRoot, d: str, unit: str) -> dict[str, Any] | None:
     return info
 
 
+def _trim_heap() -> None:
+    """Hand memory the previous unit freed back to the OS (Arrow's pool, glibc's heap): a reused worker
+    then starts each unit from its baseline, not from the high-water mark of the units before."""
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc
+
+
 def reset_peak_rss() -> None:
-    """Start a new peak-RSS window for this process (Linux: ``/proc/self/clear_refs``), so each unit
-    reports its own peak, not the largest of every unit a reused worker ran before."""
+    """Start a unit: trim the heap, then a new peak-RSS window for this process (Linux:
+    ``/proc/self/clear_refs``), so each unit reports its own peak, not the largest of every unit a reused
+    worker ran before."""
+    _trim_heap()
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -435,32 +449,44 @@ def _sig_of(root: DataRoot, ref: dict[str, Any], keys: np.ndarray, num_perm: int
     return sig[(keys & np.uint64(MAX_ROWS_PER_PARTITION - 1)).astype(np.int64)]
 
 
+VERIFY_CHUNK = 1 << 18  # edges a verify1 unit holds at once (with their signatures: ~140 MB)
+
+
 def verify1_unit(
     unit: str, root_uri: str, out: str, inputs: list[dict[str, Any]], sig: dict[str, Any], num_perm: int
 ) -> dict[str, Any]:
-    """Edges whose smaller end is in this partition: unique pairs, that end's signature attached, sent on
-    to the partition of the other end."""
+    """Edges whose smaller end is in this partition, that end's signature attached, sent on to the
+    partition of the other end. In chunks of :data:`VERIFY_CHUNK` edges: a popular row (the head of many
+    buckets) never makes the unit hold all of its edges; a pair found in several bands is sent once per
+    band and counted once by verify2."""
     reset_peak_rss()
     root = DataRoot.from_uri(root_uri)
     if (info := done(root, out, unit)) is not None:
         return info
     files: list[dict[str, Any]] = []
-    t = pa.concat_tables([read_ref(root, i) for i in inputs])
-    a, b = t.column("a").to_numpy(), t.column("b").to_numpy()
-    pairs = np.unique(np.stack([a, b], axis=1), axis=0)
-    a, b = pairs[:, 0], pairs[:, 1]
-    sig_a = _sig_of(root, sig, a, num_perm)
-    e = pa.table(
-        {
-            "a": pa.array(a, U64),
-            "b": pa.array(b, U64),
-            "sig_a": pa.FixedSizeBinaryArray.from_buffers(
-                pa.binary(num_perm * 4), len(a), [None, pa.py_buffer(np.ascontiguousarray(sig_a).tobytes())]
-            ),
-        }
-    )
-    _put_split(root, out, f"v1/{unit}", e, gpart(b), files)
-    return _finish(root, out, unit, {"pairs": len(a), "files": files})
+    sigs = read_sig(root, sig, num_perm)
+    low = np.uint64(MAX_ROWS_PER_PARTITION - 1)
+    sent, chunk = 0, 0
+    for i in inputs:
+        t = read_ref(root, i)
+        for s in range(0, t.num_rows, VERIFY_CHUNK):
+            c = t.slice(s, VERIFY_CHUNK)
+            a, b = c.column("a").to_numpy(), c.column("b").to_numpy()
+            sig_a = np.ascontiguousarray(sigs[(a & low).astype(np.int64)])
+            e = pa.table(
+                {
+                    "a": pa.array(a, U64),
+                    "b": pa.array(b, U64),
+                    "sig_a": pa.FixedSizeBinaryArray.from_buffers(
+                        pa.binary(num_perm * 4), len(a), [None, pa.py_buffer(sig_a)]
+                    ),
+                }
+            )
+            _put_split(root, out, f"v1/{unit}.{chunk}", e, gpart(b), files)
+            sent += len(a)
+            chunk += 1
+            del e, sig_a
+    return _finish(root, out, unit, {"sent": sent, "files": files})
 
 
 def verify2_unit(
@@ -481,6 +507,11 @@ def verify2_unit(
     t = pa.concat_tables([read_ref(root, i) for i in inputs])
     a, b = t.column("a").to_numpy(), t.column("b").to_numpy()
     sig_a = _sigs(t.column("sig_a"), num_perm)
+    order = np.lexsort((b, a))  # a pair that collided in several bands arrives once per band: keep one
+    a, b = a[order], b[order]
+    first = np.concatenate([[True], (a[1:] != a[:-1]) | (b[1:] != b[:-1])])
+    keep = order[first]
+    a, b, sig_a = a[first], b[first], sig_a[keep]
     score = minhash.estimated_jaccard(sig_a, _sig_of(root, sig, b, num_perm))
     ok = score >= threshold
     _put(

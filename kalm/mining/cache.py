@@ -62,7 +62,9 @@ def _is_corruption(err: BaseException) -> bool:
 
 
 class EmbeddingStore:
-    """Append-only shards of (key, vector); the key index is read once per process and kept current."""
+    """Append-only shards of (key, vector); the key index is read once per process and kept current.
+    Inserting does not touch the index (it is rebuilt, one sort, at the next lookup), so filling a cache of
+    n texts costs O(n log n) in all, not a sort of every key after every shard."""
 
     def __init__(self, root: DataRoot, rel: str, dim: int) -> None:
         self.root, self.rel, self.dim = root, rel.rstrip("/"), int(dim)
@@ -204,7 +206,7 @@ class EmbeddingStore:
             schema=SHARD_SCHEMA,
         )
         self._write(table)
-        self._reindex()
+        self._sorted = None  # re-sorted once, at the next lookup: inserts stay O(shard), not O(cache)
 
     def _write(self, table: pa.Table) -> None:
         buf = pa.BufferOutputStream()
