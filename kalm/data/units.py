@@ -456,9 +456,9 @@ def verify1_unit(
     unit: str, root_uri: str, out: str, inputs: list[dict[str, Any]], sig: dict[str, Any], num_perm: int
 ) -> dict[str, Any]:
     """Edges whose smaller end is in this partition, that end's signature attached, sent on to the
-    partition of the other end. In chunks of :data:`VERIFY_CHUNK` edges: a popular row (the head of many
-    buckets) never makes the unit hold all of its edges; a pair found in several bands is sent once per
-    band and counted once by verify2."""
+    partition of the other end, each pair once. The signatures are attached in chunks of
+    :data:`VERIFY_CHUNK` edges: a popular row (the head of many buckets) never makes the unit hold all of
+    its edges with their signatures (16 B an edge, not 528)."""
     reset_peak_rss()
     root = DataRoot.from_uri(root_uri)
     if (info := done(root, out, unit)) is not None:
@@ -466,27 +466,27 @@ def verify1_unit(
     files: list[dict[str, Any]] = []
     sigs = read_sig(root, sig, num_perm)
     low = np.uint64(MAX_ROWS_PER_PARTITION - 1)
-    sent, chunk = 0, 0
-    for i in inputs:
-        t = read_ref(root, i)
-        for s in range(0, t.num_rows, VERIFY_CHUNK):
-            c = t.slice(s, VERIFY_CHUNK)
-            a, b = c.column("a").to_numpy(), c.column("b").to_numpy()
-            sig_a = np.ascontiguousarray(sigs[(a & low).astype(np.int64)])
-            e = pa.table(
-                {
-                    "a": pa.array(a, U64),
-                    "b": pa.array(b, U64),
-                    "sig_a": pa.FixedSizeBinaryArray.from_buffers(
-                        pa.binary(num_perm * 4), len(a), [None, pa.py_buffer(sig_a)]
-                    ),
-                }
-            )
-            _put_split(root, out, f"v1/{unit}.{chunk}", e, gpart(b), files)
-            sent += len(a)
-            chunk += 1
-            del e, sig_a
-    return _finish(root, out, unit, {"sent": sent, "files": files})
+    t = pa.concat_tables([read_ref(root, i) for i in inputs])  # 16 B an edge; the signatures come per chunk
+    a_all, b_all = t.column("a").to_numpy(), t.column("b").to_numpy()
+    del t
+    order = np.lexsort((b_all, a_all))  # a pair that collided in several bands: once
+    a_all, b_all = a_all[order], b_all[order]
+    first = np.concatenate([[True], (a_all[1:] != a_all[:-1]) | (b_all[1:] != b_all[:-1])])
+    a_all, b_all = a_all[first], b_all[first]
+    sent = len(a_all)
+    for chunk, s in enumerate(range(0, sent, VERIFY_CHUNK)):
+        a, b = a_all[s : s + VERIFY_CHUNK], b_all[s : s + VERIFY_CHUNK]
+        sig_a = np.ascontiguousarray(sigs[(a & low).astype(np.int64)])
+        e = pa.table(
+            {
+                "a": pa.array(a, U64),
+                "b": pa.array(b, U64),
+                "sig_a": pa.FixedSizeBinaryArray.from_buffers(pa.binary(num_perm * 4), len(a), [None, pa.py_buffer(sig_a)]),
+            }
+        )
+        _put_split(root, out, f"v1/{unit}.{chunk}", e, gpart(b), files)
+        del e, sig_a
+    return _finish(root, out, unit, {"pairs": sent, "files": files})
 
 
 def verify2_unit(
@@ -507,11 +507,6 @@ def verify2_unit(
     t = pa.concat_tables([read_ref(root, i) for i in inputs])
     a, b = t.column("a").to_numpy(), t.column("b").to_numpy()
     sig_a = _sigs(t.column("sig_a"), num_perm)
-    order = np.lexsort((b, a))  # a pair that collided in several bands arrives once per band: keep one
-    a, b = a[order], b[order]
-    first = np.concatenate([[True], (a[1:] != a[:-1]) | (b[1:] != b[:-1])])
-    keep = order[first]
-    a, b, sig_a = a[first], b[first], sig_a[keep]
     score = minhash.estimated_jaccard(sig_a, _sig_of(root, sig, b, num_perm))
     ok = score >= threshold
     _put(
