@@ -83,9 +83,6 @@ def _unit_name(fn: Callable[..., Any], kw: dict[str, Any]) -> str:
     return str(kw.get("unit", fn.__name__))
 
 
-UNITS_PER_PROCESS = 8  # units one worker process runs before it is replaced (Ray: max_calls)
-
-
 class LocalExecutor(Executor):
     kind = "local"
 
@@ -95,11 +92,7 @@ class LocalExecutor(Executor):
 
     def _fresh_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            # a fresh process every UNITS_PER_PROCESS units: heap a worker's earlier units left fragmented
-            # does not pile up over a long stage (memory per worker stays that of one unit)
-            self._pool = ProcessPoolExecutor(
-                self.workers, mp_context=mp.get_context("forkserver"), max_tasks_per_child=UNITS_PER_PROCESS
-            )
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("forkserver"))
         return self._pool
 
     def map_settled(self, fn: Callable[..., Result], calls: Sequence[dict[str, Any]]) -> list[Result | KalmError]:
@@ -188,9 +181,7 @@ class RayExecutor(Executor):
 
     def map_settled(self, fn: Callable[..., Result], calls: Sequence[dict[str, Any]]) -> list[Result | KalmError]:
         ray = self.ray
-        remote = ray.remote(
-            num_cpus=1, max_retries=self.retries, retry_exceptions=False, max_calls=UNITS_PER_PROCESS
-        )(_settle)
+        remote = ray.remote(num_cpus=1, max_retries=self.retries, retry_exceptions=False)(_settle)
         refs = [remote.remote(fn, kw) for kw in calls]
         out: list[Result | KalmError] = []
         for ref, kw in zip(refs, calls, strict=True):  # every ref to its end: none left running
