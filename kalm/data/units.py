@@ -5,8 +5,6 @@ files, then its completion marker, and returns the marker. Units never pass data
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import hashlib
 import logging
 import resource
@@ -77,21 +75,9 @@ def done(root: DataRoot, d: str, unit: str) -> dict[str, Any] | None:
     return info
 
 
-def _trim_heap() -> None:
-    """Hand memory the previous unit freed back to the OS (Arrow's pool, glibc's heap): a reused worker
-    then starts each unit from its baseline, not from the high-water mark of the units before."""
-    pa.default_memory_pool().release_unused()
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc
-
-
 def reset_peak_rss() -> None:
-    """Start a unit: trim the heap, then a new peak-RSS window for this process (Linux:
-    ``/proc/self/clear_refs``), so each unit reports its own peak, not the largest of every unit a reused
-    worker ran before."""
-    _trim_heap()
+    """Start a new peak-RSS window for this process (Linux: ``/proc/self/clear_refs``), so each unit
+    reports its own peak, not the largest of every unit a reused worker ran before."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
