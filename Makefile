@@ -43,7 +43,7 @@ demo: venv
 
 bench: venv
 	$(BIN)/python -m pip install -q -e ".[dev,ray,bench]"
-	for b in ingest scale mining train pipeline; do $(BIN)/python bench/bench_$$b.py || exit 1; done
+	for b in ingest scale mining cache train pipeline; do $(BIN)/python bench/bench_$$b.py || exit 1; done
 
 clean:
 	rm -rf data .pytest_cache .mypy_cache .ruff_cache
