@@ -239,7 +239,7 @@ def test_slot_files_are_verified_per_slot(tmp_path: Path) -> None:
     byte fails the slot it is in (one line), a truncated file fails on its size, other slots still read."""
     import numpy as np
 
-    from kalm.data.units import _put_slotted, read_slots
+    from kalm.data.slots import _put_slotted, read_slots
 
     root = DataRoot.from_uri(str(tmp_path / "r"))
     rng = np.random.default_rng(0)
