@@ -472,3 +472,56 @@ def test_set_values_reach_the_worker_typed_and_null_stays_null(
     bad = CliRunner().invoke(app, other, env=ENV)
     assert bad.exit_code == 2 and "--overwrite" in bad.output and "Traceback" not in bad.output
     assert (run / "final" / "kalm_run.json").exists()
+
+
+def test_instructions_follow_the_initial_models_convention(
+    tmp_path: Path, tiny_model: Path, data_root: str
+) -> None:
+    """``model.instructions: auto``: a sentence-transformers model saved without a query template (trained
+    on bare texts, as all-MiniLM-L6-v2) trains on bare texts and is saved without a template, so evaluation
+    and mining score it on plain texts; a folder with a template and a raw transformers backbone (a decoder
+    becoming an embedder) train with instructions. ``false`` with a ``query_template`` is a config error."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModel, AutoTokenizer
+
+    from kalm.evaluation.instructions import model_query_template
+    from kalm.mining.encode import load_encoder
+    from kalm.training.instructions import DEFAULT_QUERY_TEMPLATE
+    from kalm.training.model import Embedder, uses_instructions
+    from kalm.training.sampler import Batch
+    from kalm.training.train import format_batch
+
+    bare = tmp_path / "bare"
+    plain = Embedder.from_pretrained(tiny_model)
+    plain.query_template = None
+    plain.save(bare)
+    raw = tmp_path / "raw"  # a plain transformers folder: no modules.json
+    AutoModel.from_pretrained(tiny_model).save_pretrained(raw)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(raw)
+    assert uses_instructions(tiny_model) and uses_instructions(raw) and not uses_instructions(bare)
+    assert uses_instructions(bare, True) and not uses_instructions(tiny_model, False)
+    assert Embedder.from_pretrained(bare).query_template == DEFAULT_QUERY_TEMPLATE  # to add instructions
+    assert Embedder.from_pretrained(bare, untemplated="plain").query_template is None
+
+    # what the loss sees: bare queries and symmetric documents for an un-instructed model
+    batch = Batch(["q?"], [["p", "n"]], ["Retrieve"], [True], ["tr_a"], 0)
+    q, docs = format_batch(SimpleNamespace(model=SimpleNamespace(query_template=None)), batch)
+    assert q == ["q?"] and docs == [["p", "n"]]
+    instructed = SimpleNamespace(model=SimpleNamespace(query_template=DEFAULT_QUERY_TEMPLATE))
+    q, docs = format_batch(instructed, batch)
+    assert q[0].startswith("Instruct: Retrieve") and docs[0][0].startswith("Instruct: Retrieve")
+
+    steps = {"schedule.max_steps": 2, "schedule.checkpoint_every": 2, "launch.launcher": "single"}
+    final = train(_config(tmp_path, bare, **steps), data_root)
+    assert model_query_template(final) is None  # scored on plain texts
+    assert load_encoder(str(final)).format_query("q?", "Retrieve") == "q?"  # mined on plain texts
+    final = train(
+        _config(tmp_path, bare, output_dir=str(tmp_path / "run2"), **steps, **{"model.instructions": True}),
+        data_root,
+    )
+    assert model_query_template(final) == DEFAULT_QUERY_TEMPLATE
+    assert load_encoder(str(final)).format_query("q?", "R") == "Instruct: R \n Query: q?"
+    both = {"model.instructions": False, "model.query_template": "{instruction}: {query}"}
+    with pytest.raises(KalmError, match="query_template is set but model.instructions is false"):
+        load_train_config(_config(tmp_path, bare, **both))

@@ -205,7 +205,8 @@ def load_encoder(
     path = resolve_model_path(model, root)
     devs = resolve_devices(devices)
     try:
-        first = Embedder.from_pretrained(path, max_length=max_seq_length, device=devs[0])
+        # a folder without its own template is un-instructed: queries stay bare, as evaluation scores it
+        first = Embedder.from_pretrained(path, max_length=max_seq_length, device=devs[0], untemplated="plain")
     except (OSError, ValueError, KeyError) as err:
         line = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         raise KalmError(f"cannot load model {model!r} from {path}: {line}") from None

@@ -212,6 +212,7 @@ def run_mine_recipe(
         },
         "corpus": corpus_lineage,
         "schema_version": SCHEMA_VERSION,
+        "query_template": enc.embedder.query_template,  # None: bare queries (an un-instructed model)
     }
     input_fp = hash_obj(inputs)
     cfg_hash = cfg.config_hash()

@@ -34,7 +34,19 @@ class ModelSpec(StrictModel):
     # length must not truncate the trained model's inputs later), else max_length
     save_max_length: int | None = Field(None, ge=8)
     query_template: str | None = None
+    # Instructions on queries (METHOD.md's template) or bare texts. auto: the initial model's convention:
+    # a folder with its own query template keeps it, a raw transformers backbone (a decoder becoming an
+    # embedder, KaLM's case) learns instructions from the start, a sentence-transformers model saved
+    # without a template (trained on bare texts, e.g. all-MiniLM-L6-v2) stays bare. An un-instructed model
+    # is saved without a template and scored on plain texts. docs/model_and_losses.md has the measurement.
+    instructions: Literal["auto"] | bool = "auto"
     gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _template_needs_instructions(self) -> ModelSpec:
+        if self.instructions is False and self.query_template is not None:
+            raise ValueError("model.query_template is set but model.instructions is false")
+        return self
 
 
 class DataSpec(StrictModel):

@@ -32,15 +32,16 @@ def validate_template(template: str) -> str:
     return template
 
 
-def format_query(text: str, instruction: str | None, template: str = DEFAULT_QUERY_TEMPLATE) -> str:
-    """The query side: ``template`` filled in; a missing or blank instruction leaves the text bare."""
-    if not instruction or not instruction.strip():
+def format_query(text: str, instruction: str | None, template: str | None = DEFAULT_QUERY_TEMPLATE) -> str:
+    """The query side: ``template`` filled in; a missing or blank instruction, or no template (an
+    un-instructed model), leaves the text bare."""
+    if template is None or not instruction or not instruction.strip():
         return text
     return validate_template(template).format(instruction=instruction.strip(), query=text)
 
 
 def format_document(
-    text: str, instruction: str | None, symmetric: bool, template: str = DEFAULT_QUERY_TEMPLATE
+    text: str, instruction: str | None, symmetric: bool, template: str | None = DEFAULT_QUERY_TEMPLATE
 ) -> str:
     """The document side: bare for asymmetric tasks, formatted like a query for symmetric ones."""
     return format_query(text, instruction, template) if symmetric else text
