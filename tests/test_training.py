@@ -501,6 +501,12 @@ def test_instructions_follow_the_initial_models_convention(
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(raw)
     assert uses_instructions(tiny_model) and uses_instructions(raw) and not uses_instructions(bare)
     assert uses_instructions(bare, True) and not uses_instructions(tiny_model, False)
+    prompted = tmp_path / "prompted"  # a model that ships prompts of its own (e5-style) is instructed
+    shutil.copytree(bare, prompted)
+    st_cfg = json.loads((prompted / "config_sentence_transformers.json").read_text())
+    st_cfg["prompts"] = {"query": "query: ", "document": ""}
+    (prompted / "config_sentence_transformers.json").write_text(json.dumps(st_cfg))
+    assert uses_instructions(prompted)
     assert Embedder.from_pretrained(bare).query_template == DEFAULT_QUERY_TEMPLATE  # to add instructions
     assert Embedder.from_pretrained(bare, untemplated="plain").query_template is None
 

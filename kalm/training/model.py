@@ -157,16 +157,23 @@ def uses_instructions(path_or_id: str | os.PathLike[str], setting: bool | str = 
 
     ``"auto"``: the model's own convention. A sentence-transformers folder with a query template keeps it;
     a plain transformers backbone (no ``modules.json``: a decoder LLM about to become an embedder, as in
-    KaLM) learns instructions from the start; a sentence-transformers model without a template was trained
-    on bare texts and stays bare: teaching it a few instructions in a short fine-tune cost the demo 7.5
-    points of held-out classification after pre-training alone (docs/model_and_losses.md).
+    KaLM) learns instructions from the start, and so does one that ships prompts of its own (trained with
+    them); a sentence-transformers model with neither was trained on bare texts and stays bare: teaching
+    it a few instructions in a short fine-tune cost the demo 7.5 points of held-out classification after
+    pre-training alone (docs/model_and_losses.md).
     """
     if isinstance(setting, bool):
         return setting
     if setting != "auto":
         raise ValueError(f"instructions must be true, false or 'auto', got {setting!r}")
-    layout = _read_st_layout(_resolve_dir(path_or_id))
-    return layout["template"] is not None or not layout["is_st"]
+    root = _resolve_dir(path_or_id)
+    layout = _read_st_layout(root)
+    if layout["template"] is not None or not layout["is_st"]:
+        return True
+    # a sentence-transformers model that ships its own prompts (e5-style "query: ", per-task instructions)
+    # was trained with them: it is an instructed model, only not in our template
+    prompts = _read_json(root / "config_sentence_transformers.json").get("prompts") or {}
+    return any(str(v).strip() for v in prompts.values())
 
 
 def _package_version(name: str) -> str:
