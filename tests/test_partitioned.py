@@ -239,16 +239,14 @@ def test_slot_files_are_verified_per_slot(tmp_path: Path) -> None:
     byte fails the slot it is in (one line), a truncated file fails on its size, other slots still read."""
     import numpy as np
 
-    from kalm.data.slots import _put_slotted, read_slots
+    from kalm.data.slots import read_slots, write_slots
 
     root = DataRoot.from_uri(str(tmp_path / "r"))
     rng = np.random.default_rng(0)
     idh = rng.integers(0, 2**63, 5000, dtype=np.uint64)
     files: list[dict[str, Any]] = []
     slot = (idh >> np.uint64(56)).astype(np.int64)
-    _put_slotted(
-        root, "w", "f.arrow", {"idh": idh, "key": np.arange(5000, dtype=np.uint64)}, slot, 256, files
-    )
+    write_slots(root, "w", "f.arrow", {"idh": idh, "key": np.arange(5000, dtype=np.uint64)}, slot, 256, files)
     ref = {**files[0], "name": "w/f.arrow"}
     got = read_slots(root, ref, range(10, 20))
     want = (slot >= 10) & (slot < 20)

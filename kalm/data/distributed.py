@@ -54,6 +54,7 @@ from kalm.data.outputs import holdout_texts, ingest_result, publish_recipe, swee
 from kalm.data.partitions import Partition, plan_partitions
 from kalm.data.readers import source_fingerprint
 from kalm.data.recipes import LoadedRecipe
+from kalm.data.slots import peak_rss_mb
 from kalm.data.units import (
     ENGINE_VERSION,
     MAX_PARTITIONS,
@@ -67,7 +68,6 @@ from kalm.data.units import (
     done,
     exact_unit,
     near_params,
-    peak_rss_mb,
     ref,
     sign_file,
     sign_unit,

@@ -47,7 +47,7 @@ def _digest(arrays: list[np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def _put_slotted(
+def write_slots(
     root: DataRoot,
     d: str,
     name: str,
@@ -79,7 +79,7 @@ def _put_slotted(
 
 
 def read_slots(root: DataRoot, ref: dict[str, Any], slots: range) -> dict[str, np.ndarray]:
-    """The rows of ``slots`` of a file :func:`_put_slotted` wrote, each batch verified against its
+    """The rows of ``slots`` of a file :func:`write_slots` wrote, each batch verified against its
     checksum (a one-line KalmError when the file was changed, truncated or is not one)."""
     uri = root.full_uri(ref["name"])
     try:
@@ -102,7 +102,7 @@ def read_slots(root: DataRoot, ref: dict[str, Any], slots: range) -> dict[str, n
     return {n: np.concatenate(v) if v else np.empty(0, np.uint64) for n, v in parts.items()}
 
 
-def _put_sig(root: DataRoot, d: str, name: str, sig: np.ndarray, files: list[dict[str, Any]]) -> None:
+def write_sig(root: DataRoot, d: str, name: str, sig: np.ndarray, files: list[dict[str, Any]]) -> None:
     """Signatures as an uncompressed Arrow IPC file (they do not compress)."""
     n, k = sig.shape
     col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(k * 4), n, [None, pa.py_buffer(np.ascontiguousarray(sig))])
@@ -118,7 +118,7 @@ def read_sig(root: DataRoot, ref: dict[str, Any], num_perm: int) -> np.ndarray:
     """A partition's signatures (n, num_perm) uint32, verified against the marker's size and sha256."""
     data = root.read_bytes_checked(ref["name"], ref)
     col = ipc.open_file(pa.BufferReader(data)).get_batch(0).column(0)
-    return _sigs(col, num_perm)
+    return sig_array(col, num_perm)
 
 
 _HEX = np.full(256, 255, dtype=np.uint8)
@@ -143,7 +143,7 @@ def id_hashes(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return np.ascontiguousarray(b).view(">u8").ravel().astype(np.uint64)
 
 
-def _sigs(col: pa.Array | pa.ChunkedArray, num_perm: int) -> np.ndarray:
+def sig_array(col: pa.Array | pa.ChunkedArray, num_perm: int) -> np.ndarray:
     """A fixed-size-binary column of signatures as a uint32 array (n, num_perm), without a copy."""
     flat = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     buf = flat.buffers()[1]

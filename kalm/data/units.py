@@ -35,9 +35,9 @@ from kalm.data.partitions import Partition, read_partition
 from kalm.data.readers import resolve_files
 from kalm.data.recipes import LoadedRecipe, load_recipe_file
 from kalm.data.slots import (
-    _put_sig,
-    _put_slotted,
-    _sigs,
+    write_sig,
+    write_slots,
+    sig_array,
     id_hashes,
     peak_rss_mb,
     read_sig,
@@ -167,7 +167,7 @@ def sign_unit(
     local = (np.uint64(p.index) << np.uint64(ROW_BITS)) | np.arange(n, dtype=np.uint64)
     _put(root, out, f"{p.label}.rows.parquet", table, files)
     top = np.uint64(64 - 8)  # the slot of a hash: its top 8 bits (uniform, independent of low-bit uses)
-    _put_slotted(root, out, f"{p.label}.exact.arrow", {"idh": idh, "key": local}, (idh >> top).astype(np.int64), SLOTS, files)
+    write_slots(root, out, f"{p.label}.exact.arrow", {"idh": idh, "key": local}, (idh >> top).astype(np.int64), SLOTS, files)
     if c.near_dedup.enabled and n:
         mp = near_params(c)
         step = 8192  # in chunks: the shingle arrays of a whole partition would not stay in cache
@@ -175,11 +175,11 @@ def sign_unit(
         del texts
         bands, band_rows = mp.lsh_shape()
         bh = minhash.band_hashes(sig, bands, band_rows)
-        _put_sig(root, out, f"{p.label}.sig.arrow", sig, files)
+        write_sig(root, out, f"{p.label}.sig.arrow", sig, files)
         del sig
         # band-major: slot = band * SLOTS + the band hash's top 8 bits
         slot = (np.arange(bands, dtype=np.int64)[:, None] * SLOTS + (bh.T >> top).astype(np.int64)).ravel()
-        _put_slotted(
+        write_slots(
             root,
             out,
             f"{p.label}.bands.arrow",
@@ -369,7 +369,7 @@ def verify2_unit(
     files: list[dict[str, Any]] = []
     t = pa.concat_tables([read_ref(root, i) for i in inputs])
     a, b = t.column("a").to_numpy(), t.column("b").to_numpy()
-    sig_a = _sigs(t.column("sig_a"), num_perm)
+    sig_a = sig_array(t.column("sig_a"), num_perm)
     score = minhash.estimated_jaccard(sig_a, _sig_of(root, sig, b, num_perm))
     ok = score >= threshold
     _put(

@@ -38,8 +38,8 @@ class ModelSpec(StrictModel):
     # a folder with its own query template keeps it, a raw transformers backbone (a decoder becoming an
     # embedder, KaLM's case) and a model shipping prompts of its own (e5-style) use instructions, a
     # sentence-transformers model with neither (trained on bare texts, e.g. all-MiniLM-L6-v2) stays
-    # bare (kalm.training.model.uses_instructions). An un-instructed model
-    # is saved without a template and scored on plain texts. docs/model_and_losses.md has the measurement.
+    # bare (kalm.training.model.uses_instructions). An un-instructed model is saved without a template
+    # and scored on plain texts. docs/model_and_losses.md has the measurement.
     instructions: Literal["auto"] | bool = "auto"
     gradient_checkpointing: bool = False
 

@@ -118,14 +118,15 @@ def declared_max_length(path_or_id: str | os.PathLike[str]) -> int | None:
 def _read_st_layout(root: Path) -> dict[str, Any]:
     """What a sentence-transformers folder says: transformer subfolder, pooling, max length, query template.
 
-    Returns ``{"model_dir", "pooling", "max_length", "template", "is_st"}``; a plain transformers folder
-    gives ``model_dir=root``, Nones and ``is_st=False``.
+    Returns ``{"model_dir", "pooling", "max_length", "template", "prompts", "is_st"}``; a plain
+    transformers folder gives ``model_dir=root``, Nones, no prompts and ``is_st=False``.
     """
     layout: dict[str, Any] = {
         "model_dir": root,
         "pooling": None,
         "max_length": None,
         "template": None,
+        "prompts": {},
         "is_st": False,
     }
     modules_file = root / "modules.json"
@@ -149,6 +150,7 @@ def _read_st_layout(root: Path) -> dict[str, Any]:
             layout["pooling"] = mode
     prompts = _read_json(root / "config_sentence_transformers.json").get("prompts") or {}
     layout["template"] = prompts.get(QUERY_TEMPLATE_PROMPT)
+    layout["prompts"] = prompts
     return layout
 
 
@@ -162,18 +164,18 @@ def uses_instructions(path_or_id: str | os.PathLike[str], setting: bool | str = 
     it a few instructions in a short fine-tune cost the demo 7.5 points of held-out classification after
     pre-training alone (docs/model_and_losses.md).
     """
+    return _uses_instructions(_read_st_layout(_resolve_dir(path_or_id)), setting)
+
+
+def _uses_instructions(layout: dict[str, Any], setting: bool | str) -> bool:
     if isinstance(setting, bool):
         return setting
     if setting != "auto":
         raise ValueError(f"instructions must be true, false or 'auto', got {setting!r}")
-    root = _resolve_dir(path_or_id)
-    layout = _read_st_layout(root)
-    if layout["template"] is not None or not layout["is_st"]:
-        return True
-    # a sentence-transformers model that ships its own prompts (e5-style "query: ", per-task instructions)
-    # was trained with them: it is an instructed model, only not in our template
-    prompts = _read_json(root / "config_sentence_transformers.json").get("prompts") or {}
-    return any(str(v).strip() for v in prompts.values())
+    # a model that ships prompts of its own (e5-style "query: ", per-task instructions) was trained with
+    # them: an instructed model, only not in our template
+    own_prompts = any(str(v).strip() for v in layout["prompts"].values())
+    return layout["template"] is not None or not layout["is_st"] or own_prompts
 
 
 def _package_version(name: str) -> str:
@@ -261,6 +263,7 @@ class Embedder(nn.Module):
         padding_side: str = "right",
         device: str | torch.device | None = None,
         untemplated: Literal["default", "plain"] = "default",
+        instructions: bool | str | None = None,
     ) -> Embedder:
         """Load an encoder or a decoder; weights from safetensors only (never pickles).
 
@@ -270,7 +273,9 @@ class Embedder(nn.Module):
         tokenizer's; embeddings do not depend on it (position ids are computed from the mask).
         ``untemplated="plain"`` keeps a folder without its own template un-instructed (``query_template``
         None: texts stay bare), as evaluation scores such a model; "default" gives it the default template
-        (what a training run that adds instructions starts from).
+        (what a training run that adds instructions starts from). ``instructions`` (a training run's
+        ``model.instructions``: true, false or "auto", see :func:`uses_instructions`) decides that from the
+        folder instead; when it says no, the model is un-instructed whatever template the folder carries.
         """
         layout = _read_st_layout(_resolve_dir(path_or_id))
         model_dir: Path = layout["model_dir"]
@@ -290,14 +295,17 @@ class Embedder(nn.Module):
         )
         if max_length is None and st6_length:
             max_length = int(tokenizer.model_max_length)
+        if instructions is not None and not _uses_instructions(layout, instructions):
+            template = None
+        else:
+            plain = untemplated == "plain" and instructions is None
+            template = query_template or layout["template"] or (None if plain else DEFAULT_QUERY_TEMPLATE)
         embedder = cls(
             model,
             tokenizer,
             pooling=pooling or layout["pooling"] or "mean",
             max_length=max_length or layout["max_length"] or DEFAULT_MAX_LENGTH,
-            query_template=query_template
-            or layout["template"]
-            or (None if untemplated == "plain" else DEFAULT_QUERY_TEMPLATE),
+            query_template=template,
         )
         if device is not None:
             embedder.to(device)
@@ -440,9 +448,10 @@ class Embedder(nn.Module):
                     "transformers": _package_version("transformers"),
                     "pytorch": torch.__version__,
                 },
-                "prompts": (
-                    {QUERY_TEMPLATE_PROMPT: self.query_template, **prompts} if self.query_template else {}
-                ),
+                "prompts": {
+                    **({QUERY_TEMPLATE_PROMPT: self.query_template} if self.query_template else {}),
+                    **prompts,
+                },
                 "default_prompt_name": None,
                 "similarity_fn_name": "cosine",
             },

@@ -250,26 +250,24 @@ def setup(cfg: TrainConfig, root: DataRoot, out: Path) -> Trainer:
     import deepspeed
 
     from kalm.training.losses import build_loss
-    from kalm.training.model import Embedder, uses_instructions
+    from kalm.training.model import Embedder
 
     rank, world, local_rank = init_distributed()
     torch.manual_seed(cfg.seed)
     bf16 = use_bf16(cfg.precision)
     model_dir = resolve_model_path(cfg.model.path, root)
-    instructed = uses_instructions(model_dir, cfg.model.instructions)
     model = Embedder.from_pretrained(
         model_dir,
         attn_implementation=pick_attention(cfg.model.attn_implementation),
         pooling=cfg.model.pooling,
         max_length=cfg.model.max_length,
         query_template=cfg.model.query_template,
+        instructions=cfg.model.instructions,  # off: bare texts in training, saved without a template
     )
-    if not instructed:
-        model.query_template = None  # bare texts in training; saved without a template
     if rank == 0:
         log.info(
             "instructions: %s (model.instructions=%s)",
-            "on" if instructed else "off (bare texts)",
+            "on" if model.query_template else "off (bare texts)",
             cfg.model.instructions,
         )
     if cfg.model.gradient_checkpointing:
