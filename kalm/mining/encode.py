@@ -3,7 +3,9 @@
 The model is :class:`kalm.training.model.Embedder` (mean/cls/last-token pooling, L2 norm; decoders made
 bidirectional). Speed comes from doing less, not from tricks that change the maths:
 
-- texts are sorted by token count (not characters), so a batch has almost no padding;
+- texts are sorted by token count (not characters), so a batch has almost no padding; each text is
+  tokenized once, and :func:`kalm.mining.cache.embed_texts` tokenizes the next shard in a thread while the
+  current one encodes (no serial tokenizer pass before the GPUs start);
 - inference runs under ``torch.inference_mode``; where the hardware has native bf16 (CUDA, or a CPU with
   AVX512-BF16/AMX) the transformer's weights are cast to bf16 once (autocast would re-cast every weight on
   every batch: a third of the CPU time); pooling and normalisation stay float32. Measured on MiniLM: cosine
@@ -123,40 +125,42 @@ class Encoder:
         """The query side with the model's own template (documents of asymmetric tasks stay bare)."""
         return format_query(text, instruction, self.embedder.query_template)
 
-    def token_lengths(self, texts: Sequence[str]) -> np.ndarray:
-        """Tokens per text after truncation (special tokens included). (N,) int32."""
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids per text after truncation (special tokens included), in ``TOKENIZE_BATCH`` calls. The
+        fast (Rust) tokenizer releases the GIL, so this runs beside encoding in another thread."""
         tok = self.embedder.tokenizer
-        out = np.empty(len(texts), dtype=np.int32)
+        out: list[list[int]] = []
+        limit = self.embedder.max_length
         for s in range(0, len(texts), TOKENIZE_BATCH):
-            ids = tok(
-                list(texts[s : s + TOKENIZE_BATCH]), truncation=True, max_length=self.embedder.max_length
-            )["input_ids"]
-            out[s : s + len(ids)] = [len(x) for x in ids]
+            out += tok(list(texts[s : s + TOKENIZE_BATCH]), truncation=True, max_length=limit)["input_ids"]
         return out
 
     def encode(
         self,
         texts: Sequence[str],
         batch_size: int = 64,
-        lengths: np.ndarray | None = None,
+        ids: list[list[int]] | None = None,
         progress: Callable[[int], Any] | None = None,
     ) -> np.ndarray:
         """Texts (already formatted) -> (N, D) float32 unit vectors, rows in input order.
 
-        ``lengths`` (from :meth:`token_lengths`) saves a tokenizer pass; ``progress(n)`` is called after each
-        batch with its size. Longest batches first: an out-of-memory error shows up at once.
+        ``ids`` (from :meth:`tokenize`, e.g. done ahead in another thread) saves the tokenizer pass; each
+        text is tokenized once either way. ``progress(n)`` is called after each batch with its size.
+        Longest batches first (by token count, not characters: almost no padding): an out-of-memory error
+        shows up at once.
         """
         n = len(texts)
         out = np.empty((n, self.dim), dtype=np.float32)
         if n == 0:
             return out
-        if lengths is None:
-            lengths = self.token_lengths(texts)
+        if ids is None:
+            ids = self.tokenize(texts)
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
         order = np.lexsort((np.arange(n), -lengths))  # by token count desc, ties in input order
         batches = [order[s : s + batch_size] for s in range(0, n, batch_size)]
 
         def run(replica: Embedder, idx: np.ndarray) -> None:
-            out[idx] = embed_batch(replica, [texts[i] for i in idx])
+            out[idx] = embed_ids(replica, [ids[i] for i in idx])
             if progress is not None:
                 progress(len(idx))
 
@@ -176,15 +180,20 @@ class Encoder:
 
 
 def embed_batch(emb: Embedder, texts: list[str]) -> np.ndarray:
-    """One padded batch through the transformer (in its own dtype), pooled and normalised in float32."""
-    batch = emb.tokenizer(
-        texts, padding=True, truncation=True, max_length=emb.max_length, return_tensors="pt"
-    )
+    """One padded batch of texts through the transformer: :func:`embed_ids` after the tokenizer."""
+    ids = emb.tokenizer(texts, truncation=True, max_length=emb.max_length)["input_ids"]
+    return embed_ids(emb, ids)
+
+
+def embed_ids(emb: Embedder, ids: list[list[int]]) -> np.ndarray:
+    """One batch of token ids, padded as the tokenizer pads, through the transformer (in its own dtype),
+    pooled and normalised in float32."""
+    batch = emb.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
     device = emb.device
-    ids = batch["input_ids"].to(device, non_blocking=True)
+    input_ids = batch["input_ids"].to(device, non_blocking=True)
     mask = batch["attention_mask"].to(device, non_blocking=True)
     with torch.inference_mode():
-        hidden = emb.token_states(ids, mask)
+        hidden = emb.token_states(input_ids, mask)
         vecs = normalize(POOLINGS[emb.pooling](hidden, mask))  # float32 (pooling casts)
     return vecs.float().cpu().numpy()
 

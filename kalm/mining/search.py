@@ -4,7 +4,8 @@ Backends, chosen by ``index.backend: auto``:
 
 - ``faiss-gpu``: when ``faiss.get_num_gpus() > 0`` (the optional ``faiss-gpu`` extra), the index sharded over
   every GPU (exact, float32);
-- ``torch``: GPUs but no faiss-gpu: exact matmul + ``topk`` on ``cuda:0``, queries in batches;
+- ``torch``: GPUs but no faiss-gpu: exact matmul + ``topk`` on ``cuda:0`` (:func:`topk_tiled`: the pool in
+  tiles, each tile's top-k merged into a running top-k, so the score matrix never exceeds a fixed budget);
 - ``faiss``: the CPU default, ``IndexFlatIP`` (exact).
 
 ``index.type: ivf`` builds an ``IndexIVFFlat`` (nlist lists, nprobe probed) on FAISS CPU or GPU, for pools
@@ -51,6 +52,46 @@ def choose_backend(requested: str) -> str:
     return "torch" if torch.cuda.is_available() else "faiss"
 
 
+TILE_BYTES = 1 << 30  # the torch backend's score tile (queries x pool rows x 4 bytes) at most
+
+
+def topk_tiled(q: Any, pool: Any, k: int, tile_bytes: int = TILE_BYTES) -> tuple[Any, Any]:
+    """Exact top-k of ``q @ pool.T`` (torch tensors, one device) without the full score matrix: queries in
+    blocks and the pool in tiles whose scores fit ``tile_bytes``; each tile's top-k is merged with the
+    running one (:func:`merge_topk`). -> (scores (n, k) float32, ids (n, k) int64), best first."""
+    import torch
+
+    n, size = q.shape[0], pool.shape[0]
+    k = min(int(k), size)
+    q_block = max(1, min(n, 4096))
+    p_tile = max(k, tile_bytes // (4 * q_block))  # 4,096 queries x 65,536 pool rows at 1 GiB
+    scores = torch.empty((n, k), dtype=torch.float32, device=q.device)
+    ids = torch.empty((n, k), dtype=torch.int64, device=q.device)
+    with torch.inference_mode():
+        for s in range(0, n, q_block):
+            qs = q[s : s + q_block]
+            best: tuple[Any, Any] | None = None
+            for t in range(0, size, p_tile):
+                sims = (qs @ pool[t : t + p_tile].T).float()
+                top = torch.topk(sims, min(k, sims.shape[1]), dim=1)
+                part = (top.values, top.indices + t)
+                best = part if best is None else merge_topk([best, part], k)
+            assert best is not None
+            scores[s : s + len(qs)], ids[s : s + len(qs)] = best
+    return scores, ids
+
+
+def merge_topk(parts: list[tuple[Any, Any]], k: int) -> tuple[Any, Any]:
+    """Exact merge of per-shard top-k lists (scores, global ids), e.g. from pool tiles, GPUs or nodes: the
+    k best of their union, best first (ties: the lower shard first, as one search over the whole pool)."""
+    import torch
+
+    vals = torch.cat([p[0] for p in parts], dim=1)
+    idx = torch.cat([p[1] for p in parts], dim=1)
+    top = torch.topk(vals, min(k, vals.shape[1]), dim=1)
+    return top.values, torch.gather(idx, 1, top.indices)
+
+
 @dataclass
 class Searcher:
     """A built index; ``search`` returns (scores (n, k) float32, ids (n, k) int64) best first, -1 padded."""
@@ -84,10 +125,8 @@ class Searcher:
         import torch
 
         pool: torch.Tensor = self.index
-        with torch.inference_mode():
-            sims = torch.from_numpy(q).to(pool.device) @ pool.T
-            top = torch.topk(sims, k, dim=1)
-        return top.values.float().cpu().numpy(), top.indices.cpu().numpy().astype(np.int64)
+        values, indices = topk_tiled(torch.from_numpy(q).to(pool.device), pool, k)
+        return values.cpu().numpy(), indices.cpu().numpy().astype(np.int64)
 
     def lineage(self) -> dict[str, Any]:
         return {"backend": self.backend, "size": self.size, **self.params}
