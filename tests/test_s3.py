@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,6 +26,7 @@ from kalm.data.ingest import run_ingest_recipe
 from kalm.data.mixtures import run_build_stage
 from kalm.data.recipes import get_recipe
 from tests.conftest import faq_rows
+from tests.test_training import tiny_model  # noqa: F401 (a fixture)
 
 KEY, SECRET = "kalmtestkey", "kalm-test-secret-Xy7"
 WEED = shutil.which("weed") or str(Path(sys.executable).with_name("weed"))
@@ -164,3 +167,92 @@ def test_server_stopped_mid_write_leaves_nothing_complete(s3env, recipe_dir, mon
         read_rows(root, shard_dir("finetune", "s3c"))
     # a rerun completes normally
     assert run_ingest_recipe(lr, root, cfg).manifest["rows_out"] == 60
+
+
+@pytest.mark.slow
+def test_checkpoints_go_to_s3_and_a_wiped_node_resumes_from_there(
+    s3env,
+    recipe_dir,
+    tmp_path: Path,
+    tiny_model: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two ranks train on an S3 data root; every checkpoint is uploaded as it is written (the marker last).
+    Killed with -9, the node's local disk wiped (a new node), the rerun downloads the newest complete
+    checkpoint and reaches the uninterrupted run's weights; credentials appear in no log or file."""
+    import json
+
+    import torch
+
+    from kalm.training.config import load_train_config
+    from kalm.training.launch import run_training
+    from tests.test_training import ENV, _config, _weights
+
+    folder = recipe_dir("ck", faq_rows(40, "a"))
+    root = DataRoot.from_uri("s3://kalm/ckpt")
+    cfg = IngestConfig(shard_rows=20, near_dedup={"enabled": False})
+    run_ingest_recipe(get_recipe("ck", [folder]), root, cfg)
+    run_build_stage("finetune", ["ck"], root, cfg)
+    over = {
+        "schedule.max_steps": 24,
+        "schedule.checkpoint_every": 4,
+        "data.group_size": 1,
+        "loss.mix_k": 0,
+        "output_dir": None,
+    }
+
+    def config(name: str) -> Path:
+        (tmp_path / name).mkdir()
+        return _config(tmp_path / name, tiny_model, run_name=name, **over)
+
+    def run(path: Path, local: Path) -> Any:
+        monkeypatch.setenv("KALM_LOCAL_DIR", str(local))  # the run folder of an S3 root: this "node's" disk
+        return run_training(load_train_config(path), root, nproc=2, launcher="torchrun", env=ENV)
+
+    full = run(config("full"), tmp_path / "local-full")
+    want = _weights(Path(full.outputs[0]))
+    cfg_path, local = config("killed"), tmp_path / "local-killed"
+    remote = "runs/finetune/killed/checkpoints"
+    env = {
+        **os.environ,
+        **ENV,
+        "KALM_LOCAL_DIR": str(local),
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
+    # the launcher writes <run>/config.yaml and _job.json first: start the real job through `kalm train`
+    cmd = [sys.executable, "-m", "kalm", "train", "--config", str(cfg_path), "--data-root", root.uri]
+    cmd += ["--launcher", "torchrun", "--nproc", "2"]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(
+        root.exists(f"{remote}/{t}/kalm_complete.json") for t in root.list_dirs(remote) if t >= "step00000004"
+    ):
+        assert proc.poll() is None, "the job exited before the kill"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (local / "runs/finetune/killed/checkpoints").is_dir()
+    shutil.rmtree(local)  # a new node: nothing of the run on its disk
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    resumed = run(cfg_path, local)
+    found = re.search(r"resumed from .*/checkpoints/step(\d+)/", caplog.text)
+    assert "downloaded checkpoint step" in caplog.text and found and 4 <= int(found.group(1)) < 24
+    got = _weights(Path(resumed.outputs[0]))
+    for k in want:
+        torch.testing.assert_close(want[k], got[k], rtol=0, atol=1e-6)
+    metrics = [
+        json.loads(x)["step"] for x in (local / "runs/finetune/killed/metrics.jsonl").read_text().splitlines()
+    ]
+    assert metrics == list(range(1, 25))  # the steps before the kill came back from S3 too
+    tags = [t for t in root.list_dirs(remote) if t.startswith("step")]
+    assert tags and len(tags) <= 2  # keep_checkpoints, there as locally
+    marker = json.loads(root.read_bytes(f"{remote}/{tags[-1]}/kalm_complete.json"))
+    assert {"mp_rank_00_model_states.pt", "rng_rank00000.pt", "rng_rank00001.pt"} <= set(marker["files"])
+    for p in local.rglob("*"):
+        if p.is_file() and p.suffix in (".json", ".jsonl", ".yaml", ".log", ""):
+            text = p.read_text(errors="ignore")
+            assert SECRET not in text and KEY not in text, p

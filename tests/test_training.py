@@ -259,7 +259,7 @@ def test_resume_skips_a_checkpoint_cut_short_by_a_kill(
 ) -> None:
     """DeepSpeed's ``latest`` may name a checkpoint a kill -9 cut short (seen when the kill lands while it
     saves): resume then takes the newest COMPLETE one and reaches the same weights."""
-    from kalm.training.train import CHECKPOINT_DONE
+    from kalm.training.checkpoints import CHECKPOINT_DONE
 
     cfg = _config(tmp_path, tiny_model, **{"schedule.max_steps": 6, "schedule.checkpoint_every": 2})
     final = train(cfg, data_root, launcher="single", env=ENV)
@@ -303,7 +303,7 @@ def test_planted_checkpoint_is_refused_and_never_runs(
     planted code never runs either way."""
     import pickle
 
-    from kalm.training.train import CHECKPOINT_DONE, checkpoint_files
+    from kalm.training.checkpoints import CHECKPOINT_DONE, checkpoint_files
 
     cfg = _config(tmp_path, tiny_model, **{"schedule.max_steps": 4, "schedule.checkpoint_every": 2})
     train(cfg, data_root, launcher="single", env=ENV)

@@ -13,6 +13,9 @@ def train_cmd(
     data_root: str | None = DataRootOpt,
     nproc: int | None = typer.Option(None, min=1, help="Processes per node (default: GPUs, else 1)."),
     launcher: str | None = typer.Option(None, help="auto | deepspeed | torchrun | single (default: config)."),
+    node_rank: int | None = typer.Option(
+        None, "--node-rank", min=0, help="This node's rank in a torchrun multi-node job (launch.nnodes > 1)."
+    ),
     set_: list[str] | None = typer.Option(
         None, "--set", help="Override a config key: KEY=VALUE, VALUE in YAML (null, 5, [a, b]); repeatable."
     ),
@@ -31,6 +34,9 @@ def train_cmd(
     from kalm.training.config import load_train_config
     from kalm.training.launch import run_training
 
-    cfg = load_train_config(config, parse_set(set_ or []))
+    updates = parse_set(set_ or [])
+    if node_rank is not None:
+        updates["launch.node_rank"] = node_rank
+    cfg = load_train_config(config, updates)
     res = run_training(cfg, DataRoot.from_uri(data_root), nproc=nproc, launcher=launcher, overwrite=overwrite)
     typer.echo(f"final model: {res.output}{' (cache hit)' if res.cached else ''}")

@@ -34,6 +34,9 @@ from kalm.core.layout import MANIFEST, STAGING
 log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "./data"
+# Rows per Parquet row group of every shard we write: the unit the training sampler reads and buffers
+# (kalm.training.sampler), so its memory is bounded by a few row groups, not by a shard.
+ROW_GROUP_ROWS = 1024
 
 
 def resolve_root(cli_value: str | None = None) -> str:
@@ -218,10 +221,10 @@ class DataRoot:
 
     # -- parquet -----------------------------------------------------------------------------------
     def write_parquet(self, rel: str, table: pa.Table, compression: str = "zstd") -> dict[str, Any]:
-        """Write ``table`` (zstd; intermediates read once may pass a cheaper codec) and return what a
-        manifest records of the file: ``bytes`` and ``sha256``."""
+        """Write ``table`` (zstd; intermediates read once may pass a cheaper codec) in row groups of
+        ``ROW_GROUP_ROWS`` rows and return what a manifest records of the file: ``bytes`` and ``sha256``."""
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression=compression)
+        pq.write_table(table, sink, compression=compression, row_group_size=ROW_GROUP_ROWS)
         data = sink.getvalue().to_pybytes()
         self.write_bytes(rel, data)
         return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}

@@ -18,7 +18,7 @@ from kalm.core.errors import KalmError
 from kalm.core.hashing import hash_obj
 from kalm.core.layout import MANIFEST, mined_dir, mined_work_dir
 from kalm.core.schema import ROW_SCHEMA
-from kalm.core.storage import DataRoot
+from kalm.core.storage import ROW_GROUP_ROWS, DataRoot
 from kalm.mining.sample import new_stats
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def write_chunk(
     """The chunk file first (whole: temp name + rename, or one PUT), then its marker."""
     out = pa.Table.from_arrays(out.columns, schema=ROW_SCHEMA)
     buf = pa.BufferOutputStream()
-    pq.write_table(out, buf, compression="zstd")
+    pq.write_table(out, buf, compression="zstd", row_group_size=ROW_GROUP_ROWS)
     data = buf.getvalue().to_pybytes()
     data_rel, marker_rel = chunk_paths(work, i)
     root.write_bytes(data_rel, data)

@@ -64,6 +64,15 @@ class DataSpec(StrictModel):
     # (IN_BATCH_DEFAULTS): batch = every candidate of the batch, own = other rows' positives but only the
     # query's own hard negatives, none = the query's own group only (FlagEmbedding's no_in_batch_neg).
     in_batch: dict[str, Literal["batch", "own", "none"]] = Field(default_factory=dict)
+    # Source weights without an entry in ``weights``: rows ** alpha (1: by size; 0: uniform; 0.5: the
+    # temperature sampling of multilingual mixtures). Sources under min_rows are merged per task type and
+    # scope; what is still under drop_rows is left out (FlagEmbedding's small_threshold / drop_threshold).
+    alpha: float = Field(1.0, ge=0.0, le=1.0)
+    min_rows: int = Field(0, ge=0)
+    drop_rows: int = Field(0, ge=0)
+    # Streaming: blocks (Parquet row groups) shuffled together per source, and the read buffer's cap.
+    shuffle_window: int = Field(4, ge=1)
+    buffer_mb: float = Field(64.0, gt=0)
 
     def scope(self, recipe: str, category: str, task_type: str) -> str:
         for key in (recipe, category, task_type):
@@ -102,11 +111,42 @@ class DeepSpeedSpec(StrictModel):
     zero_stage: Literal[1, 2] | None = None  # overrides the JSON's stage
 
 
+# What the deepspeed launcher forwards to the other nodes of a hostfile run (names, or prefixes ending in
+# "_"), through a .deepspeed_env file; credentials among them are never written (see launch.forwarded_env).
+FORWARD_ENV = [
+    "KALM_",
+    "HF_",
+    "TRANSFORMERS_",
+    "AWS_",
+    "NCCL_",
+    "TORCH_",
+    "OMP_NUM_THREADS",
+    "DS_ACCELERATOR",
+]
+
+
 class LaunchSpec(StrictModel):
     launcher: Literal["auto", "deepspeed", "torchrun", "single"] = "auto"
     nproc_per_node: int | None = Field(None, ge=1)  # default: GPUs, else 1
-    hostfile: str | None = None  # DeepSpeed hostfile for multi-node runs
+    hostfile: str | None = None  # DeepSpeed hostfile for multi-node runs (one `kalm train`, ssh to the rest)
     master_port: int | None = None
+    # torchrun multi-node (static rendezvous): the same `kalm train` on every node, each with its node rank
+    nnodes: int = Field(1, ge=1)
+    node_rank: int = Field(0, ge=0)  # per node (`--node-rank`): not part of the job's identity
+    master_addr: str | None = None  # node 0's address, reachable from every node
+    forward_env: list[str] = Field(default_factory=lambda: list(FORWARD_ENV))
+
+    @model_validator(mode="after")
+    def _nodes(self) -> LaunchSpec:
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} must be below nnodes {self.nnodes}")
+        if self.nnodes > 1 and (self.hostfile or self.launcher not in ("auto", "torchrun")):
+            raise ValueError(
+                "nnodes > 1 is torchrun's multi-node mode; the deepspeed launcher uses a hostfile"
+            )
+        if self.nnodes > 1 and not self.master_addr:
+            raise ValueError("nnodes > 1 needs master_addr (node 0's address)")
+        return self
 
 
 class TrainConfig(StrictModel):

@@ -44,8 +44,7 @@ def job_fingerprint(cfg: Any, root: DataRoot, model_dir: str) -> str:
     sources = data_sources(cfg, root)
     data = [[s.name, s.rows, s.weight, s.files] for s in sources]
     manifests = []
-    for s in sources:
-        folder = s.files[0].rsplit("/", 1)[0]
+    for folder in sorted({f.rsplit("/", 1)[0] for s in sources for f in s.files}):  # merged: several
         m = json.loads(root.fs.open_input_stream(f"{folder}/{MANIFEST}").read())
         # what identifies the folder's content: its inputs, config, miner (mined shards) and files; a folder
         # rebuilt from other inputs gets other values even when its file names and row counts repeat
@@ -55,8 +54,58 @@ def job_fingerprint(cfg: Any, root: DataRoot, model_dir: str) -> str:
     cfg_dump = cfg.model_dump(mode="json")
     cfg_dump.pop("output_dir", None)
     cfg_dump["model"].pop("path", None)
+    for key in ("node_rank", "master_addr", "master_port", "forward_env"):  # where, not what: every node of
+        cfg_dump["launch"].pop(key, None)  # a job, and a rerun on another port, compute the same fingerprint
     model_fp = model_fingerprint(model_dir)
-    return hash_obj({"config": cfg_dump, "model": model_fp, "data": data, "manifests": manifests})
+    from kalm.training.sampler import STATE_FORMAT  # another batch order is another result
+
+    return hash_obj(
+        {"config": cfg_dump, "model": model_fp, "data": data, "manifests": manifests, "sampler": STATE_FORMAT}
+    )
+
+
+SECRET_WORDS = ("SECRET", "TOKEN", "PASSWORD", "ACCESS_KEY_ID", "CREDENTIAL")
+
+
+def forwarded_env(env: dict[str, str], forward: list[str]) -> tuple[dict[str, str], list[str]]:
+    """(variables to forward to the other nodes, names withheld as credentials). ``forward`` holds names
+    and prefixes (ending in ``_``). Credentials are never written to disk or put on a command line (the
+    deepspeed launcher logs its ssh command): every node needs its own (instance role, ~/.aws, HF login)."""
+    picked = {
+        k: v
+        for k, v in sorted(env.items())
+        if any(k == f or (f.endswith("_") and k.startswith(f)) for f in forward) and "\n" not in v
+    }
+    withheld = [k for k in picked if any(w in k.upper() for w in SECRET_WORDS)]
+    return {k: v for k, v in picked.items() if k not in withheld}, withheld
+
+
+def write_deepspeed_env(out: Path, env: dict[str, str], forward: list[str]) -> Path:
+    """``<run>/.deepspeed_env`` (KEY=VALUE lines, the format DeepSpeed's runner reads via DS_ENV_FILE)."""
+    picked, withheld = forwarded_env(env, forward)
+    if withheld:
+        log.warning(
+            "not forwarded to the other nodes (credentials are never written): %s; give every node its own",
+            ", ".join(withheld),
+        )
+    path = out / ".deepspeed_env"
+    path.write_text("".join(f"{k}={v}\n" for k, v in picked.items()))
+    path.chmod(0o600)
+    return path
+
+
+def die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when its parent dies. torchrun starts its ranks in sessions of their
+    own, so a kill -9 of the launcher (or of ``kalm train``) would leave them running, still writing
+    checkpoints into the run folder a resumed job then uses; with this they go with it."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the parent died before the call: nothing would signal us
+        os._exit(1)
 
 
 class TrainingFailed(RuntimeError):
@@ -81,11 +130,23 @@ def launch_command(
     hostfile: str | None = None,
     master_port: int | None = None,
     deepspeed_enabled: bool = True,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    master_addr: str | None = None,
 ) -> list[str]:
-    """The argv that runs ``kalm.training.train`` on one resolved config file with the chosen launcher."""
+    """The argv that runs ``kalm.training.train`` on one resolved config file with the chosen launcher.
+
+    ``nnodes > 1``: torchrun's static rendezvous at ``master_addr:master_port`` (the same port on every
+    node, so it must be given), this node being ``node_rank``."""
     from kalm.training.train import free_port
 
     n = nproc or max(1, _gpu_count())
+    if nnodes > 1:
+        if launcher not in ("auto", "torchrun"):
+            raise KalmError("nnodes > 1 is torchrun's multi-node mode (launch.launcher: torchrun)")
+        if not (master_addr and master_port):
+            raise KalmError("a multi-node torchrun job needs launch.master_addr and launch.master_port")
+        launcher = "torchrun"
     if launcher == "auto":
         launcher = "single" if n == 1 and not hostfile else ("deepspeed" if deepspeed_enabled else "torchrun")
     args = ["--config", str(config_file)]
@@ -103,8 +164,12 @@ def launch_command(
             "torch.distributed.run",
             "--nproc_per_node",
             str(n),
+            "--nnodes",
+            str(nnodes),
+            "--node_rank",
+            str(node_rank),
             "--master_addr",
-            "127.0.0.1",
+            master_addr or "127.0.0.1",
             "--master_port",
             port,
             "-m",
@@ -158,6 +223,8 @@ def run_training(
     info = preflight(cfg, root)
     out = output_dir(cfg, root).absolute()  # the workers' directory is the project, not the caller's
     job = job_fingerprint(cfg, root, info["model_dir"])
+    if cfg.launch.node_rank > 0:
+        return _join(cfg, root, out, job, nproc, launcher, env, tail_lines, t0)
     _restore_previous(out)  # a job killed while an older model was set aside: that model comes back first
     done = out / MANIFEST
     finished = (out / "final" / "kalm_run.json").exists() and done.exists()
@@ -186,10 +253,11 @@ def run_training(
             for name in STALE:
                 p = out / name
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    from kalm.training.train import checkpoint_dir, complete_checkpoints, verify_checkpoint
+    from kalm.training.checkpoints import checkpoint_dir, complete_checkpoints, rank_of, verify_checkpoint
 
     if done_tags := complete_checkpoints(out):  # the one a resume would load: checked here, in one line
-        verify_checkpoint(checkpoint_dir(out) / done_tags[-1])
+        # (each rank checks its own files again; on a node-local disk the other nodes' are elsewhere)
+        verify_checkpoint(checkpoint_dir(out) / done_tags[-1], lambda name: rank_of(name) is None)
     paths = {"model.path": info["model_dir"], "output_dir": str(out)}
     if info["deepspeed_config"]:
         paths["deepspeed.config"] = info["deepspeed_config"]  # resolved here: the workers run in the project
@@ -208,6 +276,41 @@ def run_training(
             log.warning("%s: the new job failed; the previous finished model was put back", cfg.run_name)
         raise
     shutil.rmtree(previous, ignore_errors=True)
+    return _result(cfg, root, out, job, False, t0)
+
+
+def _join(
+    cfg: TrainConfig,
+    root: DataRoot,
+    out: Path,
+    job: str,
+    nproc: int | None,
+    launcher: str | None,
+    env: dict[str, str] | None,
+    tail_lines: int,
+    t0: float,
+    wait_s: float = 900.0,
+) -> StageResult:
+    """Node ``node_rank > 0`` of a torchrun multi-node job: node 0 owns the run folder (on storage every
+    node shares); this node waits for its resolved config of the same job, then starts its ranks."""
+    done, marker = out / MANIFEST, out / "_job.json"
+    deadline = time.monotonic() + wait_s
+    while True:
+        if done.exists() and json.loads(done.read_text()).get("job_fingerprint") == job:
+            return _result(cfg, root, out, job, True, t0)  # node 0 found it finished: nothing to run
+        try:
+            mine = json.loads(marker.read_text()).get("job_fingerprint") == job
+        except (OSError, ValueError):
+            mine = False
+        if mine and (out / RESOLVED_CONFIG).exists():
+            break
+        if time.monotonic() > deadline:
+            raise KalmError(
+                f"node {cfg.launch.node_rank}: node 0 did not set up {out} for this job in {wait_s:.0f} s "
+                "(start `kalm train` on node 0 too; the run folder must be on storage every node shares)"
+            )
+        time.sleep(0.5)
+    _launch(cfg, root, out, out / RESOLVED_CONFIG, nproc, launcher, env, tail_lines)
     return _result(cfg, root, out, job, False, t0)
 
 
@@ -245,16 +348,27 @@ def _launch(
         hostfile=cfg.launch.hostfile,
         master_port=cfg.launch.master_port,
         deepspeed_enabled=cfg.deepspeed.enabled,
+        nnodes=cfg.launch.nnodes,
+        node_rank=cfg.launch.node_rank,
+        master_addr=cfg.launch.master_addr,
     )
     child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     child_env.setdefault("DS_ACCELERATOR", "cpu" if _gpu_count() == 0 else "cuda")
     # the workers import this project by module name: make sure they find it whatever the cwd
     project = str(Path(__file__).resolve().parents[2])
     child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [project, child_env.get("PYTHONPATH", "")]))
+    if cfg.launch.hostfile:  # the deepspeed launcher starts the other nodes over ssh: what they need
+        child_env["DS_ENV_FILE"] = str(write_deepspeed_env(out, child_env, cfg.launch.forward_env))
     log.info("launching: %s", " ".join(cmd))
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     with subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env, cwd=project
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=child_env,
+        cwd=project,
+        preexec_fn=die_with_parent,  # the launcher goes when `kalm train` is killed
     ) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:

@@ -1,8 +1,13 @@
-"""Streaming, task-homogeneous batches from Parquet shards, deterministic and resumable.
+"""Streaming, task-homogeneous batches from Parquet shards: deterministic, resumable, bounded memory.
 
 Every rank builds the same *global* batch sequence from the seed and keeps only its slice, so no
-coordination is needed and the order does not depend on the world size's timing. Memory is bounded: each
-source keeps one shard in memory at a time (shards hold at most ``shard_rows`` rows, see configs/ingest.yaml).
+coordination is needed and the order does not depend on the world size's timing.
+
+Memory is bounded by the buffer, not by the data: a source is read in *blocks* (one Parquet row group; the
+data stage writes row groups of ``ROW_GROUP_ROWS`` rows, a bigger one is cut into sub-blocks), each epoch
+visits its blocks in a seeded order, ``window`` consecutive blocks are shuffled together, and the sampler
+keeps only the windows of the sources it drew last, up to ``buffer_mb`` of Arrow data (least recently used
+first out; an evicted window is re-read if its source comes back). 120 sources cost what 4 do.
 
 Per step ``s``:
 1. the source (recipe) of the batch is drawn from the mixture weights with ``rng(seed, s)``;
@@ -15,6 +20,11 @@ Per step ``s``:
 Every rank sees the whole global batch, so each batch also says who every candidate is (text keys, class
 labels, padding, in-batch scope: :class:`~kalm.training.losses.candidates.Candidates`) for the whole batch,
 and the loss can mask our own false negatives without any communication.
+
+Mixture weights (:func:`mixture`): a source's weight is ``rows ** alpha`` (alpha 1: by size, 0: uniform,
+between: temperature sampling) unless the config names one; sources under ``min_rows`` are merged per task
+type and in-batch scope (FlagEmbedding's ``small_threshold``) and what is still under ``drop_rows`` is left
+out (its ``drop_threshold``), each logged.
 
 The sampler's whole state is a small dict (per-source cursor + step), saved in every checkpoint.
 
@@ -29,7 +39,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -55,6 +66,7 @@ COLUMNS = [
     "neg_labels",
 ]
 PAD_TEXT = ""  # what a padding slot encodes (masked out of every denominator)
+STATE_FORMAT = 2  # 1: whole shards in memory (cursor = epoch, shard, offset); 2: block windows
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,61 @@ class ShardSource:
         "batch"  # in-batch scope of its queries: batch | own | none (see kalm.training.losses.candidates)
     )
     sha256: list[str] | None = None  # per file, from the manifest (a prefix is enough): verified on load
+    task_type: str = ""
+    members: tuple[str, ...] = ()  # the recipes a merged source holds
+
+
+def mixture(
+    sources: list[ShardSource],
+    alpha: float = 1.0,
+    min_rows: int = 0,
+    drop_rows: int = 0,
+    explicit: frozenset[str] = frozenset(),
+) -> tuple[list[ShardSource], dict[str, Any]]:
+    """Weighted sources after the small-source rule, and a report of what was merged and dropped.
+
+    ``explicit``: names whose configured weight is kept as is (never merged, never re-weighted); every
+    other source weighs ``rows ** alpha``. Sources under ``min_rows`` rows are merged into one
+    ``merged:<task_type>:<scope>`` source per task type and in-batch scope, so batches stay homogeneous
+    in task; a source (merged or not) still under ``drop_rows`` is left out."""
+    keep: list[ShardSource] = []
+    small: dict[tuple[str, str], list[ShardSource]] = {}
+    for s in sources:
+        if s.name not in explicit and s.rows < min_rows:
+            small.setdefault((s.task_type, s.scope), []).append(s)
+        else:
+            keep.append(s)
+    merged: dict[str, list[str]] = {}
+    for (task, scope), group in sorted(small.items()):
+        if len(group) == 1:
+            keep.append(group[0])
+            continue
+        name = f"merged:{task or 'any'}:{scope}"
+        merged[name] = [s.name for s in group]
+        keep.append(
+            ShardSource(
+                name,
+                [f for s in group for f in s.files],
+                sum(s.rows for s in group),
+                0.0,
+                group[0].filesystem,
+                scope,
+                [h for s in group for h in (s.sha256 or [""] * len(s.files))],
+                task,
+                tuple(s.name for s in group),
+            )
+        )
+    dropped = {s.name: s.rows for s in keep if s.name not in explicit and s.rows < drop_rows}
+    out = [
+        s if s.name in explicit else replace(s, weight=float(s.rows) ** alpha)
+        for s in keep
+        if s.name not in dropped
+    ]
+    for name, members in merged.items():
+        log.info("sampler: merged %d small sources into %s: %s", len(members), name, ", ".join(members))
+    for name, rows in dropped.items():
+        log.warning("sampler: left out %s (%d rows < data.drop_rows %d)", name, rows, drop_rows)
+    return out, {"alpha": alpha, "merged": merged, "dropped": dropped}
 
 
 @dataclass
@@ -90,15 +157,29 @@ class Batch:
         return len(self.queries)
 
 
+@dataclass(frozen=True)
+class _Block:
+    """Rows ``[start, start + rows)`` of row group ``group`` of file ``file`` (sub-block ``part``)."""
+
+    file: int
+    group: int
+    part: int
+    rows: int
+
+
 @dataclass
 class _Cursor:
-    """Position in one source: epoch, index into the epoch's shard order, row offset in that shard."""
+    """Position in one source: epoch, window of the epoch's block order, row offset in that window."""
 
     epoch: int = 0
-    shard: int = 0
+    window: int = 0
     offset: int = 0
-    table: list[dict[str, Any]] | None = field(default=None, repr=False)
-    order: np.ndarray | None = field(default=None, repr=False)
+
+
+@dataclass
+class _Window:
+    table: pa.Table  # the window's rows, in their shuffled order
+    nbytes: int
 
 
 class HomogeneousSampler:
@@ -113,14 +194,20 @@ class HomogeneousSampler:
         group_size: int,
         seed: int,
         homogeneous: float = 1.0,
+        window: int = 4,
+        buffer_mb: float = 64.0,
+        block_rows: int = 1024,
     ) -> None:
         if not sources:
             raise ValueError("no data sources")
         if not 0.0 <= homogeneous <= 1.0:
             raise ValueError("homogeneous must be within [0, 1]")
+        if window < 1 or block_rows < 1 or buffer_mb <= 0:
+            raise ValueError("window and block_rows must be >= 1 and buffer_mb > 0")
         self.sources = sources
         self.per_device, self.world, self.rank = per_device, world, rank
         self.group_size, self.seed, self.homogeneous = group_size, seed, homogeneous
+        self.window, self.buffer_bytes, self.block_rows = window, int(buffer_mb * 2**20), block_rows
         w = np.array([s.weight for s in sources], dtype=np.float64)
         if (w < 0).any() or w.sum() <= 0:
             raise ValueError("mixture weights must be >= 0 with a positive sum")
@@ -128,66 +215,135 @@ class HomogeneousSampler:
         self.step = 0
         self.cursors = [_Cursor() for _ in sources]
         self.rows_without_negatives = 0
+        self._blocks: dict[int, list[_Block]] = {}  # per source, built on first use (file footers)
+        self._meta: dict[tuple[int, int], pq.FileMetaData] = {}
+        self._verified: set[tuple[int, int]] = set()
+        self._windows: OrderedDict[int, tuple[int, int, _Window]] = OrderedDict()  # LRU by source
+        self.reads = 0  # windows read (re-reads of evicted ones included)
+        self.peak_buffer_bytes = 0
 
     @property
     def global_batch(self) -> int:
         return self.per_device * self.world
 
+    @property
+    def buffer_bytes_used(self) -> int:
+        return sum(w.nbytes for _, _, w in self._windows.values())
+
     # -- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
+            "format": STATE_FORMAT,
             "step": self.step,
-            "cursors": [[c.epoch, c.shard, c.offset] for c in self.cursors],
+            "cursors": [[c.epoch, c.window, c.offset] for c in self.cursors],
             "seed": self.seed,
             "sources": [s.name for s in self.sources],
+            "window": self.window,
+            "block_rows": self.block_rows,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise KalmError(
+                "checkpoint was written by an older sampler (whole-shard order): finish or restart that "
+                "run with the version that wrote it, or train again from step 0 (--overwrite)"
+            )
         if state["sources"] != [s.name for s in self.sources] or state["seed"] != self.seed:
             raise ValueError("checkpoint was written for other data sources or another seed")
+        if (state["window"], state["block_rows"]) != (self.window, self.block_rows):
+            raise ValueError("checkpoint was written with another data.shuffle_window or block size")
         self.step = int(state["step"])
-        self.cursors = [_Cursor(epoch=e, shard=s, offset=o) for e, s, o in state["cursors"]]
+        self.cursors = [_Cursor(epoch=e, window=w, offset=o) for e, w, o in state["cursors"]]
+        self._windows.clear()
 
     # -- reading -----------------------------------------------------------------------------------
-    def _shard_order(self, src: int, epoch: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, src, epoch, 1])
-        return rng.permutation(len(self.sources[src].files))
+    def _fs(self, src: int) -> Any:
+        return self.sources[src].filesystem or pafs.LocalFileSystem()
 
-    def _load(self, src: int) -> None:
-        c, s = self.cursors[src], self.sources[src]
-        k = int(self._shard_order(src, c.epoch)[c.shard])
-        path = s.files[k]
-        if s.sha256 is None or not s.sha256[k]:
-            table = pq.read_table(path, columns=COLUMNS, filesystem=s.filesystem)
-        else:
-            fs = s.filesystem or pafs.LocalFileSystem()
-            with fs.open_input_stream(path) as f:
-                data = f.read()
-            if not hashlib.sha256(data).hexdigest().startswith(s.sha256[k]):
-                raise KalmError(f"training shard {path} changed after it was written: rerun the data stage")
-            table = pq.read_table(pa.BufferReader(data), columns=COLUMNS)
-        c.table = table.to_pylist()
-        c.order = np.random.default_rng([self.seed, src, c.epoch, c.shard, 2]).permutation(len(c.table))
+    def _verify(self, src: int, k: int) -> None:
+        """Check a file against the manifest's sha256 once, streaming (memory: one read buffer)."""
+        s = self.sources[src]
+        if (src, k) in self._verified or s.sha256 is None or not s.sha256[k]:
+            return
+        h = hashlib.sha256()
+        with self._fs(src).open_input_stream(s.files[k]) as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        if not h.hexdigest().startswith(s.sha256[k]):
+            raise KalmError(f"training shard {s.files[k]} changed after it was written: rerun the data stage")
+        self._verified.add((src, k))
+
+    def _file(self, src: int, k: int) -> pq.ParquetFile:
+        self._verify(src, k)
+        f = self._fs(src).open_input_file(self.sources[src].files[k])
+        pf = pq.ParquetFile(f, metadata=self._meta.get((src, k)))
+        self._meta[(src, k)] = pf.metadata
+        return pf
+
+    def blocks(self, src: int) -> list[_Block]:
+        if src not in self._blocks:
+            out: list[_Block] = []
+            for k in range(len(self.sources[src].files)):
+                md = self._file(src, k).metadata
+                for g in range(md.num_row_groups):
+                    n = md.row_group(g).num_rows
+                    # a row group far bigger than a block (shards of an older data stage): sub-blocks
+                    parts = 1 if n <= 2 * self.block_rows else -(-n // self.block_rows)
+                    for p in range(parts):
+                        rows = n if parts == 1 else min(self.block_rows, n - p * self.block_rows)
+                        if rows:
+                            out.append(_Block(k, g, p if parts > 1 else -1, rows))
+            if not out:
+                raise ValueError(f"source {self.sources[src].name!r} has no rows")
+            self._blocks[src] = out
+        return self._blocks[src]
+
+    def _windows_per_epoch(self, src: int) -> int:
+        return -(-len(self.blocks(src)) // self.window)
+
+    def _read_block(self, src: int, b: _Block) -> pa.Table:
+        pf = self._file(src, b.file)
+        if b.part < 0:
+            return pf.read_row_group(b.group, columns=COLUMNS)
+        for i, batch in enumerate(pf.iter_batches(self.block_rows, row_groups=[b.group], columns=COLUMNS)):
+            if i == b.part:
+                return pa.Table.from_batches([batch])
+        raise KalmError(f"training shard {self.sources[src].files[b.file]} is shorter than its footer says")
+
+    def _load(self, src: int, c: _Cursor) -> _Window:
+        """The rows of window ``c.window`` of epoch ``c.epoch``, shuffled; the LRU buffer evicts others."""
+        key = self._windows.get(src)
+        if key is not None and key[:2] == (c.epoch, c.window):
+            self._windows.move_to_end(src)
+            return key[2]
+        blocks = self.blocks(src)
+        order = np.random.default_rng([self.seed, src, c.epoch, 1]).permutation(len(blocks))
+        chosen = order[c.window * self.window : (c.window + 1) * self.window]
+        table = pa.concat_tables([self._read_block(src, blocks[int(i)]) for i in chosen])
+        perm = np.random.default_rng([self.seed, src, c.epoch, c.window, 2]).permutation(table.num_rows)
+        table = table.take(pa.array(perm)).combine_chunks()
+        win = _Window(table, table.nbytes)
+        self._windows.pop(src, None)
+        self._windows[src] = (c.epoch, c.window, win)
+        self.reads += 1
+        while self.buffer_bytes_used > self.buffer_bytes and len(self._windows) > 1:
+            self._windows.popitem(last=False)
+        self.peak_buffer_bytes = max(self.peak_buffer_bytes, self.buffer_bytes_used)
+        return win
 
     def _take(self, src: int, n: int) -> list[dict[str, Any]]:
         """Next ``n`` rows of a source, wrapping into a new (reshuffled) epoch at the end."""
         out: list[dict[str, Any]] = []
         c = self.cursors[src]
-        guard = 0
         while len(out) < n:
-            if c.table is None:
-                self._load(src)
-            assert c.table is not None and c.order is not None
-            if c.offset >= len(c.table):
-                c.shard, c.offset, c.table = c.shard + 1, 0, None
-                if c.shard >= len(self.sources[src].files):
-                    c.epoch, c.shard = c.epoch + 1, 0
-                guard += 1
-                if guard > 2 * len(self.sources[src].files) + 2 and not out:
-                    raise ValueError(f"source {self.sources[src].name!r} has no rows")
+            win = self._load(src, c)
+            if c.offset >= win.table.num_rows:
+                c.window, c.offset = c.window + 1, 0
+                if c.window >= self._windows_per_epoch(src):
+                    c.epoch, c.window = c.epoch + 1, 0
                 continue
-            take = min(n - len(out), len(c.table) - c.offset)
-            out += [c.table[i] for i in c.order[c.offset : c.offset + take]]
+            take = min(n - len(out), win.table.num_rows - c.offset)
+            out += win.table.slice(c.offset, take).to_pylist()
             c.offset += take
         return out
 

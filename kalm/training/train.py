@@ -13,7 +13,6 @@ same loss randomness, same final weights as an uninterrupted run.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -23,7 +22,7 @@ import shutil
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -31,14 +30,31 @@ import torch
 
 from kalm.core.errors import KalmError
 from kalm.core.fingerprint import model_fingerprint
-from kalm.core.layout import MANIFEST, run_dir, training_data_root
+from kalm.core.layout import MANIFEST, run_dir, run_rel, training_data_root
 from kalm.core.storage import DataRoot, read_manifest
+from kalm.training.checkpoints import (
+    CHECKPOINT_DONE,
+    RNG_FILE,
+    checkpoint_dir,
+    checkpoint_files,
+    complete_checkpoints,
+    owned_by,
+    prune,
+    prune_remote,
+    pull,
+    rank_of,
+    restore_rng,
+    rng_state,
+    upload,
+    verify_checkpoint,
+    write_marker,
+)
 from kalm.training.config import TrainConfig, load_train_config, model_width, resolve_model_path
 from kalm.training.losses.base import shared_draws
 from kalm.training.losses.candidates import Candidates
 from kalm.training.losses.gradcache import GradCache
 from kalm.training.losses.mixing import HardNegativeMixer
-from kalm.training.sampler import PAD_TEXT, Batch, HomogeneousSampler, ShardSource
+from kalm.training.sampler import PAD_TEXT, Batch, HomogeneousSampler, ShardSource, mixture
 
 log = logging.getLogger("kalm.training.train")
 
@@ -83,7 +99,12 @@ def use_bf16(precision: str) -> bool:
 
 
 def data_sources(cfg: TrainConfig, root: DataRoot) -> list[ShardSource]:
-    """Shard folders of the stage (mixtures or mined), each with its mixture weight."""
+    """Shard folders of the stage (mixtures or mined), weighted and with the small-source rule applied."""
+    return mixture_of(cfg, root)[0]
+
+
+def mixture_of(cfg: TrainConfig, root: DataRoot) -> tuple[list[ShardSource], dict[str, Any]]:
+    """The stage's sources and the report of :func:`kalm.training.sampler.mixture` (merged, dropped)."""
     stage = cfg.data.stage or cfg.stage
     folders: list[str] = list(cfg.data.paths)
     if not folders:
@@ -91,6 +112,7 @@ def data_sources(cfg: TrainConfig, root: DataRoot) -> list[ShardSource]:
         names = cfg.data.recipes or root.list_dirs(base)
         folders = [f"{base}/{n}" for n in names]
     sources = []
+    explicit = set()
     for rel in folders:
         m = read_manifest(root, rel)
         if m is None:
@@ -108,16 +130,22 @@ def data_sources(cfg: TrainConfig, root: DataRoot) -> list[ShardSource]:
             )
         name = m.get("recipe") or rel.rsplit("/", 1)[-1]
         category = m.get("category", "")
-        weight = cfg.data.weights.get(name, cfg.data.weights.get(category, float(rows)))
+        weight = cfg.data.weights.get(name, cfg.data.weights.get(category))
+        if weight is not None:
+            explicit.add(name)
         listed = [f for f in m["files"] if f["rows"]]
         files = [root.path(rel, f["name"]) for f in listed]
         sha = [str(f.get("sha256", "")) for f in listed]
-        scope = cfg.data.scope(name, category, m.get("task_type", ""))
+        task = m.get("task_type", "")
+        scope = cfg.data.scope(name, category, task)
         fs = None if root.is_local else root.fs
-        sources.append(ShardSource(name, files, rows, float(weight), fs, scope, sha256=sha))
+        w = float(rows if weight is None else weight)
+        sources.append(ShardSource(name, files, rows, w, fs, scope, sha256=sha, task_type=task))
+    d = cfg.data
+    sources, report = mixture(sources, d.alpha, d.min_rows, d.drop_rows, frozenset(explicit))
     if not sources:
-        raise KalmError(f"no training rows for stage {stage!r} in {root.uri} (empty or missing shards)")
-    return sources
+        raise KalmError(f"no training rows for stage {stage!r} in {root.uri} (empty, missing or dropped)")
+    return sources, report
 
 
 def preflight(cfg: TrainConfig, root: DataRoot) -> dict[str, Any]:
@@ -244,6 +272,10 @@ class Trainer:
     out: Path
     rank: int
     world: int
+    mixture: dict[str, Any] = field(default_factory=dict)  # kalm.training.sampler.mixture's report
+    root: DataRoot | None = None
+    local_rank: int = 0
+    job: str | None = None  # the launcher's job fingerprint (<run>/_job.json): checkpoints are tagged with it
 
 
 def setup(cfg: TrainConfig, root: DataRoot, out: Path) -> Trainer:
@@ -275,9 +307,18 @@ def setup(cfg: TrainConfig, root: DataRoot, out: Path) -> Trainer:
     if torch.cuda.is_available():
         model.to(f"cuda:{local_rank}")
     loss_fn = build_loss(cfg.loss_config(), embedding_dim=model.embedding_dim)
-    sources = data_sources(cfg, root)
+    sources, mix = mixture_of(cfg, root)
+    d = cfg.data
     sampler = HomogeneousSampler(
-        sources, cfg.per_device_batch, world, rank, cfg.data.group_size, cfg.seed, cfg.data.homogeneous
+        sources,
+        cfg.per_device_batch,
+        world,
+        rank,
+        d.group_size,
+        cfg.seed,
+        d.homogeneous,
+        window=d.shuffle_window,
+        buffer_mb=d.buffer_mb,
     )
     steps = total_steps(cfg, sources, world)
     grad_accum = 1
@@ -311,7 +352,11 @@ def setup(cfg: TrainConfig, root: DataRoot, out: Path) -> Trainer:
         dist_init_required=False,
     )
     _weights_only_loads(engine)
-    return Trainer(cfg, engine, model, loss_fn, sampler, steps, out, rank, world)
+    # every rank starts from the same weights (DeepSpeed broadcasts rank 0's); dropout must differ per rank
+    torch.manual_seed(cfg.seed + 1_000_003 * rank)
+    job_file = out / "_job.json"
+    job = json.loads(job_file.read_text()).get("job_fingerprint") if job_file.exists() else None
+    return Trainer(cfg, engine, model, loss_fn, sampler, steps, out, rank, world, mix, root, local_rank, job)
 
 
 def _checkpoint_globals() -> list[Any]:
@@ -474,74 +519,48 @@ def train_step(t: Trainer) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- train
-def checkpoint_dir(out: Path) -> Path:
-    return out / "checkpoints"
+def remote_checkpoints(t: Trainer) -> str | None:
+    """Where checkpoints are copied on an S3 data root (None for a local root: they are already there)."""
+    if t.root is None or t.root.is_local:
+        return None
+    return f"{run_rel(t.cfg.stage, t.cfg.run_name)}/checkpoints"
 
 
 def save_checkpoint(t: Trainer) -> None:
-    """DeepSpeed checkpoint + everything that makes the rest of the run reproducible."""
+    """DeepSpeed checkpoint + everything that makes the rest of the run reproducible (see
+    :mod:`kalm.training.checkpoints`): each rank's RNG, every rank's checksums, the S3 copy."""
     tag = f"step{t.sampler.step:08d}"
-    client = {
-        "sampler": t.sampler.state_dict(),
-        "loss": t.loss_fn.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
+    d = checkpoint_dir(t.out) / tag
+    client = {"sampler": t.sampler.state_dict(), "loss": t.loss_fn.state_dict()}
     t.engine.save_checkpoint(str(checkpoint_dir(t.out)), tag=tag, client_state=client)
-    torch.distributed.barrier()  # every rank's files are written
-    if t.rank == 0:
-        files = checkpoint_files(checkpoint_dir(t.out) / tag)
-        (checkpoint_dir(t.out) / tag / CHECKPOINT_DONE).write_text(
-            json.dumps({"step": t.sampler.step, "files": files})
-        )
-        done = complete_checkpoints(t.out)
-        keep = set(done[-t.cfg.schedule.keep_checkpoints :])
-        for old in sorted(p.name for p in checkpoint_dir(t.out).glob("step*") if p.is_dir()):
-            if old not in keep and old < done[-1]:  # older than the newest complete one: never needed again
-                shutil.rmtree(checkpoint_dir(t.out) / old, ignore_errors=True)
+    torch.save(rng_state(), d / RNG_FILE.format(rank=t.rank))
+    mine = checkpoint_files(d, lambda name: owned_by(name, t.rank))
+    remote = remote_checkpoints(t)
+    if remote and t.root is not None:
+        upload(t.root, remote, d, sorted(mine))  # as it is written: a node's disk may not survive it
+    gathered: list[Any] = [None] * t.world
+    torch.distributed.all_gather_object(gathered, mine)  # every rank's record, whatever disk it is on
+    files = {k: v for part in gathered for k, v in part.items()}
+    if t.local_rank == 0:  # one per node (on storage every node shares, the same marker several times)
+        write_marker(d, t.sampler.step, t.job, files)
+        prune(t.out, t.cfg.schedule.keep_checkpoints)
     torch.distributed.barrier()
-
-
-CHECKPOINT_DONE = "kalm_complete.json"  # written once every rank has saved: the checkpoint is whole
-
-
-def checkpoint_files(d: Path) -> dict[str, dict[str, Any]]:
-    """Size and sha256 of every file of a checkpoint folder (its completion marker aside)."""
-    out: dict[str, dict[str, Any]] = {}
-    for f in sorted(p for p in d.rglob("*") if p.is_file() and p.name != CHECKPOINT_DONE):
-        h = hashlib.sha256()
-        with f.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        out[f.relative_to(d).as_posix()] = {"bytes": f.stat().st_size, "sha256": h.hexdigest()}
-    return out
-
-
-def verify_checkpoint(d: Path) -> None:
-    """Refuse (one-line KalmError) a checkpoint folder whose files are not exactly those the job wrote."""
-    recorded = json.loads((d / CHECKPOINT_DONE).read_text()).get("files")
-    if recorded is None:
-        raise KalmError(
-            f"checkpoint {d} has no checksums (written by an older version): delete it to start over"
-        )
-    found = checkpoint_files(d)
-    extra = sorted(set(found) - set(recorded))
-    changed = sorted(k for k in recorded if found.get(k) != recorded[k])
-    if extra or changed:
-        what = f"{'added' if extra else 'changed or missing'}: {(extra or changed)[0]}"
-        raise KalmError(
-            f"checkpoint {d} is not what this job wrote ({what}); refusing to load it (delete it)"
-        )
-
-
-def complete_checkpoints(out: Path) -> list[str]:
-    """Tags of the checkpoints every rank finished writing, oldest first. DeepSpeed's ``latest`` may name
-    one a kill -9 cut short; resuming from that one fails, so resume uses the newest complete one."""
-    return sorted(p.parent.name for p in checkpoint_dir(out).glob(f"step*/{CHECKPOINT_DONE}"))
+    if t.rank == 0 and remote and t.root is not None:
+        if (t.out / "metrics.jsonl").exists():  # before the marker: a complete copy has its steps' metrics
+            t.root.write_bytes(f"{remote}/metrics.jsonl", (t.out / "metrics.jsonl").read_bytes())
+        upload(t.root, remote, d, [CHECKPOINT_DONE])  # last: the remote copy is now complete
+        prune_remote(t.root, remote, t.cfg.schedule.keep_checkpoints, t.job)
+    torch.distributed.barrier()
 
 
 def maybe_resume(t: Trainer) -> bool:
     ckpt = checkpoint_dir(t.out)
+    remote = remote_checkpoints(t)
+    if remote and t.root is not None and t.local_rank == 0 and pull(t.root, remote, t.out, t.job):
+        metrics = f"{remote}/metrics.jsonl"
+        if t.rank == 0 and not (t.out / "metrics.jsonl").exists() and t.root.exists(metrics):
+            (t.out / "metrics.jsonl").write_bytes(t.root.read_bytes(metrics))
+    torch.distributed.barrier()  # every node has the checkpoint it resumes from
     if not (ckpt / "latest").exists():
         return False
     done = complete_checkpoints(t.out)
@@ -552,15 +571,20 @@ def maybe_resume(t: Trainer) -> bool:
     latest = (ckpt / "latest").read_text().strip()
     if tag != latest:
         log.warning("checkpoint %s is incomplete (killed while saving?); resuming from %s", latest, tag)
-    verify_checkpoint(ckpt / tag)
+    # this rank loads the shared files and its own: those must be there; any other file must match too
+    verify_checkpoint(ckpt / tag, lambda name: rank_of(name) in (None, t.rank))
     path, client = t.engine.load_checkpoint(str(ckpt), tag=tag)
     if path is None:
         return False
     t.sampler.load_state_dict(client["sampler"])
     t.loss_fn.load_state_dict(client["loss"])
-    torch.set_rng_state(client["torch_rng"])
-    if client.get("cuda_rng") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(client["cuda_rng"])
+    rng = ckpt / tag / RNG_FILE.format(rank=t.rank)
+    if rng.exists():
+        restore_rng(rng)
+    else:  # written with another world size (or before per-rank files): the run goes on, not bit-exactly
+        log.warning(
+            "%s has no RNG state for rank %d: dropout draws differ from an uninterrupted run", tag, t.rank
+        )
     log.info("resumed from %s at step %d", path, t.sampler.step)
     return True
 
@@ -600,6 +624,7 @@ def save_final(t: Trainer, root: DataRoot, info: dict[str, Any]) -> Path | None:
     """Consolidated fp32 sentence-transformers model + run manifest + loss curve (rank 0)."""
     torch.distributed.barrier()
     if t.rank != 0:
+        torch.distributed.barrier()  # exit only once it is written: another node's launcher checks for it
         return None
     final = t.out / "final"
     tmp = t.out / ".final-tmp"
@@ -627,6 +652,14 @@ def save_final(t: Trainer, root: DataRoot, info: dict[str, Any]) -> Path | None:
         "world_size": t.world,
         "final_loss": metrics[-1]["loss"] if metrics else None,
         "rows_without_negatives": t.sampler.rows_without_negatives,
+        "mixture": {  # the sampler's sources: rows, draw probability, the recipes a merged one holds
+            "sources": {
+                s.name: {"rows": s.rows, "p": round(float(p), 6), "recipes": list(s.members) or [s.name]}
+                for s, p in zip(t.sampler.sources, t.sampler.probs, strict=True)
+            },
+            "dropped": t.mixture.get("dropped", {}),
+            "alpha": t.cfg.data.alpha,
+        },
         "initial_model": model_fingerprint(info["model_dir"]),
         "model_fingerprint": model_fingerprint(tmp),  # kalm_run.json is not part of it
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -635,6 +668,7 @@ def save_final(t: Trainer, root: DataRoot, info: dict[str, Any]) -> Path | None:
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     (t.out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    torch.distributed.barrier()
     return final
 
 
@@ -666,6 +700,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-root", default=None, help="data root (default: $KALM_DATA_ROOT or ./data)")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = ap.parse_args(argv)
+    from kalm.training.launch import die_with_parent
+
+    die_with_parent()  # a rank never outlives its launcher (torchrun puts ranks in sessions of their own)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s rank%(rank)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
