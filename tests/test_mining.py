@@ -561,3 +561,42 @@ def test_tiled_topk_is_exact_and_shards_merge_exactly() -> None:
     merged_scores, merged_ids = merge_topk(parts, 25)
     assert torch.equal(merged_ids, want.indices) and torch.allclose(merged_scores, want.values)
     assert topk_tiled(q[:2], pool[:10], 25)[1].shape == (2, 10)  # k capped at the pool
+
+
+def test_encoding_scaled_out_on_worker_processes_gives_the_same_vectors_and_negatives(
+    tmp_path: Path,
+) -> None:
+    """`executor: {kind: local, workers: 2}`: the cache shards are encoded by two worker processes (each
+    loading the model once, checked by its key) into the shared cache: the same vectors as one process,
+    the same mined rows; a worker with another model is refused in one line. In fp32: bf16 results move by
+    ~1e-3 with the number of threads, and the workers run fewer threads each than one process."""
+    from kalm.data.executors import ExecutorSpec, LocalExecutor
+    from kalm.mining.cache import encode_unit
+
+    enc = load_encoder("minilm", None, precision="fp32")
+    texts = [p for _, p in all_pairs(6, 6)]
+    one = DataRoot.from_uri(str(tmp_path / "one"))
+    two = DataRoot.from_uri(str(tmp_path / "two"))
+    want, _ = embed_texts(enc, texts, EmbeddingStore(one, "c", enc.dim), batch_size=4, shard_texts=9)
+    with LocalExecutor(2) as ex:
+        got, st = embed_texts(
+            enc, texts, EmbeddingStore(two, "c", enc.dim), batch_size=4, shard_texts=9, executor=ex
+        )
+    assert st["encoded"] == len(texts) and len(EmbeddingStore(two, "c", enc.dim)._list()) == -(
+        -len(texts) // 9
+    )
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    for r, label in ((one, "single"), (two, "local")):
+        write_mixture(r, make_rows(all_pairs(5, 6)))
+        cfg = MineConfig(
+            precision="fp32",
+            **SMALL,
+            cache_shard_texts=7,
+            executor=ExecutorSpec(kind=label, workers=2 if label == "local" else 1),
+        )
+        mine(r, enc, cfg)
+    assert mined(one) == mined(two)
+    with pytest.raises(KalmError, match="the worker loaded .*not the driver's model"):
+        encode_unit(
+            "u", ["a"], "minilm", str(tmp_path / "x"), "c", "other-key", 256, enc.precision, "cpu", 4, 1
+        )

@@ -44,6 +44,7 @@ class ExecutorSpec(StrictModel):
     kind: Literal["single", "local", "ray"] = "single"
     workers: int = Field(1, ge=1, le=4096)
     address: str | None = None
+    gpus: float = Field(0.0, ge=0.0)  # GPUs each Ray unit asks for (mining's encode units on a GPU cluster)
 
 
 class UnitFailed(KalmError):
@@ -143,14 +144,14 @@ def _settle(fn: Callable[..., Result], kw: dict[str, Any]) -> Result | KalmError
 class RayExecutor(Executor):
     kind = "ray"
 
-    def __init__(self, workers: int = 1, address: str | None = None, retries: int = 3) -> None:
+    def __init__(self, workers: int = 1, address: str | None = None, retries: int = 3, gpus: float = 0.0) -> None:
         try:
             import ray
         except ImportError:
             raise KalmError(
                 "the ray executor needs Ray: pip install -e '.[ray]' (ray[data] 2.60)"
             ) from None
-        self.ray, self.workers, self.retries = ray, workers, retries
+        self.ray, self.workers, self.retries, self.gpus = ray, workers, retries, gpus
         address = address or os.environ.get(RAY_ADDRESS_ENV) or None
         self.started = False
         self.joined = False
@@ -181,7 +182,9 @@ class RayExecutor(Executor):
 
     def map_settled(self, fn: Callable[..., Result], calls: Sequence[dict[str, Any]]) -> list[Result | KalmError]:
         ray = self.ray
-        remote = ray.remote(num_cpus=1, max_retries=self.retries, retry_exceptions=False)(_settle)
+        remote = ray.remote(num_cpus=1, num_gpus=self.gpus, max_retries=self.retries, retry_exceptions=False)(
+            _settle
+        )
         refs = [remote.remote(fn, kw) for kw in calls]
         out: list[Result | KalmError] = []
         for ref, kw in zip(refs, calls, strict=True):  # every ref to its end: none left running
@@ -200,5 +203,5 @@ class RayExecutor(Executor):
 
 def make_executor(spec: ExecutorSpec) -> Executor:
     if spec.kind == "ray":
-        return RayExecutor(spec.workers, spec.address)
+        return RayExecutor(spec.workers, spec.address, gpus=spec.gpus)
     return LocalExecutor(spec.workers)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 import zlib
 from collections.abc import Sequence
@@ -31,7 +32,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from kalm.core.errors import KalmError
 from kalm.core.storage import DataRoot
+from kalm.data.executors import Executor
 from kalm.mining.encode import Encoder
 
 log = logging.getLogger(__name__)
@@ -226,13 +229,16 @@ def embed_texts(
     shard_texts: int = 8192,
     progress: bool = False,
     desc: str = "encode",
+    executor: Executor | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Vectors for ``texts`` (formatted, as the model sees them): (N, D) float32, from the store where valid.
 
     Missing texts are encoded in a fixed order (characters desc, then key; batches within a shard by token
-    count) and stored one shard per
-    ``shard_texts``; a rerun after a kill finds the finished shards and re-forms exactly the same groups and
-    batches for the rest, so its vectors are bit-identical to an uninterrupted run's.
+    count) and stored one shard per ``shard_texts``; a rerun after a kill finds the finished shards and
+    re-forms exactly the same groups and batches for the rest, so its vectors are bit-identical to an
+    uninterrupted run's. With an ``executor`` of several workers (local processes, or Ray across nodes)
+    the same groups are encoded as units, each by a worker that loads the same model (checked by its key)
+    and writes its group as one shard of the store: the vectors one process computes (tested).
     Stats: ``texts``, ``unique``, ``cache_hits``, ``encoded``, ``corrupt_entries`` (bad length or CRC),
     ``corrupt_shards`` (unreadable files; their texts count as misses), ``encode_s``, ``encoded_per_s``.
     """
@@ -248,14 +254,24 @@ def embed_texts(
         chars = np.fromiter((len(t) for t in mtexts), dtype=np.int64, count=len(mtexts))
         order = np.lexsort((ukeys[missing], -chars))
         groups = [order[s : s + shard_texts] for s in range(0, len(order), shard_texts)]
-        bar = _bar(len(missing), desc) if progress else None
+        if executor is not None and executor.workers > 1 and len(groups) > 1:
+            _encode_units(executor, encoder, store, [[mtexts[i] for i in g] for g in groups], batch_size)
+            v, ok, _ = store.lookup(ukeys[missing])
+            if not ok.all():
+                raise KalmError(
+                    f"{int((~ok).sum())} texts encoded by the workers are missing from {store.rel}"
+                )
+            vecs[missing] = v
+            groups = []
+        bar = _bar(len(missing), desc) if progress and groups else None
         with ThreadPoolExecutor(1) as tokenizer:  # the next shard is tokenized while this one encodes
 
             def tokenize(j: int) -> Future[list[list[int]]]:
                 return tokenizer.submit(encoder.tokenize, [mtexts[i] for i in groups[j]])
 
-            ahead = tokenize(0)
+            ahead = tokenize(0) if groups else None
             for j, grp in enumerate(groups):
+                assert ahead is not None
                 ids = ahead.result()
                 if j + 1 < len(groups):
                     ahead = tokenize(j + 1)
@@ -281,6 +297,73 @@ def embed_texts(
         "encoded_per_s": round(len(missing) / seconds, 1) if len(missing) and seconds > 0 else None,
     }
     return vecs[inverse.reshape(-1)], stats
+
+
+_WORKER_ENCODERS: dict[tuple[Any, ...], Encoder] = {}  # per worker process: the model loads once
+
+
+def _encode_units(
+    executor: Executor, encoder: Encoder, store: EmbeddingStore, groups: list[list[str]], batch_size: int
+) -> None:
+    """Encode each group on a worker (:func:`encode_unit`); every unit writes its shard to ``store``."""
+    e = encoder.embedder
+    threads = max(1, (os.cpu_count() or 1) // executor.workers) if executor.kind == "local" else 0
+    common = {
+        "model": encoder.path,
+        "root": store.root.uri,
+        "rel": store.rel,
+        "key": encoder.key,
+        "max_length": e.max_length,
+        "precision": encoder.precision,
+        "devices": "cpu" if str(e.device) == "cpu" else "auto",
+        "batch_size": batch_size,
+        "threads": threads,
+    }
+    t0 = time.perf_counter()
+    calls = [{"unit": f"encode-{j}", "texts": g, **common} for j, g in enumerate(groups)]
+    done = executor.map(encode_unit, calls)
+    log.info(
+        "encoded %d texts in %d units on %d %s workers in %.1fs",
+        sum(r["texts"] for r in done),
+        len(done),
+        executor.workers,
+        executor.kind,
+        time.perf_counter() - t0,
+    )
+
+
+def encode_unit(
+    unit: str,
+    texts: list[str],
+    model: str,
+    root: str,
+    rel: str,
+    key: str,
+    max_length: int,
+    precision: str,
+    devices: str,
+    batch_size: int,
+    threads: int,
+) -> dict[str, Any]:
+    """One cache shard, on a worker: encode ``texts`` with the model (loaded once per process) and write
+    them to the store. The worker's encoder must have the driver's key (same weights, precision, length)."""
+    import torch
+
+    from kalm.mining.encode import load_encoder
+
+    if threads:
+        torch.set_num_threads(threads)
+    spec = (model, root, max_length, precision, devices)
+    if spec not in _WORKER_ENCODERS:
+        _WORKER_ENCODERS[spec] = load_encoder(model, None, max_length, precision, devices)
+    enc = _WORKER_ENCODERS[spec]
+    if enc.key != key:
+        raise KalmError(f"unit {unit}: the worker loaded {enc.key}, not the driver's model {key}")
+    t0 = time.perf_counter()
+    vecs = enc.encode(texts, batch_size=batch_size)
+    keys = np.array([text_key(t) for t in texts], dtype=f"S{KEY_BYTES}")
+    EmbeddingStore(DataRoot.from_uri(root), rel, enc.dim).put(keys, vecs)
+    return {"texts": len(texts), "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def _bar(total: int, desc: str) -> Any:

@@ -20,12 +20,13 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from kalm.core.config import CONFIG_DIR, StrictModel, config_path, load_yaml_model
+from kalm.data.executors import ExecutorSpec
 
 DEFAULT_CONFIG = CONFIG_DIR / "mine.yaml"
 
 # Keys that do not change the chosen negatives (up to float round-off): left out of ``config_hash``.
 OPERATIONAL_KEYS = frozenset(
-    {"batch_size", "chunk_queries", "cache", "cache_shard_texts", "devices", "search"}
+    {"batch_size", "chunk_queries", "cache", "cache_shard_texts", "devices", "search", "executor"}
 )
 
 
@@ -89,6 +90,9 @@ class MineConfig(StrictModel):
     cache: bool = True  # embedding cache under <data root>/cache/embeddings/
     cache_shard_texts: int = Field(8192, ge=1)  # texts per cache shard (also the encode resume unit)
     devices: str = "auto"  # auto (all GPUs, else cpu), cpu, cuda, or a comma list like cuda:0,cuda:1
+    # Encoding scaled out: cache shards encoded as units on the data stage's engine (local processes, or
+    # Ray across nodes; executor.gpus per unit on a GPU cluster), written to the shared embedding cache.
+    executor: ExecutorSpec = Field(default_factory=ExecutorSpec)
     search: SearchSpec = Field(default_factory=SearchSpec)
 
     @model_validator(mode="after")

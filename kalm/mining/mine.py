@@ -13,6 +13,7 @@ finished chunks and produces the same bytes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -36,6 +37,7 @@ from kalm.core.layout import (
 from kalm.core.results import StageResult
 from kalm.core.schema import SCHEMA_VERSION, STAGES
 from kalm.core.storage import DataRoot, read_manifest, read_rows
+from kalm.data.executors import Executor, make_executor
 from kalm.mining.cache import EmbeddingStore, embed_texts
 from kalm.mining.chunks import finished_chunks, pre_drops, publish, with_negatives, write_chunk
 from kalm.mining.config import MineConfig
@@ -188,6 +190,7 @@ def run_mine_recipe(
     *,
     encoder: Encoder | None = None,
     store: EmbeddingStore | None = None,
+    executor: Executor | None = None,
 ) -> StageResult:
     """Mine one recipe's mixture; the result's manifest is the mined folder's (``cached`` = cache hit).
 
@@ -252,7 +255,9 @@ def run_mine_recipe(
         if store is None or not cfg.cache:
             where = embedding_cache_dir(enc.key) if cfg.cache else f"{job.work}/embeddings"
             store = EmbeddingStore(root, where, enc.dim)
-        enc_stats = _encode(job, enc, store, pending, recipe)
+        own = executor is None and cfg.executor.kind != "single"
+        with make_executor(cfg.executor) if own else contextlib.nullcontext(executor) as ex:
+            enc_stats = _encode(job, enc, store, pending, recipe, ex)
         bar = _bar(len(pending), f"mine {recipe}") if show_progress() else None
         for i in pending:
             markers[i] = job.mine_chunk(i)
@@ -368,7 +373,12 @@ def _prepare(
 
 
 def _encode(
-    job: MineJob, enc: Encoder, store: EmbeddingStore, pending: list[int], recipe: str
+    job: MineJob,
+    enc: Encoder,
+    store: EmbeddingStore,
+    pending: list[int],
+    recipe: str,
+    executor: Executor | None = None,
 ) -> dict[str, Any]:
     """Embed the pool and the pending chunks' minable queries (through the cache); build the index."""
     todo = [r for i in pending for r in job.rows_of(i) if job.cols["query"][r].strip() and job.own_pos[r]]
@@ -381,6 +391,7 @@ def _encode(
         shard_texts=job.cfg.cache_shard_texts,
         progress=show_progress(),
         desc=f"encode {recipe}",
+        executor=executor,
     )
     job.timing["encode_s"] = enc_stats["encode_s"]
     job.pool_vecs = vecs[: len(job.pool.texts)]
@@ -432,7 +443,12 @@ def run_mine_stage(
     t0 = time.perf_counter()
     enc = encoder or load_encoder(model, root, cfg.max_seq_length, cfg.precision, cfg.devices)
     store = EmbeddingStore(root, embedding_cache_dir(enc.key), enc.dim) if cfg.cache else None
-    results = [run_mine_recipe(root, stage, n, model, cfg, force, encoder=enc, store=store) for n in names]
+    # one pool of encode workers (each loads the model once) for every recipe
+    with make_executor(cfg.executor) if cfg.executor.kind != "single" else contextlib.nullcontext() as ex:
+        results = [
+            run_mine_recipe(root, stage, n, model, cfg, force, encoder=enc, store=store, executor=ex)
+            for n in names
+        ]
     report = {
         "stage": stage,
         "miner": enc.lineage(),
