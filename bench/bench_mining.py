@@ -20,7 +20,8 @@ Contenders (wall time of one mining run, model already loaded; everything else i
 - ``st``: ``sentence_transformers.util.mine_hard_negatives`` (fp32) on a ``datasets.Dataset`` of
   (query, positive) built before the clock, ``corpus`` = the same corpus, ``range_min``/``range_max`` =
   the window, ``num_negatives`` = M, ``sampling_strategy="random"`` (ours samples uniformly too),
-  ``query_prompt`` = our instruction prefix (so the model sees the very same query strings),
+  ``query_prompt`` = what our miner puts before a query (none for all-MiniLM-L6-v2, which is mined on bare
+  queries: it has no instructions of its own), so the model sees the very same query strings,
   ``use_faiss=True`` (exact ``IndexFlatIP``, as ours), ``output_format="n-tuple"``, ``verbose=False``,
   ``cache_folder`` set: the cold run also saves its two ``.npy`` embedding files, and the same call again
   (**warm**) loads them (ST's cache is keyed by a hash of the whole query list and of the whole corpus:
@@ -231,9 +232,15 @@ def full_rank_window(
 
 
 def prefix() -> str:
-    """Our query template as a plain prefix: the string ST's ``query_prompt`` and FlagEmbedding prepend."""
+    """What our miner puts before a query, as a plain prefix: the string ST's ``query_prompt`` and
+    FlagEmbedding prepend. Empty for all-MiniLM-L6-v2: a model without instructions of its own is mined on
+    bare queries (``model.instructions: auto``), so the peers get bare queries too."""
+    from kalm.training.config import resolve_model_path
     from kalm.training.instructions import DEFAULT_QUERY_TEMPLATE, format_query, prompt_prefix
+    from kalm.training.model import uses_instructions
 
+    if not uses_instructions(resolve_model_path("minilm", None)):
+        return ""
     pre = prompt_prefix(INSTRUCTION, DEFAULT_QUERY_TEMPLATE)
     assert pre + "q?" == format_query("q?", INSTRUCTION, DEFAULT_QUERY_TEMPLATE)
     return pre
