@@ -561,6 +561,12 @@ def test_tiled_topk_is_exact_and_shards_merge_exactly() -> None:
     merged_scores, merged_ids = merge_topk(parts, 25)
     assert torch.equal(merged_ids, want.indices) and torch.allclose(merged_scores, want.values)
     assert topk_tiled(q[:2], pool[:10], 25)[1].shape == (2, 10)  # k capped at the pool
+    # the torch backend's searcher with the pool in per-GPU slices (CPU tensors here): the same top-k
+    from kalm.mining.search import Searcher
+
+    sharded = Searcher("torch", [(a, pool[a:b]) for a, b in shards], 5000, query_batch=128)
+    got_scores, got_ids = sharded.search(q.numpy(), 25)
+    assert (got_ids == want.indices.numpy()).all() and np.allclose(got_scores, want.values.numpy())
 
 
 def test_encoding_scaled_out_on_worker_processes_gives_the_same_vectors_and_negatives(

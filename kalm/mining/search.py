@@ -4,8 +4,9 @@ Backends, chosen by ``index.backend: auto``:
 
 - ``faiss-gpu``: when ``faiss.get_num_gpus() > 0`` (the optional ``faiss-gpu`` extra), the index sharded over
   every GPU (exact, float32);
-- ``torch``: GPUs but no faiss-gpu: exact matmul + ``topk`` on ``cuda:0`` (:func:`topk_tiled`: the pool in
-  tiles, each tile's top-k merged into a running top-k, so the score matrix never exceeds a fixed budget);
+- ``torch``: GPUs but no faiss-gpu: the pool sharded over every GPU, exact matmul + ``topk`` on each
+  (:func:`topk_tiled`: the pool in tiles, each tile's top-k merged into a running top-k, so the score matrix
+  never exceeds a fixed budget), the shards' lists merged exactly (:func:`merge_topk`);
 - ``faiss``: the CPU default, ``IndexFlatIP`` (exact).
 
 ``index.type: ivf`` builds an ``IndexIVFFlat`` (nlist lists, nprobe probed) on FAISS CPU or GPU, for pools
@@ -122,11 +123,16 @@ class Searcher:
         return scores, ids
 
     def _torch_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``index``: [(first pool id, pool slice on its device)], one slice per GPU; each slice's top-k
+        (tiled), merged exactly on the CPU."""
         import torch
 
-        pool: torch.Tensor = self.index
-        values, indices = topk_tiled(torch.from_numpy(q).to(pool.device), pool, k)
-        return values.cpu().numpy(), indices.cpu().numpy().astype(np.int64)
+        parts = []
+        for first, pool in self.index:
+            values, indices = topk_tiled(torch.from_numpy(q).to(pool.device), pool, k)
+            parts.append((values.cpu(), indices.cpu() + first))
+        values, indices = parts[0] if len(parts) == 1 else merge_topk(parts, k)
+        return values.numpy(), indices.numpy().astype(np.int64)
 
     def lineage(self) -> dict[str, Any]:
         return {"backend": self.backend, "size": self.size, **self.params}
@@ -146,7 +152,14 @@ def build_searcher(pool: np.ndarray, spec: IndexSpec, query_batch: int = 4096) -
             raise KalmError("index.backend 'torch' searches on CUDA, and no CUDA device is available")
         if spec.type != "flat":
             raise KalmError("index.backend 'torch' is exact search only: use index.type 'flat'")
-        return Searcher("torch", torch.from_numpy(pool).to("cuda:0"), n, query_batch, {"type": "flat"})
+        gpus = torch.cuda.device_count()
+        bounds = np.linspace(0, n, gpus + 1).astype(int)  # the pool sharded over every GPU of the node
+        slices = [
+            (int(a), torch.from_numpy(pool[a:b]).to(f"cuda:{i}"))
+            for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
+            if b > a  # fewer vectors than GPUs: some get none
+        ]
+        return Searcher("torch", slices, n, query_batch, {"type": "flat", "shards": gpus})
     faiss = _faiss()
     params: dict[str, Any] = {"type": spec.type}
     if spec.type == "flat":
