@@ -94,6 +94,13 @@ def write_deepspeed_env(out: Path, env: dict[str, str], forward: list[str]) -> P
     return path
 
 
+# Run argv[1:] with PR_SET_PDEATHSIG set (it survives exec): set in a fresh one-thread process, then exec.
+GUARD = (
+    "import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, int(signal.SIGKILL), 0, 0, 0); "
+    "os.getppid() == 1 and os._exit(1); os.execvp(sys.argv[1], sys.argv[1:])"
+)
+
+
 def die_with_parent() -> None:
     """Linux: this process gets SIGKILL when its parent dies. torchrun starts its ranks in sessions of their
     own, so a kill -9 of the launcher (or of ``kalm train``) would leave them running, still writing
@@ -360,6 +367,8 @@ def _launch(
     if cfg.launch.hostfile:  # the deepspeed launcher starts the other nodes over ssh: what they need
         child_env["DS_ENV_FILE"] = str(write_deepspeed_env(out, child_env, cfg.launch.forward_env))
     log.info("launching: %s", " ".join(cmd))
+    if sys.platform.startswith("linux"):  # the launcher goes when `kalm train` is killed (no preexec_fn:
+        cmd = [sys.executable, "-c", GUARD, *cmd]  # not safe in a threaded process, as a Prefect worker is)
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     with subprocess.Popen(
         cmd,
@@ -368,7 +377,6 @@ def _launch(
         text=True,
         env=child_env,
         cwd=project,
-        preexec_fn=die_with_parent,  # the launcher goes when `kalm train` is killed
     ) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
