@@ -96,8 +96,9 @@ def write_deepspeed_env(out: Path, env: dict[str, str], forward: list[str]) -> P
 
 # Run argv[1:] with PR_SET_PDEATHSIG set (it survives exec): set in a fresh one-thread process, then exec.
 GUARD = (
-    "import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, int(signal.SIGKILL), 0, 0, 0); "
-    "os.getppid() == 1 and os._exit(1); os.execvp(sys.argv[1], sys.argv[1:])"
+    "import ctypes, os, signal, sys; p = os.getppid(); "
+    "ctypes.CDLL(None).prctl(1, int(signal.SIGKILL), 0, 0, 0); "
+    "os.getppid() != p and os._exit(1); os.execvp(sys.argv[1], sys.argv[1:])"
 )
 
 
@@ -110,8 +111,9 @@ def die_with_parent() -> None:
     import ctypes
     import signal
 
+    parent = os.getppid()  # (may be 1 legitimately: a launcher running as a container's init)
     ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
-    if os.getppid() == 1:  # the parent died before the call: nothing would signal us
+    if os.getppid() != parent:  # the parent died before the call: nothing would signal us
         os._exit(1)
 
 
