@@ -24,7 +24,7 @@ import os
 import time
 import zlib
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -254,37 +254,29 @@ def embed_texts(
         chars = np.fromiter((len(t) for t in mtexts), dtype=np.int64, count=len(mtexts))
         order = np.lexsort((ukeys[missing], -chars))
         groups = [order[s : s + shard_texts] for s in range(0, len(order), shard_texts)]
+        texts_of = [[mtexts[i] for i in g] for g in groups]
         if executor is not None and executor.workers > 1 and len(groups) > 1:
-            _encode_units(executor, encoder, store, [[mtexts[i] for i in g] for g in groups], batch_size)
+            _encode_units(executor, encoder, store, texts_of, batch_size)
             v, ok, _ = store.lookup(ukeys[missing])
             if not ok.all():
                 raise KalmError(
                     f"{int((~ok).sum())} texts encoded by the workers are missing from {store.rel}"
                 )
             vecs[missing] = v
-            groups = []
-        bar = _bar(len(missing), desc) if progress and groups else None
-        with ThreadPoolExecutor(1) as tokenizer:  # the next shard is tokenized while this one encodes
-
-            def tokenize(j: int) -> Future[list[list[int]]]:
-                return tokenizer.submit(encoder.tokenize, [mtexts[i] for i in groups[j]])
-
-            ahead = tokenize(0) if groups else None
-            for j, grp in enumerate(groups):
-                assert ahead is not None
-                ids = ahead.result()
-                if j + 1 < len(groups):
-                    ahead = tokenize(j + 1)
-                v = encoder.encode(
-                    [mtexts[i] for i in grp],
-                    batch_size=batch_size,
-                    ids=ids,
-                    progress=bar.update if bar is not None else None,
-                )
-                store.put(ukeys[missing[grp]], v)
-                vecs[missing[grp]] = v
-        if bar is not None:
-            bar.close()
+        else:
+            bar = _bar(len(missing), desc) if progress else None
+            with ThreadPoolExecutor(1) as tokenizer:  # the next shard is tokenized while this one encodes
+                ahead = tokenizer.submit(encoder.tokenize, texts_of[0])
+                for j, grp in enumerate(groups):
+                    ids = ahead.result()
+                    if j + 1 < len(groups):
+                        ahead = tokenizer.submit(encoder.tokenize, texts_of[j + 1])
+                    update = bar.update if bar is not None else None
+                    v = encoder.encode(texts_of[j], batch_size=batch_size, ids=ids, progress=update)
+                    store.put(ukeys[missing[grp]], v)
+                    vecs[missing[grp]] = v
+            if bar is not None:
+                bar.close()
     seconds = time.perf_counter() - t0
     stats = {
         "texts": len(texts),

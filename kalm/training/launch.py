@@ -26,6 +26,7 @@ from kalm.core.errors import KalmError
 from kalm.core.fingerprint import model_fingerprint
 from kalm.core.hashing import hash_obj
 from kalm.core.layout import MANIFEST, run_rel
+from kalm.core.process import guarded
 from kalm.core.results import StageResult
 from kalm.core.storage import DataRoot
 from kalm.training.config import TrainConfig
@@ -92,29 +93,6 @@ def write_deepspeed_env(out: Path, env: dict[str, str], forward: list[str]) -> P
     path.write_text("".join(f"{k}={v}\n" for k, v in picked.items()))
     path.chmod(0o600)
     return path
-
-
-# Run argv[1:] with PR_SET_PDEATHSIG set (it survives exec): set in a fresh one-thread process, then exec.
-GUARD = (
-    "import ctypes, os, signal, sys; p = os.getppid(); "
-    "ctypes.CDLL(None).prctl(1, int(signal.SIGKILL), 0, 0, 0); "
-    "os.getppid() != p and os._exit(1); os.execvp(sys.argv[1], sys.argv[1:])"
-)
-
-
-def die_with_parent() -> None:
-    """Linux: this process gets SIGKILL when its parent dies. torchrun starts its ranks in sessions of their
-    own, so a kill -9 of the launcher (or of ``kalm train``) would leave them running, still writing
-    checkpoints into the run folder a resumed job then uses; with this they go with it."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
-    parent = os.getppid()  # (may be 1 legitimately: a launcher running as a container's init)
-    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before the call: nothing would signal us
-        os._exit(1)
 
 
 class TrainingFailed(RuntimeError):
@@ -369,8 +347,7 @@ def _launch(
     if cfg.launch.hostfile:  # the deepspeed launcher starts the other nodes over ssh: what they need
         child_env["DS_ENV_FILE"] = str(write_deepspeed_env(out, child_env, cfg.launch.forward_env))
     log.info("launching: %s", " ".join(cmd))
-    if sys.platform.startswith("linux"):  # the launcher goes when `kalm train` is killed (no preexec_fn:
-        cmd = [sys.executable, "-c", GUARD, *cmd]  # not safe in a threaded process, as a Prefect worker is)
+    cmd = guarded(cmd)  # the launcher goes when `kalm train` is killed (kalm.core.process)
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     with subprocess.Popen(
         cmd,

@@ -519,11 +519,12 @@ def train_step(t: Trainer) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- train
-def remote_checkpoints(t: Trainer) -> str | None:
-    """Where checkpoints are copied on an S3 data root (None for a local root: they are already there)."""
+def remote_checkpoints(t: Trainer) -> tuple[DataRoot, str] | None:
+    """The S3 data root and the folder on it checkpoints are copied to (None for a local root: they are
+    already there)."""
     if t.root is None or t.root.is_local:
         return None
-    return f"{run_rel(t.cfg.stage, t.cfg.run_name)}/checkpoints"
+    return t.root, f"{run_rel(t.cfg.stage, t.cfg.run_name)}/checkpoints"
 
 
 def save_checkpoint(t: Trainer) -> None:
@@ -536,8 +537,8 @@ def save_checkpoint(t: Trainer) -> None:
     torch.save(rng_state(), d / RNG_FILE.format(rank=t.rank))
     mine = checkpoint_files(d, lambda name: owned_by(name, t.rank))
     remote = remote_checkpoints(t)
-    if remote and t.root is not None:
-        upload(t.root, remote, d, sorted(mine))  # as it is written: a node's disk may not survive it
+    if remote:
+        upload(*remote, d, sorted(mine))  # as it is written: a node's disk may not survive it
     gathered: list[Any] = [None] * t.world
     torch.distributed.all_gather_object(gathered, mine)  # every rank's record, whatever disk it is on
     files = {k: v for part in gathered for k, v in part.items()}
@@ -545,21 +546,22 @@ def save_checkpoint(t: Trainer) -> None:
         write_marker(d, t.sampler.step, t.job, files)
         prune(t.out, t.cfg.schedule.keep_checkpoints)
     torch.distributed.barrier()
-    if t.rank == 0 and remote and t.root is not None:
+    if t.rank == 0 and remote:
+        root, rel = remote
         if (t.out / "metrics.jsonl").exists():  # before the marker: a complete copy has its steps' metrics
-            t.root.write_bytes(f"{remote}/metrics.jsonl", (t.out / "metrics.jsonl").read_bytes())
-        upload(t.root, remote, d, [CHECKPOINT_DONE])  # last: the remote copy is now complete
-        prune_remote(t.root, remote, t.cfg.schedule.keep_checkpoints, t.job)
+            root.write_bytes(f"{rel}/metrics.jsonl", (t.out / "metrics.jsonl").read_bytes())
+        upload(root, rel, d, [CHECKPOINT_DONE])  # last: the remote copy is now complete
+        prune_remote(root, rel, t.cfg.schedule.keep_checkpoints, t.job)
     torch.distributed.barrier()
 
 
 def maybe_resume(t: Trainer) -> bool:
     ckpt = checkpoint_dir(t.out)
     remote = remote_checkpoints(t)
-    if remote and t.root is not None and t.local_rank == 0 and pull(t.root, remote, t.out, t.job):
-        metrics = f"{remote}/metrics.jsonl"
-        if t.rank == 0 and not (t.out / "metrics.jsonl").exists() and t.root.exists(metrics):
-            (t.out / "metrics.jsonl").write_bytes(t.root.read_bytes(metrics))
+    if remote and t.local_rank == 0 and pull(*remote, t.out, t.job):
+        root, rel = remote
+        if t.rank == 0 and not (t.out / "metrics.jsonl").exists() and root.exists(f"{rel}/metrics.jsonl"):
+            (t.out / "metrics.jsonl").write_bytes(root.read_bytes(f"{rel}/metrics.jsonl"))
     torch.distributed.barrier()  # every node has the checkpoint it resumes from
     if not (ckpt / "latest").exists():
         return False
@@ -700,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-root", default=None, help="data root (default: $KALM_DATA_ROOT or ./data)")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = ap.parse_args(argv)
-    from kalm.training.launch import die_with_parent
+    from kalm.core.process import die_with_parent
 
     die_with_parent()  # a rank never outlives its launcher (torchrun puts ranks in sessions of their own)
     logging.basicConfig(
