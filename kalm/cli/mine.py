@@ -1,7 +1,8 @@
-"""``kalm mine`` and ``kalm stale``: the mining stage's commands (mounted at the top level of ``kalm``).
-User mistakes print one line and exit 2.
+"""``kalm mine``, ``kalm score`` and ``kalm stale``: the mining stage's commands (mounted at the top level
+of ``kalm``). User mistakes print one line and exit 2.
 
     kalm mine --stage finetune --model minilm --recipe squad --recipe stsb
+    kalm score --stage finetune --teacher minilm           # teacher scores + false-negative filter
     kalm stale --stage finetune --model stage:pretrain
 """
 
@@ -75,6 +76,41 @@ def mine(
     stale = stale_negatives(root, stage, fingerprint) if fingerprint else []
     if stale:
         typer.echo(f"stale negatives (mined by another model): {', '.join(stale)}")
+
+
+@app.command("score")
+@user_errors
+def score(
+    stage: str = StageOpt,
+    teacher: str | None = typer.Option(
+        None, "--teacher", help="Teacher folder, alias, hub id or stage:<run> (default: the config's)."
+    ),
+    kind: str | None = typer.Option(
+        None, "--kind", help="embedding | cross_encoder (default: the config's)."
+    ),
+    recipe: list[str] | None = typer.Option(None, "--recipe", help="Only this recipe (repeatable)."),
+    config: str | None = typer.Option(
+        None, "--config", help="Score config YAML (default: configs/score.yaml)."
+    ),
+    data_root: str | None = DataRootOpt,
+    force: bool = typer.Option(
+        False, "--force", help="Score again even when teacher, config and inputs match."
+    ),
+) -> None:
+    """Score mined rows with a teacher into scored/<stage>/<recipe>/ and drop the negatives it calls false."""
+    setup_logging()
+    from kalm.core.config import with_updates
+    from kalm.core.storage import DataRoot
+    from kalm.mining.config import load_score_config
+
+    cfg = load_score_config(config)
+    updates = {k: v for k, v in (("teacher.model", teacher), ("teacher.kind", kind)) if v is not None}
+    cfg = with_updates(cfg, updates, "score config") if updates else cfg
+    root = DataRoot.from_uri(data_root)
+    from kalm.mining.score import report_markdown, run_score_stage
+
+    results = run_score_stage(root, stage, cfg, recipes=recipe or None, force=force)
+    typer.echo(report_markdown(results, f"Teacher scores: {stage}"))
 
 
 @app.command("stale")

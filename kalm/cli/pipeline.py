@@ -28,14 +28,14 @@ def retrain_cmd(
     stage: list[str] | None = typer.Option(
         None,
         "--stage",
-        help="Only these stages (repeatable): ingest mine pretrain refresh finetune soup eval",
+        help="Only these stages (repeatable): ingest mine pretrain refresh score finetune soup eval",
     ),
     recipe: list[str] | None = typer.Option(None, "--recipe", help="Only (re)ingest these recipes."),
     no_resume: bool = typer.Option(False, "--no-resume", help="Recompute every selected stage."),
     recipes_dir: list[str] | None = RecipesDirOpt,
 ) -> None:
-    """Run the full retraining DAG (a Prefect flow): ingest -> mine -> pretrain -> refresh -> finetune -> soup
-    -> eval. Unchanged stages are cache hits."""
+    """Run the full retraining DAG (a Prefect flow): ingest -> mine -> pretrain -> refresh -> score ->
+    finetune -> soup -> eval. Unchanged stages are cache hits."""
     setup_logging()
     from kalm.pipeline.dag import check_stages
 

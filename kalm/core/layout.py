@@ -8,7 +8,9 @@ Paths are relative to the data root (a local folder or ``s3://bucket/prefix``, s
     mixtures/<stage>/<recipe>/          after cross-recipe dedup + decontam   (data stage: mixtures)
     mined/<stage>/<recipe>/             rows with mined hard negatives        (mining)
     mined/_work/<stage>/<recipe>/<job>/ resumable chunks of an unfinished mining job
-    cache/embeddings/<model key>/       the embedding cache                   (mining)
+    scored/<stage>/<recipe>/            mined rows with a teacher's scores    (score)
+    scored/_work/<stage>/<recipe>/<job>/ resumable chunks of an unfinished scoring job
+    cache/embeddings/<model key>/       the embedding cache                   (mining, score)
     runs/<stage>/<run>/                 a training run: final/, metrics, loss.png, checkpoints/
     runs/soup/<pipeline>/               the model soup
     eval/<fingerprint>/                 one model's evaluation results        (evaluation)
@@ -74,13 +76,26 @@ def mined_work_dir(stage: str, recipe: str) -> str:
     return f"mined/_work/{stage}/{recipe}"
 
 
+def scored_root(stage: str) -> str:
+    return f"scored/{stage}"
+
+
+def scored_dir(stage: str, recipe: str) -> str:
+    return f"{scored_root(stage)}/{recipe}"
+
+
+def scored_work_dir(stage: str, recipe: str) -> str:
+    return f"scored/_work/{stage}/{recipe}"
+
+
 def embedding_cache_dir(key: str) -> str:
     return f"cache/embeddings/{key}"
 
 
 def training_data_root(source: str, stage: str) -> str:
-    """The folder whose recipe subfolders a training run reads: stage mixtures or mined shards."""
-    return mixture_root(stage) if source == "mixtures" else mined_root(stage)
+    """The folder whose recipe subfolders a training run reads: stage mixtures, mined or scored shards."""
+    roots = {"mixtures": mixture_root, "mined": mined_root, "scored": scored_root}
+    return roots[source](stage)
 
 
 # -- training --------------------------------------------------------------------------------------------

@@ -10,6 +10,11 @@ Columns and who consumes them:
   otherwise); ``neg_labels``: the class of each hard negative, aligned with ``neg`` ("" = unknown). Mining
   never picks a same-label negative and the loss masks same-label candidates (no false negatives from our
   own labelled data).
+
+Scored shards (``scored/<stage>/<recipe>/``, the ``score`` stage) carry two more columns, declared in
+``SCORED_SCHEMA``: ``pos_scores`` and ``neg_scores``, a teacher's score of the query against each positive
+and each negative (aligned with ``pos`` and ``neg``; NaN = not scored). The teacher's fingerprint is in the
+folder's manifest.
 """
 
 from __future__ import annotations
@@ -53,6 +58,11 @@ ROW_SCHEMA = pa.schema(
     metadata={"kalm_schema_version": str(SCHEMA_VERSION)},
 )
 COLUMNS = tuple(ROW_SCHEMA.names)
+SCORE_COLUMNS = ("pos_scores", "neg_scores")
+SCORED_SCHEMA = pa.schema(
+    [*ROW_SCHEMA, *(pa.field(c, pa.list_(pa.float32()), nullable=True) for c in SCORE_COLUMNS)],
+    metadata=ROW_SCHEMA.metadata,
+)
 
 
 def dedup_key(query: str, pos: str) -> str:

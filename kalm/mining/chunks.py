@@ -1,7 +1,7 @@
-"""The resumable unit of mining: a chunk of queries written as one Parquet file plus a done marker (with
-its sha256) under ``mined/_work/<stage>/<recipe>/<job>/``; a rerun after a crash (even ``kill -9``) skips
-every chunk whose marker matches its file, and publishing copies the chunks into the output folder,
-manifest last.
+"""The resumable unit of mining and scoring: a chunk of rows written as one Parquet file plus a done marker
+(with its sha256) under ``<mined|scored>/_work/<stage>/<recipe>/<job>/``; a rerun after a crash (even
+``kill -9``) skips every chunk whose marker matches its file, and publishing copies the chunks into the
+output folder, manifest last.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from kalm.core.errors import KalmError
 from kalm.core.hashing import hash_obj
-from kalm.core.layout import MANIFEST, mined_dir, mined_work_dir
+from kalm.core.layout import MANIFEST
 from kalm.core.schema import ROW_SCHEMA
 from kalm.core.storage import ROW_GROUP_ROWS, DataRoot
 from kalm.mining.sample import new_stats
@@ -39,15 +39,21 @@ def finished_chunks(root: DataRoot, work: str, n_chunks: int) -> dict[int, dict[
         if hashlib.sha256(root.read_bytes(data_rel)).hexdigest() == marker.get("sha256"):
             done[i] = marker
         else:
-            log.warning("mining: chunk %s does not match its marker; recomputing it", data_rel)
+            log.warning("chunk %s does not match its marker; recomputing it", data_rel)
     return done
 
 
 def write_chunk(
-    root: DataRoot, work: str, i: int, out: pa.Table, stats: dict[str, Any], index: dict[str, Any] | None
+    root: DataRoot,
+    work: str,
+    i: int,
+    out: pa.Table,
+    stats: dict[str, Any],
+    index: dict[str, Any] | None,
+    schema: pa.Schema = ROW_SCHEMA,
 ) -> dict[str, Any]:
     """The chunk file first (whole: temp name + rename, or one PUT), then its marker."""
-    out = pa.Table.from_arrays(out.columns, schema=ROW_SCHEMA)
+    out = pa.Table.from_arrays(out.columns, schema=schema)
     buf = pa.BufferOutputStream()
     pq.write_table(out, buf, compression="zstd", row_group_size=ROW_GROUP_ROWS)
     data = buf.getvalue().to_pybytes()
@@ -93,8 +99,8 @@ def pre_drops(cols: dict[str, list[Any]], own_pos: list[list[int]], rows: range)
 
 def publish(
     root: DataRoot,
-    stage: str,
-    recipe: str,
+    out: str,
+    work_root: str,
     work: str,
     markers: dict[int, dict[str, Any]],
     n_chunks: int,
@@ -102,8 +108,8 @@ def publish(
     timing: dict[str, float],
     t_start: float,
 ) -> None:
-    """Copy the chunk files into a staging folder, manifest last, publish atomically, drop the work folder."""
-    out = mined_dir(stage, recipe)
+    """Copy the chunk files into a staging folder of ``out``, manifest last, publish atomically, then drop
+    the recipe's work folder ``work_root`` (every job in it)."""
     staging = root.staging_dir(out)
     files = []
     for i in range(n_chunks):
@@ -124,4 +130,4 @@ def publish(
     manifest["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     root.write_json(f"{staging}/{MANIFEST}", manifest)  # manifest last
     root.publish_dir(staging, out)
-    root.delete_dir(mined_work_dir(stage, recipe))
+    root.delete_dir(work_root)

@@ -118,3 +118,51 @@ def load_mine_config(path: str | Path | None = None) -> MineConfig:
     if path is None and not DEFAULT_CONFIG.exists():
         return MineConfig()
     return load_yaml_model(MineConfig, config_path(path or DEFAULT_CONFIG))
+
+
+# -- the score stage (configs/score.yaml) ------------------------------------------------------------------
+DEFAULT_SCORE_CONFIG = CONFIG_DIR / "score.yaml"
+SCORE_OPERATIONAL_KEYS = frozenset({"batch_size", "chunk_rows", "cache", "devices"})
+
+
+class TeacherSpec(StrictModel):
+    """The teacher: an embedding model (cosine of query and document, each formatted with the teacher's
+    own instruction template) or a cross-encoder (sentence-transformers ``CrossEncoder``: one logit per
+    pair). ``model``: a folder, an alias (minilm), a hub id when online, or a run (stage:finetune)."""
+
+    kind: Literal["embedding", "cross_encoder"] = "embedding"
+    model: str = "minilm"
+    max_seq_length: int | None = Field(None, ge=8)  # default: the model's own
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+
+class ScoreConfig(StrictModel):
+    """Everything one scoring run needs besides the data root.
+
+    ``margin``: teacher-based false-negative filter: a negative is kept only when its score is at most
+    ``pos - absolute`` and ``pos - |pos| * relative`` (``pos``: the row's lowest-scored positive). The
+    default ``relative: 0.05`` is NV-Retriever's TopK-PercPos at 95% [reported]. A row left with fewer
+    than ``min_negatives`` negatives is dropped (``too_few_negatives``).
+    """
+
+    teacher: TeacherSpec = Field(default_factory=TeacherSpec)
+    margin: MarginSpec = Field(default_factory=lambda: MarginSpec(relative=0.05))
+    min_negatives: int = Field(1, ge=0)
+    # operational (not in config_hash)
+    batch_size: int = Field(64, ge=1)
+    chunk_rows: int = Field(5000, ge=1)  # rows per resumable chunk
+    cache: bool = True  # embedding teachers: the shared embedding cache (a miner's vectors are reused)
+    devices: str = "auto"
+
+    def config_hash(self) -> str:
+        """12 hex digits over the keys that decide the output (the teacher by fingerprint, not name)."""
+        data = {k: v for k, v in self.model_dump(mode="json").items() if k not in SCORE_OPERATIONAL_KEYS}
+        data["teacher"].pop("model", None)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def load_score_config(path: str | Path | None = None) -> ScoreConfig:
+    """configs/score.yaml by default; a missing default file gives the built-in defaults."""
+    if path is None and not DEFAULT_SCORE_CONFIG.exists():
+        return ScoreConfig()
+    return load_yaml_model(ScoreConfig, config_path(path or DEFAULT_SCORE_CONFIG))

@@ -304,7 +304,8 @@ def run_mine_recipe(
         },
         "schema_version": SCHEMA_VERSION,
     }
-    publish(root, stage, recipe, job.work, markers, n_chunks, manifest, job.timing, t_start)
+    out, work_root = mined_dir(stage, recipe), mined_work_dir(stage, recipe)
+    publish(root, out, work_root, job.work, markers, n_chunks, manifest, job.timing, t_start)
     log.info(
         "mined %s/%s: %d -> %d rows, drops %s, short %d, encoded %d texts (%d cached), %.1fs",
         stage,

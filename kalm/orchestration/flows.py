@@ -37,9 +37,9 @@ def retrain_flow(
     """Run the retraining DAG.
 
     config: a pipeline YAML (path or name in configs/). stages: a subset of ingest, mine, pretrain, refresh,
-    finetune, soup, eval (default all; a skipped stage's previous outputs are used). recipes: only (re)ingest
-    these (the later stages still use every recipe of the pipeline). resume: reuse finished outputs and
-    checkpoints (False recomputes every selected stage).
+    score, finetune, soup, eval (default all; a skipped stage's previous outputs are used). recipes: only
+    (re)ingest these (the later stages still use every recipe of the pipeline). resume: reuse finished
+    outputs and checkpoints (False recomputes every selected stage).
     """
     p = load_pipeline(config, data_root, recipes_dirs or [])
     return run_retrain(p, PrefectRunner(), stages=stages, recipes=recipes, resume=resume)

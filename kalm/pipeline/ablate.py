@@ -6,8 +6,9 @@ time, every variant scored on the same tasks (the eval config's: in-domain and t
 Variants (each a soup of the pipeline's fine-tuning seeds, merged with the base as the pipeline says):
 ``full`` (the pipeline as configured: its own runs, so a cache hit after ``kalm retrain``), ``no focal``
 (γ = 0), ``no mixing`` (k = 0), ``no masking`` (copies of the positive, same-class candidates and the
-in-batch scope are not masked; padding still is), ``no soup`` (the full variant's first seed alone, not
-averaged, not merged). The stages before fine-tuning are the DAG's (cache hits when it ran).
+in-batch scope are not masked; padding still is), ``no distillation`` (α = 0 on the same scored rows; only
+when the pipeline scores them), ``no soup`` (the full variant's first seed alone, not averaged, not
+merged). The stages before fine-tuning are the DAG's (cache hits when it ran).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 from kalm.core.layout import soup_dir
 from kalm.pipeline.config import Pipeline
-from kalm.pipeline.dag import _train_config, finished_model, run_name, run_retrain, run_soup
+from kalm.pipeline.dag import _train_config, finetune_source, finished_model, run_name, run_retrain, run_soup
 from kalm.pipeline.runner import Runner
 from kalm.pipeline.stages import COMPARE, TRAIN
 
@@ -30,6 +31,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no focal": {"loss.focal_gamma": 0.0},
     "no mixing": {"loss.mix_k": 0},
     "no masking": {"loss.mask_false_negatives": False},
+    "no distillation": {"loss.distill_alpha": 0.0},
 }
 
 
@@ -45,13 +47,15 @@ def run_ablation(
     from kalm.training.config import resolve_model_path
 
     pc, root = p.config, p.root
-    run = run_retrain(p, runner, stages=["ingest", "mine", "pretrain", "refresh"], resume=resume)
+    run = run_retrain(p, runner, stages=["ingest", "mine", "pretrain", "refresh", "score"], resume=resume)
     pretrained = finished_model(p, "pretrain", run_name(p, "pretrain"))
     if pretrained is None:
         raise RuntimeError("the pretrain stage left no model")
     recipes = sorted((run.get("mined") or {}).get("finetune", {})) or None
     models: dict[str, str] = {"base": resolve_model_path(pc.mining.base_model, root)}
     for name, overrides in variants.items():
+        if name == "no distillation" and not pc.scoring.enabled:
+            continue  # no teacher scores: the same runs as "full"
         finals = []
         for seed in pc.finetune.seeds:
             own = name == "full"  # the pipeline's own runs: cache hits after a retrain
@@ -62,6 +66,7 @@ def run_ablation(
                 "seed": seed,
                 "model.path": pretrained,
                 "data.recipes": recipes,
+                **finetune_source(p),
                 **overrides,
             }
             cfg = _train_config(p.finetune, pc.finetune.overrides, decided, f"{pc.name}: ablation {name}")

@@ -20,11 +20,11 @@ if TYPE_CHECKING:
     from kalm.data.config import IngestConfig
     from kalm.data.recipes import RecipeSet
     from kalm.evaluation.config import EvalConfig
-    from kalm.mining.config import MineConfig
+    from kalm.mining.config import MineConfig, ScoreConfig
     from kalm.training.config import TrainConfig
 
-StageName = Literal["ingest", "mine", "pretrain", "refresh", "finetune", "soup", "eval"]
-ALL_STAGES = ("ingest", "mine", "pretrain", "refresh", "finetune", "soup", "eval")
+StageName = Literal["ingest", "mine", "pretrain", "refresh", "score", "finetune", "soup", "eval"]
+ALL_STAGES = ("ingest", "mine", "pretrain", "refresh", "score", "finetune", "soup", "eval")
 
 
 class ScheduleCfg(StrictModel):
@@ -42,6 +42,14 @@ class MiningCfg(StrictModel):
     config: str = "mine.yaml"
     base_model: str = "minilm"  # mines the first negatives, before any checkpoint of ours exists
     stages: list[str] = Field(default_factory=lambda: ["finetune"])
+
+
+class ScoringCfg(StrictModel):
+    """The score stage (teacher scores of the mined rows, teacher-based false-negative filter): when
+    ``enabled``, fine-tuning trains on ``scored/<stage>/<recipe>`` (and can distill: loss.distill_alpha)."""
+
+    config: str = "score.yaml"
+    enabled: bool = False
 
 
 class TrainStageCfg(StrictModel):
@@ -74,6 +82,7 @@ class PipelineConfig(StrictModel):
     schedule: ScheduleCfg = Field(default_factory=ScheduleCfg)
     data: DataCfg = Field(default_factory=DataCfg)
     mining: MiningCfg = Field(default_factory=MiningCfg)
+    scoring: ScoringCfg = Field(default_factory=ScoringCfg)
     pretrain: TrainStageCfg
     finetune: FinetuneCfg
     soup: SoupCfg = Field(default_factory=SoupCfg)
@@ -107,6 +116,7 @@ class Pipeline:
     recipes: RecipeSet
     ingest: IngestConfig
     mine: MineConfig
+    score: ScoreConfig
     pretrain: TrainConfig
     finetune: TrainConfig
     eval: EvalConfig
@@ -124,7 +134,7 @@ def load_pipeline(
     from kalm.data.config import load_ingest_config
     from kalm.data.recipes import discover
     from kalm.evaluation.config import load_eval_config
-    from kalm.mining.config import load_mine_config
+    from kalm.mining.config import load_mine_config, load_score_config
     from kalm.training.config import load_train_config
 
     src = config_path(config)
@@ -132,6 +142,7 @@ def load_pipeline(
     files = {
         "ingest": _child(pc.data.config, src),
         "mine": _child(pc.mining.config, src),
+        "score": _child(pc.scoring.config, src),
         "pretrain": _child(pc.pretrain.config, src),
         "finetune": _child(pc.finetune.config, src),
         "eval": _child(pc.eval.config, src),
@@ -143,6 +154,7 @@ def load_pipeline(
         recipes=discover(recipes_dirs),
         ingest=load_ingest_config(files["ingest"]),
         mine=load_mine_config(files["mine"]),
+        score=load_score_config(files["score"]),
         pretrain=load_train_config(files["pretrain"], pc.pretrain.overrides),
         finetune=load_train_config(files["finetune"], pc.finetune.overrides),
         eval=load_eval_config(files["eval"]),

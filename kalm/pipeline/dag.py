@@ -1,9 +1,10 @@
 """The retraining DAG as a plain function over a :class:`~kalm.pipeline.runner.Runner`.
 
 ingest (every recipe, in parallel) -> stage mixtures (dedup, decontamination) -> mine with the base model
--> pre-train -> refresh negatives with the pre-trained checkpoint -> fine-tune once per seed -> soup ->
-evaluate -> run manifest. Every stage is content-keyed by the function it runs (recipe file, source
-fingerprint, config hash, model fingerprint) and says itself whether it was a cache hit, so an unchanged
+-> pre-train -> refresh negatives with the pre-trained checkpoint -> teacher scores (when the pipeline's
+``scoring`` is enabled) -> fine-tune once per seed -> soup -> evaluate -> run manifest. Every stage is
+content-keyed by the function it runs (recipe file, source fingerprint, config hash, model fingerprint,
+teacher fingerprint) and says itself whether it was a cache hit, so an unchanged
 rerun is a chain of cache hits and a changed recipe recomputes that recipe and what depends on it. The run
 manifest and the reports are built from the stages' results, not re-read from disk.
 
@@ -30,7 +31,7 @@ from kalm.pipeline.config import ALL_STAGES, Pipeline
 from kalm.pipeline.data import run_data
 from kalm.pipeline.report import stage_table_markdown, training_markdown
 from kalm.pipeline.runner import Runner
-from kalm.pipeline.stages import COMPARE, MINE, SOUP, TRAIN
+from kalm.pipeline.stages import COMPARE, MINE, SCORE, SOUP, TRAIN
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +119,9 @@ def run_retrain(
 ) -> dict[str, Any]:
     """Run the DAG; returns the run manifest (also written to ``pipeline/<name>/runs/<time>.json``).
 
-    ``stages``: a subset of ingest, mine, pretrain, refresh, finetune, soup, eval (default all; a skipped
-    stage's previous outputs are used). ``recipes``: only (re)ingest these (later stages still use every
-    recipe of the pipeline). ``resume``: reuse finished outputs and checkpoints (False recomputes every
+    ``stages``: a subset of ingest, mine, pretrain, refresh, score, finetune, soup, eval (default all; a
+    skipped stage's previous outputs are used). ``recipes``: only (re)ingest these (later stages still use
+    every recipe of the pipeline). ``resume``: reuse finished outputs and checkpoints (False recomputes every
     selected stage). ``force_recipes``: re-ingest these even if unchanged.
     """
     t_start = time.perf_counter()
@@ -244,6 +245,25 @@ def run_retrain(
         manifest["mined"].setdefault(r.manifest["stage"], {})[r.name] = _mined_lineage(r)
     manifest["stale_negatives"] = _stale(p, mined, mine_names)
 
+    # ---- teacher scores of the mined rows (false-negative filter; distillation targets)
+    if pc.scoring.enabled and "score" in wanted:
+        clock.start()
+        calls = [
+            {"root": root, "stage": s, "recipe": n, "cfg": p.score, "force": force}
+            for s, names in mine_names.items()
+            for n in names
+        ]
+        results["score"] = runner.map(SCORE, calls)
+        from kalm.mining.score import report_markdown
+
+        runner.publish(
+            "score-report", report_markdown(results["score"]), "Teacher scores and drops per recipe"
+        )
+        manifest["scored"] = {
+            r.name: {**r.lineage, "stats": r.manifest.get("stats")} for r in results["score"]
+        }
+        clock.stop("score", all(r.cached for r in results["score"]))
+
     # ---- fine-tuning, once per seed (the soup's inputs)
     ft_names = [run_name(p, "finetune", seed) for seed in pc.finetune.seeds]
     finetuned: list[str] = []
@@ -259,6 +279,7 @@ def run_retrain(
                 "seed": seed,
                 "model.path": str(pretrained),
                 "data.recipes": mine_names.get("finetune") or None,
+                **finetune_source(p),
             }
             cfg = _train_config(p.finetune, pc.finetune.overrides, decided, f"{pc.name}: finetune")
             results.setdefault("finetune", []).append(
@@ -321,6 +342,11 @@ def run_retrain(
     runner.publish("stages", stage_table_markdown(manifest), "Stages: wall time and cache hits")
     log.info("run manifest: %s", root.full_uri(rel))
     return manifest
+
+
+def finetune_source(p: Pipeline) -> dict[str, Any]:
+    """What fine-tuning reads: the scored rows when the pipeline scores them, else its config's source."""
+    return {"data.source": "scored"} if p.config.scoring.enabled else {}
 
 
 def _mined_lineage(r: StageResult) -> dict[str, Any]:

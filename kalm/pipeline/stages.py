@@ -8,6 +8,7 @@ Prefect tasks; :class:`kalm.pipeline.runner.LocalRunner` calls them directly.
 | ``MIXTURES`` | :func:`kalm.data.mixtures.run_build_stage` | ``list[StageResult]`` (one per recipe) |
 | ``PARTITIONED`` | :func:`kalm.data.distributed.run_stage_distributed` | ingest + mixture results |
 | ``MINE`` | :func:`kalm.mining.mine.run_mine_recipe` | ``StageResult`` (one recipe's negatives) |
+| ``SCORE`` | :func:`kalm.mining.score.run_score_recipe` | ``StageResult`` (one recipe's teacher scores) |
 | ``TRAIN`` | :func:`kalm.training.launch.run_training` | ``StageResult`` (the final model) |
 | ``SOUP`` | :func:`kalm.evaluation.soup.run_soup` (+ dev scorer, S3 upload) | ``StageResult`` (the soup) |
 | ``COMPARE`` | :func:`kalm.evaluation.compare.compare_models` | ``Comparison`` |
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from kalm.evaluation.compare import Comparison
     from kalm.evaluation.config import EvalConfig
     from kalm.evaluation.results import EvalResult
-    from kalm.mining.config import MineConfig
+    from kalm.mining.config import MineConfig, ScoreConfig
     from kalm.training.config import TrainConfig
 
 
@@ -89,6 +90,14 @@ def mine_stage(
     from kalm.mining.mine import run_mine_recipe
 
     return run_mine_recipe(root, stage, recipe, model, cfg, force)
+
+
+def score_stage(
+    root: DataRoot, stage: str, recipe: str, cfg: ScoreConfig, force: bool = False
+) -> StageResult:
+    from kalm.mining.score import run_score_recipe
+
+    return run_score_recipe(root, stage, recipe, cfg, force)
 
 
 def train_stage(cfg: TrainConfig, root: DataRoot, nproc: int | None = None) -> StageResult:
@@ -165,8 +174,9 @@ PARTITIONED = Stage(
     "data-stage", partitioned_stage, "data-{stage}-{cfg.executor.kind}", retries=1, tags=("data",)
 )
 MINE = Stage("mine-recipe", mine_stage, "mine-{stage}-{recipe}", retries=2, tags=("mining",))
+SCORE = Stage("score-recipe", score_stage, "score-{stage}-{recipe}", retries=2, tags=("mining",))
 TRAIN = Stage("train", train_stage, "train-{cfg.run_name}", retries=1, tags=("training",))
 SOUP = Stage("soup", soup_stage, "soup-{method}-{name}", retries=1, tags=("soup",))
 COMPARE = Stage("compare", compare_stage, "compare", retries=2, retry_delay_s=10, tags=("eval",))
 EVALUATE = Stage("evaluate", evaluate_stage, "evaluate", retries=2, retry_delay_s=10, tags=("eval",))
-STAGES = (INGEST, MIXTURES, PARTITIONED, MINE, TRAIN, SOUP, COMPARE, EVALUATE)
+STAGES = (INGEST, MIXTURES, PARTITIONED, MINE, SCORE, TRAIN, SOUP, COMPARE, EVALUATE)

@@ -53,7 +53,7 @@ class ModelSpec(StrictModel):
 class DataSpec(StrictModel):
     """What to train on. ``source``: the stage mixtures, or the mined shards (negatives filled)."""
 
-    source: Literal["mixtures", "mined"] = "mixtures"
+    source: Literal["mixtures", "mined", "scored"] = "mixtures"
     stage: Literal["pretrain", "finetune"] | None = None  # default: the run's stage
     recipes: list[str] | None = None  # default: every recipe of the stage
     weights: dict[str, float] = Field(default_factory=dict)  # recipe or category -> weight (default: rows)

@@ -50,6 +50,7 @@ import pyarrow.parquet as pq
 import torch
 
 from kalm.core.errors import KalmError
+from kalm.core.schema import SCORE_COLUMNS
 from kalm.training.losses.candidates import NO_LABEL, PAD, SCOPES, Candidates, text_key
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,16 @@ COLUMNS = [
     "neg_labels",
 ]
 PAD_TEXT = ""  # what a padding slot encodes (masked out of every denominator)
+# one row's (positive, negatives, their keys, their labels, teacher scores of [positive, *negatives])
+_Group = tuple[str, list[str], list[int], list[str], list[float]]
+
+
+def _aligned(scores: list[float] | None, n: int) -> list[float]:
+    """A row's teacher scores for its n texts (NaN where missing: an unscored shard, a short list)."""
+    out = [float("nan") if x is None else float(x) for x in (scores or [])]
+    return out if len(out) == n else [float("nan")] * n
+
+
 STATE_FORMAT = 2  # 1: whole shards in memory (cursor = epoch, shard, offset); 2: block windows
 
 
@@ -303,9 +314,10 @@ class HomogeneousSampler:
 
     def _read_block(self, src: int, b: _Block) -> pa.Table:
         pf = self._file(src, b.file)
+        cols = COLUMNS + [c for c in SCORE_COLUMNS if c in pf.schema_arrow.names]  # scored shards
         if b.part < 0:
-            return pf.read_row_group(b.group, columns=COLUMNS)
-        for i, batch in enumerate(pf.iter_batches(self.block_rows, row_groups=[b.group], columns=COLUMNS)):
+            return pf.read_row_group(b.group, columns=cols)
+        for i, batch in enumerate(pf.iter_batches(self.block_rows, row_groups=[b.group], columns=cols)):
             if i == b.part:
                 return pa.Table.from_batches([batch])
         raise KalmError(f"training shard {self.sources[src].files[b.file]} is shorter than its footer says")
@@ -374,7 +386,7 @@ class HomogeneousSampler:
         )
         batch = Batch(
             queries=[r["query"] for r in mine],
-            docs=[[pos, *negs] for pos, negs, _, _ in groups[start:stop]],
+            docs=[[g[0], *g[1]] for g in groups[start:stop]],
             instructions=[r["instruction"] for r in mine],
             symmetric=[bool(r["symmetric"]) for r in mine],
             sources=[r["recipe"] for r in mine],
@@ -385,19 +397,23 @@ class HomogeneousSampler:
         self.step += 1
         return batch
 
-    def _group(self, r: dict[str, Any], m: int) -> tuple[str, list[str], list[int], list[str]]:
-        """(positive, m negative texts, their keys (PAD for padding), their labels) of one row.
+    def _group(self, r: dict[str, Any], m: int) -> _Group:
+        """(positive, m negative texts, their keys (PAD for padding), their labels, teacher scores of the
+        positive and the m negatives (NaN: none)) of one row.
 
         The negatives are a seeded sample of the row's distinct negatives (by normalised text); slots it
         cannot fill are padding, not repeats."""
         pick = np.random.default_rng([self.seed, self.step, int(r["id"][:8], 16), 4])
-        pos = r["pos"][int(pick.integers(len(r["pos"])))]
+        at = int(pick.integers(len(r["pos"])))
+        pos = r["pos"][at]
         negs = list(r["neg"] or [])
         labs = list(r.get("neg_labels") or [])
         labs = labs if len(labs) == len(negs) else [""] * len(negs)
+        p_sc, n_sc = _aligned(r.get("pos_scores"), len(r["pos"])), _aligned(r.get("neg_scores"), len(negs))
         texts: list[str] = []
         keys: list[int] = []
         labels: list[str] = []
+        scores = [p_sc[at]]
         if m and negs:
             rng = np.random.default_rng([self.seed, self.step, int(r["id"][:8], 16), 5])
             for i in rng.permutation(len(negs)):
@@ -407,10 +423,12 @@ class HomogeneousSampler:
                 texts.append(negs[int(i)])
                 keys.append(key)
                 labels.append(labs[int(i)])
+                scores.append(n_sc[int(i)])
                 if len(texts) == m:
                     break
         pad = m - len(texts)
-        return pos, texts + [PAD_TEXT] * pad, keys + [PAD] * pad, labels + [""] * pad
+        nan = float("nan")
+        return pos, texts + [PAD_TEXT] * pad, keys + [PAD] * pad, labels + [""] * pad, scores + [nan] * pad
 
     def _candidates(self, rows: list[tuple[dict[str, Any], int]], groups: list[Any], m: int) -> Candidates:
         """Who every candidate of the global batch is: positive and negative text keys, class ids, scopes."""
@@ -434,4 +452,7 @@ class HomogeneousSampler:
             if m
             else None,
             scope=torch.tensor([SCOPES[self.sources[src].scope] for _, src in rows], dtype=torch.int64),
+            teacher=torch.tensor([g[4] for g in groups], dtype=torch.float32)
+            if any(r.get("pos_scores") is not None for r, _ in rows)
+            else None,
         )

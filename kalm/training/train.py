@@ -158,9 +158,15 @@ def preflight(cfg: TrainConfig, root: DataRoot) -> dict[str, Any]:
     width = model_width(model_dir) if os.path.isdir(model_dir) else None
     try:
         build_loss(cfg.loss_config(), embedding_dim=width)
-        mix_k = resolve_loss_config(cfg.loss_config())["mix_k"]
+        resolved = resolve_loss_config(cfg.loss_config())
+        mix_k, alpha = resolved["mix_k"], resolved["distill_alpha"]
     except ValueError as err:
         raise KalmError(f"loss: {err}") from None
+    if alpha > 0 and cfg.data.source != "scored" and not cfg.data.paths:
+        raise KalmError(
+            f"loss.distill_alpha {alpha} distills a teacher's scores: train on data.source 'scored' (run "
+            f"`kalm score` first; it is {cfg.data.source!r}) or set loss.distill_alpha: 0"
+        )
     if mix_k and cfg.data.group_size < 3:
         raise KalmError(
             f"loss.mix_k {mix_k} mixes pairs of a row's hard negatives, which needs at least 2: set "
@@ -433,6 +439,14 @@ def focal_weight_mean(
         return float(focal_weights(losses, focal.gamma, detach=True, normalize=focal.normalize).mean())
 
 
+def distill_kl_of(loss_fn: torch.nn.Module) -> float | None:
+    """The last step's distillation KL at the full width (None: no distillation, or no teacher scores)."""
+    from kalm.training.losses import DistillLoss
+
+    d = next((m for m in loss_fn.modules() if isinstance(m, DistillLoss)), None)
+    return d.last_kl[max(d.last_kl)] if d is not None and d.last_kl else None
+
+
 Embeddings = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
@@ -509,6 +523,7 @@ def train_step(t: Trainer) -> dict[str, Any]:
         "focal_weight": focal,
         "padded_negatives": int((~valid).sum()) if valid is not None else 0,
         "mix_skipped": sum(m.skipped for m in t.loss_fn.modules() if isinstance(m, HardNegativeMixer)),
+        "distill_kl": distill_kl_of(t.loss_fn),
         "lr": float(t.engine.get_lr()[0]),
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "samples_per_s": batch.size * t.world / dt,
@@ -609,10 +624,11 @@ def train(t: Trainer) -> list[dict[str, Any]]:
                 f.write(json.dumps(m) + "\n")
             if m["step"] % t.cfg.schedule.log_every == 0:
                 log.info(
-                    "step %d/%d loss %.4f lr %.2e %.1f samples/s",
+                    "step %d/%d loss %.4f%s lr %.2e %.1f samples/s",
                     m["step"],
                     t.steps,
                     m["loss"],
+                    f" (distill KL {m['distill_kl']:.4f})" if m["distill_kl"] is not None else "",
                     m["lr"],
                     m["samples_per_s"],
                 )

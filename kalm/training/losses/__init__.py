@@ -17,6 +17,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from kalm.training.losses.base import EmbeddingLoss
+from kalm.training.losses.distill import (
+    DEFAULT_STUDENT_TEMPERATURE,
+    DEFAULT_TEACHER_TEMPERATURE,
+    DistillLoss,
+    distill_kl,
+)
 from kalm.training.losses.distributed import gather_rows, world
 from kalm.training.losses.focal import DEFAULT_GAMMA, FocalInfoNCE, focal_weights
 from kalm.training.losses.gradcache import GradCache, RandContext
@@ -28,6 +34,7 @@ from kalm.training.losses.mixing import HardNegativeMixer, sample_beta, sample_d
 LOSSES: dict[str, type[EmbeddingLoss]] = {
     "infonce": InfoNCE,
     "focal_infonce": FocalInfoNCE,
+    "distill": DistillLoss,
     "matryoshka": MatryoshkaLoss,
     "gradcache": GradCache,
 }
@@ -52,6 +59,11 @@ LOSS_DEFAULTS: dict[str, Any] = {
     "matryoshka_dims": None,
     "matryoshka_weights": None,
     "gradcache_chunk_size": None,
+    # Contrastive distillation (V2.5 [reported]): KL to a teacher's scores over each query's own candidates,
+    # weight alpha (0 = off); needs scored training data (``kalm score``, ``data.source: scored``).
+    "distill_alpha": 0.0,
+    "distill_teacher_temperature": DEFAULT_TEACHER_TEMPERATURE,
+    "distill_student_temperature": DEFAULT_STUDENT_TEMPERATURE,
     # Mask our own false negatives (copies of the positive, same-class candidates, the in-batch scope);
     # padding is masked either way. Consumed by the training step (it builds the candidates); off only to
     # measure what masking buys (kalm ablate).
@@ -87,7 +99,15 @@ _BOOL_KEYS = (
     "mask_false_negatives",
 )
 _INT_KEYS = ("mix_k", "mix_seed")
-_FLOAT_KEYS = ("temperature", "focal_gamma", "mix_alpha", "mix_softmax_temperature")
+_FLOAT_KEYS = (
+    "temperature",
+    "focal_gamma",
+    "mix_alpha",
+    "mix_softmax_temperature",
+    "distill_alpha",
+    "distill_teacher_temperature",
+    "distill_student_temperature",
+)
 _OPTIONAL_INT_KEYS = ("mix_top_n", "gradcache_chunk_size")
 
 
@@ -113,7 +133,8 @@ def _check_types(c: Mapping[str, Any]) -> None:
 
 
 def build_loss(cfg: Mapping[str, Any], embedding_dim: int | None = None) -> EmbeddingLoss:
-    """Compose the loss: InfoNCE core (+ mixer) -> focal (γ > 0) -> Matryoshka -> GradCache (chunk size set).
+    """Compose the loss: InfoNCE core (+ mixer) -> focal (γ > 0) -> distillation (α > 0) -> Matryoshka ->
+    GradCache (chunk size set).
 
     ``embedding_dim`` (the model width) lets explicit Matryoshka dims be checked now instead of at the
     first step. The result maps ``(q (N, D), p (N, D), n (N, M, D) | None) -> scalar`` and has ``config()``.
@@ -143,6 +164,15 @@ def build_loss(cfg: Mapping[str, Any], embedding_dim: int | None = None) -> Embe
         loss = FocalInfoNCE(
             core, gamma=c["focal_gamma"], detach=c["focal_detach"], normalize=c["focal_normalize"]
         )
+    if c["distill_alpha"] < 0:
+        raise ValueError(f"distill_alpha must be >= 0, got {c['distill_alpha']}")
+    if c["distill_alpha"] > 0:
+        loss = DistillLoss(
+            loss,
+            alpha=c["distill_alpha"],
+            teacher_temperature=c["distill_teacher_temperature"],
+            student_temperature=c["distill_student_temperature"],
+        )
     if c["matryoshka"]:
         loss = MatryoshkaLoss(loss, dims=c["matryoshka_dims"], weights=c["matryoshka_weights"])
         if embedding_dim is not None:
@@ -159,6 +189,7 @@ __all__ = [
     "DEFAULT_GAMMA",
     "DEFAULT_TEMPERATURE",
     "DEFAULT_WEIGHTS",
+    "DistillLoss",
     "EmbeddingLoss",
     "LOSSES",
     "LOSS_DEFAULTS",
@@ -170,6 +201,7 @@ __all__ = [
     "MatryoshkaLoss",
     "RandContext",
     "build_loss",
+    "distill_kl",
     "focal_weights",
     "gather_rows",
     "infonce_logits",

@@ -48,7 +48,8 @@ class Candidates:
     """Identity of every candidate of a global batch of G rows with M hard-negative slots each.
 
     pos_key, pos_label: (G,) the rows' positives; neg_key, neg_label: (G, M) their hard negatives
-    (``PAD`` keys for empty slots); scope: (G,) in-batch scope per row (``SCOPES`` values).
+    (``PAD`` keys for empty slots); scope: (G,) in-batch scope per row (``SCOPES`` values); teacher:
+    (G, 1 + M) float teacher scores of each row's positive and negatives (NaN = none; for distillation).
     """
 
     pos_key: Tensor
@@ -56,6 +57,7 @@ class Candidates:
     neg_key: Tensor | None = None
     neg_label: Tensor | None = None
     scope: Tensor | None = None
+    teacher: Tensor | None = None
 
     def local_valid(self, offset: int, n: int) -> Tensor | None:
         """(n, M) True for real (non-padding) hard negatives of this rank's rows."""
@@ -76,6 +78,7 @@ class Candidates:
             neg_key=neg_key,
             neg_label=None if self.neg_label is None else torch.full_like(self.neg_label, NO_LABEL),
             scope=None,
+            teacher=self.teacher,
         )
 
     def to(self, device: torch.device) -> Candidates:

@@ -70,3 +70,11 @@ def gather_rows(x: Tensor) -> tuple[Tensor, int]:
     sizes = _row_counts(x, size)
     offset = sum(sizes[:rank])
     return _GatherRows.apply(x, sizes, offset), offset
+
+
+def rank_offset(rows: int, device: torch.device | None = None) -> int:
+    """Where this rank's ``rows`` start in the global batch (every rank must call it); 0 in one process."""
+    rank, size = world()
+    if size == 1:
+        return 0
+    return sum(_row_counts(torch.empty(rows, device=device), size)[:rank])

