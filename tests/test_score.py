@@ -59,13 +59,13 @@ def test_filter_drops_exactly_the_negatives_inside_the_margin() -> None:
     cfg = ScoreConfig(margin=MarginSpec(absolute=0.1, relative=0.05))
     # pos = min(0.8, 0.9) = 0.8; ceiling = min(0.8 - 0.1, 0.8 - 0.04) = 0.7 (a score equal to it is kept)
     keep, why = filter_negatives([0.8, 0.9], [0.5, 0.7, 0.70001, 0.76, 0.95, math.nan], cfg)
-    assert keep == [0, 1] and why == {"within_margin": 3, "no_score": 1}
+    assert keep == [0, 1] and why == {"within_margin": 3, "no_score": 1, "row_dropped": 0}
     keep, why = filter_negatives([0.8], [0.5, 0.7, 0.77, 0.8], ScoreConfig(margin=MarginSpec(relative=0.05)))
     assert keep == [0, 1] and why["within_margin"] == 2  # ceiling 0.76
     keep, _ = filter_negatives([-0.2], [-0.25, -0.2, -0.205], ScoreConfig(margin=MarginSpec(relative=0.05)))
     assert keep == [0]  # a negative positive score: ceiling -0.2 - 0.01 = -0.21
     keep, why = filter_negatives([math.nan], [0.1], cfg)
-    assert keep == [] and why == {"within_margin": 0, "no_score": 0}
+    assert keep == [] and why == {"within_margin": 0, "no_score": 0, "row_dropped": 0}
 
 
 def test_scores_are_the_teachers_cosines_and_the_filter_holds(root: DataRoot) -> None:
@@ -227,3 +227,22 @@ def test_teacher_scores_reach_the_training_batch(root: DataRoot) -> None:
                 assert teacher[i, j].item() == pytest.approx(r["neg_scores"][r["neg"].index(d)])
             else:  # padding: no score
                 assert torch.isnan(teacher[i, j])
+
+
+def test_nan_scores_are_counted_skips(root: DataRoot, tiny_cross_encoder: Path, tmp_path: Path) -> None:
+    """A teacher whose output is NaN (broken weights): every row is a counted skip, not a crash, and the
+    published folder says so."""
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    broken = tmp_path / "nan-reranker"
+    model = BertForSequenceClassification.from_pretrained(tiny_cross_encoder)
+    with torch.no_grad():
+        model.classifier.bias.fill_(float("nan"))
+    model.save_pretrained(broken)
+    AutoTokenizer.from_pretrained(tiny_cross_encoder).save_pretrained(broken)
+    cfg = ScoreConfig(teacher=TeacherSpec(kind="cross_encoder", model=str(broken)))
+    m = run_score_recipe(root, "finetune", "howto", cfg).manifest
+    s = m["stats"]
+    assert m["rows_out"] == 0 and s["drops"] == {"no_positive_score": s["rows_in"]} and s["rows_in"] > 0
+    assert s["negative_drops"]["row_dropped"] == s["negatives_in"]

@@ -170,6 +170,8 @@ def test_config_errors_before_launch(tmp_path: Path, tiny_model: Path, data_root
         preflight(load_train_config(cfg), root)
     with pytest.raises(KalmError, match="missing or incomplete"):
         preflight(load_train_config(_config(tmp_path, tiny_model, **{"data.recipes": ["ghost"]})), root)
+    with pytest.raises(KalmError, match="distills a teacher's scores: train on data.source 'scored'"):
+        preflight(load_train_config(_config(tmp_path, tiny_model, **{"loss.distill_alpha": 1.0})), root)
 
 
 def test_launch_mistakes_are_one_line_and_relative_paths_work(

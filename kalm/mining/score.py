@@ -45,7 +45,7 @@ from kalm.mining.encode import Encoder, load_encoder
 log = logging.getLogger(__name__)
 
 ROW_DROPS = ("no_positive_score", "too_few_negatives")
-NEG_DROPS = ("within_margin", "no_score")
+NEG_DROPS = ("within_margin", "no_score", "row_dropped")
 
 
 @dataclass
@@ -156,7 +156,8 @@ def filter_negatives(
 ) -> tuple[list[int], dict[str, int]]:
     """Indices of the negatives the teacher keeps, and why the others went: ``no_score`` (NaN or missing),
     ``within_margin`` (above ``pos - absolute`` or ``pos - |pos| * relative``; ``pos`` the lowest finite
-    positive score). No finite positive score: nothing is kept (the row is dropped by the caller)."""
+    positive score). No finite positive score: nothing is kept (the caller drops the row and counts its
+    negatives as ``row_dropped``)."""
     why = dict.fromkeys(NEG_DROPS, 0)
     finite = [s for s in pos_scores if math.isfinite(s)]
     if not finite:
@@ -219,6 +220,8 @@ def score_chunk(
             reason = "too_few_negatives"
         if reason is not None:
             stats["drops"][reason] = stats["drops"].get(reason, 0) + 1
+            # the row's negatives the filter did not already drop go with it
+            stats["negative_drops"]["row_dropped"] += len(rows["neg"][r]) - sum(why.values())
             continue
         labs = rows["neg_labels"][r] or []
         keep.append(r)
@@ -230,10 +233,11 @@ def score_chunk(
     stats["rows_kept"] = len(keep)
     out = chunk.take(pa.array(keep, pa.int64()))
     for name, values in (("neg", negs), ("neg_labels", labels)):
-        out = out.set_column(out.schema.get_field_index(name), SCORED_SCHEMA.field(name), pa.array(values))
-    floats = pa.list_(pa.float32())
-    out = out.append_column(SCORED_SCHEMA.field("pos_scores"), pa.array(p_out, floats))
-    out = out.append_column(SCORED_SCHEMA.field("neg_scores"), pa.array(n_out, floats))
+        field = SCORED_SCHEMA.field(name)
+        out = out.set_column(out.schema.get_field_index(name), field, pa.array(values, field.type))
+    for name, values in (("pos_scores", p_out), ("neg_scores", n_out)):
+        field = SCORED_SCHEMA.field(name)
+        out = out.append_column(field, pa.array(values, field.type))
     return out, stats
 
 

@@ -439,12 +439,18 @@ def focal_weight_mean(
         return float(focal_weights(losses, focal.gamma, detach=True, normalize=focal.normalize).mean())
 
 
-def distill_kl_of(loss_fn: torch.nn.Module) -> float | None:
-    """The last step's distillation KL at the full width (None: no distillation, or no teacher scores)."""
+def distill_metrics(loss_fn: torch.nn.Module) -> dict[str, Any]:
+    """The last step's distillation KL at the full width (None: no distillation, or no teacher scores) and
+    how many of the rank's rows had no usable teacher scores (counted skips: they add no KL)."""
     from kalm.training.losses import DistillLoss
 
     d = next((m for m in loss_fn.modules() if isinstance(m, DistillLoss)), None)
-    return d.last_kl[max(d.last_kl)] if d is not None and d.last_kl else None
+    if d is None:
+        return {"distill_kl": None, "distill_unscored_rows": 0}
+    return {
+        "distill_kl": d.last_kl[max(d.last_kl)] if d.last_kl else None,
+        "distill_unscored_rows": d.unscored,
+    }
 
 
 Embeddings = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
@@ -523,7 +529,7 @@ def train_step(t: Trainer) -> dict[str, Any]:
         "focal_weight": focal,
         "padded_negatives": int((~valid).sum()) if valid is not None else 0,
         "mix_skipped": sum(m.skipped for m in t.loss_fn.modules() if isinstance(m, HardNegativeMixer)),
-        "distill_kl": distill_kl_of(t.loss_fn),
+        **distill_metrics(t.loss_fn),
         "lr": float(t.engine.get_lr()[0]),
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "samples_per_s": batch.size * t.world / dt,

@@ -61,6 +61,19 @@ def distill_kl(
     q, p: (N, D) unit vectors; n: (N, M, D) or None; ``candidates.teacher``: (G, 1 + M) for the global
     batch, this rank's rows at ``offset``. Rows without two scored candidates get 0.
     """
+    return _kl_terms(q, p, n, candidates, offset, teacher_temperature, student_temperature)[0]
+
+
+def _kl_terms(
+    q: Tensor,
+    p: Tensor,
+    n: Tensor | None,
+    candidates: Candidates,
+    offset: int,
+    teacher_temperature: float,
+    student_temperature: float,
+) -> tuple[Tensor, Tensor]:
+    """(per-query KL (N,), which rows had a usable teacher distribution (N,) bool)."""
     assert candidates.teacher is not None
     rows = q.size(0)
     student = (q * p).sum(-1, keepdim=True)
@@ -82,12 +95,13 @@ def distill_kl(
     log_t = F.log_softmax(t_logits, dim=1)
     log_s = F.log_softmax(s_logits, dim=1)
     terms = torch.where(keep, log_t.exp() * (log_t - log_s), 0.0)
-    return torch.where(usable, terms.sum(1), 0.0)
+    return torch.where(usable, terms.sum(1), 0.0), usable
 
 
 class DistillLoss(EmbeddingLoss):
     """``inner(q, p, n) + α · mean_i KL_i`` (see the module docstring); ``last_kl`` holds the last step's
-    term per embedding width (one entry per Matryoshka dim), for the run log.
+    term per embedding width (one entry per Matryoshka dim) and ``unscored`` how many of its rows had no
+    usable teacher distribution (fewer than two scored candidates: counted, they add 0), for the run log.
 
     Args:
         inner: the contrastive loss (InfoNCE, focal InfoNCE).
@@ -113,6 +127,7 @@ class DistillLoss(EmbeddingLoss):
         self.teacher_temperature = float(teacher_temperature)
         self.student_temperature = float(student_temperature)
         self.last_kl: dict[int, float] = {}
+        self.unscored = 0
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -124,16 +139,18 @@ class DistillLoss(EmbeddingLoss):
         base = self.inner(q, p, n, candidates)
         if self.alpha == 0 or candidates is None or candidates.teacher is None:
             return base
-        kl = distill_kl(
+        per_row, usable = _kl_terms(
             q,
             p,
             n,
             candidates,
             rank_offset(q.size(0), q.device),
-            teacher_temperature=self.teacher_temperature,
-            student_temperature=self.student_temperature,
-        ).mean()
+            self.teacher_temperature,
+            self.student_temperature,
+        )
+        kl = per_row.mean()
         self.last_kl[q.size(-1)] = float(kl.detach())
+        self.unscored = int((~usable).sum())
         return base + self.alpha * kl
 
     def config(self) -> dict[str, Any]:
