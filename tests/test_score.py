@@ -82,6 +82,7 @@ def test_scores_are_the_teachers_cosines_and_the_filter_holds(root: DataRoot) ->
     assert s["negative_drops"]["within_margin"] > 0  # the filter did something on this data
     assert m["teacher"]["kind"] == "embedding" and m["teacher"]["fingerprint"]
     assert m["cost"]["units"] == "texts encoded" and m["chunks"]["total"] == 4
+    assert m["cost"]["pairs"] == s["negatives_in"] + sum(len(r["pos"]) for r in mined.values())
     for r in rows[:8]:
         src = mined[r["id"]]
         assert len(r["pos_scores"]) == len(r["pos"]) and len(r["neg_scores"]) == len(r["neg"])
@@ -246,3 +247,22 @@ def test_nan_scores_are_counted_skips(root: DataRoot, tiny_cross_encoder: Path, 
     s = m["stats"]
     assert m["rows_out"] == 0 and s["drops"] == {"no_positive_score": s["rows_in"]} and s["rows_in"] > 0
     assert s["negative_drops"]["row_dropped"] == s["negatives_in"]
+
+
+def test_cli_scores_and_reports_and_mistakes_are_one_line(root: DataRoot, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from kalm.cli import app
+
+    cli = CliRunner()
+    res = cli.invoke(app, ["score", "--stage", "finetune", "--data-root", root.uri])
+    assert res.exit_code == 0, res.output
+    assert "| howto |" in res.output and "Teacher: embedding `minilm`" in res.output
+    empty = tmp_path / "empty"
+    for args, msg in (
+        (["--data-root", str(empty)], "nothing to score"),
+        (["--data-root", root.uri, "--recipe", "ghost"], "no mined rows for ['ghost']"),
+        (["--data-root", root.uri, "--kind", "reranker"], "teacher.kind"),
+    ):
+        res = cli.invoke(app, ["score", "--stage", "finetune", *args])
+        assert res.exit_code == 2 and msg in res.output and "Traceback" not in res.output, res.output

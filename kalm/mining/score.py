@@ -188,11 +188,13 @@ def new_score_stats() -> dict[str, Any]:
         "negatives_kept": 0,
         "negative_drops": dict.fromkeys(NEG_DROPS, 0),
         "teacher_work": 0,
+        "pairs": 0,
     }
 
 
 def merge_score_stats(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = {k: a[k] + b[k] for k in ("rows_in", "rows_kept", "negatives_in", "negatives_kept", "teacher_work")}
+    keys = ("rows_in", "rows_kept", "negatives_in", "negatives_kept", "teacher_work", "pairs")
+    out = {k: a[k] + b[k] for k in keys}
     out["drops"] = {k: a["drops"].get(k, 0) + b["drops"].get(k, 0) for k in {*a["drops"], *b["drops"]}}
     out["negative_drops"] = {k: a["negative_drops"][k] + b["negative_drops"][k] for k in NEG_DROPS}
     return out
@@ -206,7 +208,7 @@ def score_chunk(
     rows = {c: chunk.column(c).to_pylist() for c in names}
     pos_s, neg_s, work = teacher_scores(teacher, rows, cfg, store)
     stats = new_score_stats()
-    stats.update(rows_in=chunk.num_rows, teacher_work=work)
+    stats.update(rows_in=chunk.num_rows, teacher_work=work, pairs=sum(map(len, pos_s)) + sum(map(len, neg_s)))
     keep, negs, labels, p_out, n_out = [], [], [], [], []
     for r in range(chunk.num_rows):
         stats["negatives_in"] += len(rows["neg"][r])
@@ -313,6 +315,7 @@ def run_score_recipe(
     for i in range(n_chunks):
         stats = merge_score_stats(stats, markers[i]["stats"])
     texts = sum(markers[i]["stats"]["teacher_work"] for i in pending)
+    pairs = sum(markers[i]["stats"]["pairs"] for i in pending)
     manifest = {
         "recipe": recipe,
         "stage": stage,
@@ -334,7 +337,9 @@ def run_score_recipe(
             "score_s": round(score_s, 3),
             "units": "texts encoded" if t.kind == "embedding" else "pairs scored",
             "teacher_work": texts,
-            "per_s": round(texts / score_s, 1) if pending and score_s > 0 else None,
+            "per_s": round(texts / score_s, 1) if texts and score_s > 0 else None,
+            "pairs": pairs,  # (query, document) scores computed, cache hits included
+            "pairs_per_s": round(pairs / score_s, 1) if pairs and score_s > 0 else None,
         },
         "schema_version": SCHEMA_VERSION,
     }
@@ -405,18 +410,19 @@ def report_markdown(results: list[StageResult], title: str = "Teacher scores") -
         f"# {title}",
         "",
         "| recipe | rows in | rows out | negatives in | kept | within margin | no score | rows dropped | "
-        "texts/s | cached |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---:|---|",
+        "teacher work/s | pairs/s | cached |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for r in results:
         s, cost = r.manifest.get("stats", {}), r.manifest.get("cost", {})
         nd = s.get("negative_drops", {})
         drops = ", ".join(f"{k} {v}" for k, v in sorted(s.get("drops", {}).items())) or "-"
-        rate = cost.get("per_s")
+        rate, pairs = cost.get("per_s"), cost.get("pairs_per_s")
         lines.append(
             f"| {r.name} | {s.get('rows_in', 0)} | {s.get('rows_kept', 0)} | {s.get('negatives_in', 0)} | "
             f"{s.get('negatives_kept', 0)} | {nd.get('within_margin', 0)} | {nd.get('no_score', 0)} | "
-            f"{drops} | {rate if rate is not None else '-'} | {'yes' if r.cached else 'no'} |"
+            f"{drops} | {rate if rate is not None else '-'} | {pairs if pairs is not None else '-'} | "
+            f"{'yes' if r.cached else 'no'} |"
         )
     if results:
         t = results[0].manifest.get("teacher", {})

@@ -51,7 +51,8 @@ class ModelSpec(StrictModel):
 
 
 class DataSpec(StrictModel):
-    """What to train on. ``source``: the stage mixtures, or the mined shards (negatives filled)."""
+    """What to train on. ``source``: the stage mixtures, the mined shards (negatives filled), or the scored
+    shards (mined rows with a teacher's scores, for distillation: ``kalm score``)."""
 
     source: Literal["mixtures", "mined", "scored"] = "mixtures"
     stage: Literal["pretrain", "finetune"] | None = None  # default: the run's stage
