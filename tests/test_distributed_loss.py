@@ -30,6 +30,8 @@ SCENARIOS: dict[str, tuple[dict[str, Any], tuple[int, int]]] = {
     "focal": ({"kind": "focal"}, (3, 3)),
     "finetune_stack": ({"kind": "build", "mix_k": 0, "matryoshka_dims": [16, 8]}, (3, 3)),
     "unequal_rows": ({"kind": "infonce", "hard_negatives": "batch"}, (4, 2)),
+    # the KL term reads each rank's teacher rows at its offset in the global batch
+    "distill": ({"kind": "build", "mix_k": 0, "matryoshka_dims": [16, 8], "distill_alpha": 0.7}, (3, 3)),
 }
 
 
@@ -62,12 +64,24 @@ def run_loss(spec: dict[str, Any], rows: slice, total: int, reduce_sum: bool) ->
     for t in (q, p, n):
         t.retain_grad()
     loss_fn = make_loss(spec)
+    cands = None
+    if spec.get("distill_alpha"):  # who every candidate of the global batch is, with teacher scores
+        from kalm.training.losses.candidates import Candidates
+
+        g = torch.Generator().manual_seed(7)
+        cands = Candidates(
+            pos_key=torch.arange(total),
+            pos_label=torch.full((total,), -1),
+            neg_key=torch.arange(total * M).view(total, M) + 1000,
+            neg_label=torch.full((total, M), -1),
+            teacher=torch.rand(total, 1 + M, generator=g),
+        )
     if reduce_sum:  # unequal rows per rank: compare the sum of per-query losses, which has no 1/N_r
         core = loss_fn if isinstance(loss_fn, InfoNCE) else None
         assert core is not None
         value = core.per_query(q, p, n).sum()
     else:
-        value = loss_fn(q, p, n)
+        value = loss_fn(q, p, n, cands)
     value.backward()
 
     def grad(t: torch.Tensor) -> torch.Tensor:  # negatives unused in the in-batch-only loss: no grad

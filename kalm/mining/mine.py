@@ -39,7 +39,7 @@ from kalm.core.schema import SCHEMA_VERSION, STAGES
 from kalm.core.storage import DataRoot, read_manifest, read_rows
 from kalm.data.executors import Executor, make_executor
 from kalm.mining.cache import EmbeddingStore, embed_texts
-from kalm.mining.chunks import finished_chunks, pre_drops, publish, with_negatives, write_chunk
+from kalm.mining.chunks import finished_chunks, folder_result, pre_drops, publish, with_negatives, write_chunk
 from kalm.mining.config import MineConfig
 from kalm.mining.encode import Encoder, load_encoder, show_progress
 from kalm.mining.pool import Keys, Pool, build_pool, load_corpus, most_common, pool_labels
@@ -163,21 +163,7 @@ class MineJob:
 def _result(
     root: DataRoot, stage: str, recipe: str, m: dict[str, Any], cached: bool, t0: float
 ) -> StageResult:
-    return StageResult(
-        stage="mine",
-        name=recipe,
-        outputs=[root.full_uri(mined_dir(stage, recipe))],
-        rows=int(m["rows_out"]),
-        cached=cached,
-        seconds=round(time.perf_counter() - t0, 3),
-        lineage={
-            "miner": m.get("miner"),
-            "input_fingerprint": m.get("input_fingerprint"),
-            "config_hash": m.get("config_hash"),
-            "fingerprint": m.get("fingerprint"),
-        },
-        manifest=m,
-    )
+    return folder_result(root, "mine", recipe, mined_dir(stage, recipe), m, cached, t0, "miner")
 
 
 def run_mine_recipe(

@@ -38,7 +38,7 @@ from kalm.core.results import StageResult
 from kalm.core.schema import SCHEMA_VERSION, SCORED_SCHEMA, STAGES
 from kalm.core.storage import DataRoot, read_manifest, read_rows
 from kalm.mining.cache import EmbeddingStore, embed_texts
-from kalm.mining.chunks import finished_chunks, publish, write_chunk
+from kalm.mining.chunks import finished_chunks, folder_result, publish, write_chunk
 from kalm.mining.config import ScoreConfig, TeacherSpec
 from kalm.mining.encode import Encoder, load_encoder
 
@@ -387,21 +387,7 @@ def run_score_stage(
 def _result(
     root: DataRoot, stage: str, recipe: str, m: dict[str, Any], cached: bool, t0: float
 ) -> StageResult:
-    return StageResult(
-        stage="score",
-        name=recipe,
-        outputs=[root.full_uri(scored_dir(stage, recipe))],
-        rows=int(m["rows_out"]),
-        cached=cached,
-        seconds=round(time.perf_counter() - t0, 3),
-        lineage={
-            "teacher": m.get("teacher"),
-            "input_fingerprint": m.get("input_fingerprint"),
-            "config_hash": m.get("config_hash"),
-            "fingerprint": m.get("fingerprint"),
-        },
-        manifest=m,
-    )
+    return folder_result(root, "score", recipe, scored_dir(stage, recipe), m, cached, t0, "teacher")
 
 
 def report_markdown(results: list[StageResult], title: str = "Teacher scores") -> str:
