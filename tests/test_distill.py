@@ -50,6 +50,10 @@ def test_kl_term_hand_computed_with_padding_and_missing_scores() -> None:
     _, _, _, c2 = batch([[0.9, 0.2, 0.5], [0.7, 0.1, 0.3]])
     got2 = distill_kl(q, p, n, c2, 0, teacher_temperature=0.5, student_temperature=0.25)
     assert got2.tolist() == pytest.approx([row0, kl([0.7, 0.1], [0.6, 0.0], 0.5, 0.25)], abs=1e-6)
+    # the row without a usable teacher distribution is a counted skip in the loss
+    loss = DistillLoss(InfoNCE(temperature=0.5, cross_device=False), 1.0, 0.5, 0.25)
+    loss(q, p, n, c)
+    assert loss.unscored == 1 and loss.last_kl[2] == pytest.approx(row0 / 2, abs=1e-6)
 
 
 def test_kl_leaves_out_a_copy_of_the_positive() -> None:
