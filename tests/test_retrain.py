@@ -1,6 +1,7 @@
 """The whole retraining DAG end to end on a tiny setup, through Prefect: ingest -> mixtures -> mine (base)
--> pretrain -> refresh -> finetune x2 -> soup -> eval -> run manifest. Then an unchanged rerun (every
-stage a cache hit) and a rerun after one recipe changed (that recipe and only its dependents recompute).
+-> pretrain -> refresh -> teacher scores -> distilled finetune x2 -> soup -> eval -> run manifest. Then an
+unchanged rerun (every stage a cache hit) and a rerun after one recipe changed (that recipe and only its
+dependents recompute).
 
 Real parts throughout: the packaged all-MiniLM-L6-v2, DeepSpeed ZeRO on CPU in a subprocess, FAISS, mteb.
 """
@@ -66,11 +67,17 @@ def setup(tmp_path: Path, recipe_dir) -> dict[str, Any]:
                 "name": "e2e",
                 "data": {"recipes": ["e2e_pre", "e2e_ft"]},
                 "mining": {"config": str(mine), "base_model": "minilm", "stages": ["finetune"]},
+                "scoring": {"config": "score.yaml", "enabled": True},
                 "pretrain": {"config": "pretrain_demo.yaml", "overrides": {**TINY, "per_device_batch": 8}},
                 "finetune": {
                     "config": "finetune_demo.yaml",
                     "seeds": [0, 1],
-                    "overrides": {**TINY, "per_device_batch": 4, "data.group_size": 3},
+                    "overrides": {
+                        **TINY,
+                        "per_device_batch": 4,
+                        "data.group_size": 3,
+                        "loss.distill_alpha": 1.0,
+                    },
                 },
                 "soup": {"method": "uniform"},
                 "eval": {"config": str(ev)},
@@ -88,7 +95,8 @@ def test_retrain_dag_caches_and_partial_rerun(prefect_server, setup: dict[str, A
         return retrain_flow(config=setup["config"], data_root=setup["root"], recipes_dirs=dirs)
 
     first = run()
-    assert set(first["timings_s"]) == {"ingest", "mine", "pretrain", "refresh", "finetune", "soup", "eval"}
+    stages = {"ingest", "mine", "pretrain", "refresh", "score", "finetune", "soup", "eval"}
+    assert set(first["timings_s"]) == stages
     assert not any(first["cache_hits"].values()), first["cache_hits"]
     # lineage: recipe versions -> mixtures -> mined negatives and their miner -> checkpoints -> soup -> scores
     assert set(first["recipes"]) == {"e2e_pre", "e2e_ft"}
@@ -100,6 +108,12 @@ def test_retrain_dag_caches_and_partial_rerun(prefect_server, setup: dict[str, A
     labels = {r["label"] for r in first["scores"]["rows"]}
     assert {"base", "pretrain", "soup"} <= labels
     assert not first["stale_negatives"]
+    # fine-tuning read the teacher-scored rows and distilled them
+    assert first["scored"]["e2e_ft"]["teacher"]["kind"] == "embedding"
+    ft_run = Path(first["checkpoints"]["finetune"][0]).parent
+    assert "source: scored" in (ft_run / "config.yaml").read_text()
+    kls = [json.loads(x)["distill_kl"] for x in (ft_run / "metrics.jsonl").read_text().splitlines()]
+    assert kls and all(k is not None and k >= 0 for k in kls)
     latest = json.loads((Path(setup["root"]) / "pipeline" / "e2e" / "latest.json").read_text())
     assert latest["checkpoints"] == first["checkpoints"]
     # in-batch negatives of unlabelled pre-training rows stay in the denominator: the model learns
@@ -117,7 +131,8 @@ def test_retrain_dag_caches_and_partial_rerun(prefect_server, setup: dict[str, A
     third = run()
     hits = third["cache_hits"]
     assert hits["pretrain"] and hits["mine"]
-    assert not hits["ingest"] and not hits["refresh"] and not hits["finetune"] and not hits["soup"]
+    assert not hits["ingest"] and not hits["refresh"] and not hits["score"] and not hits["finetune"]
+    assert not hits["soup"]
     assert third["recipes"]["e2e_ft"]["rows_in"] == 70
     assert third["mined"]["finetune"]["e2e_ft"]["fingerprint"] != mined["fingerprint"]
 
@@ -127,8 +142,19 @@ def test_retrain_dag_caches_and_partial_rerun(prefect_server, setup: dict[str, A
     from kalm.pipeline.runner import LocalRunner
 
     p = load_pipeline(setup["config"], setup["root"], [str(setup["recipes"])])
-    out = run_ablation(p, LocalRunner(), {"full": {}, "no masking": {"loss.mask_false_negatives": False}})
-    assert set(out["models"]) == {"base", "full", "no soup", "no masking"}
+    variants = {
+        "full": {},
+        "no masking": {"loss.mask_false_negatives": False},
+        "no distillation": {"loss.distill_alpha": 0.0},  # beats the pipeline's own override of the key
+    }
+    out = run_ablation(p, LocalRunner(), variants)
+    assert set(out["models"]) == {"base", "full", "no soup", "no masking", "no distillation"}
+    plain = (
+        Path(out["models"]["no distillation"]).parents[1] / "finetune" / "e2e-ablate-no-distillation-seed0"
+    )
+    assert all(
+        json.loads(x)["distill_kl"] is None for x in (plain / "metrics.jsonl").read_text().splitlines()
+    )
     assert out["models"]["full"] == str(Path(setup["root"]) / "runs" / "soup" / "e2e")  # the DAG's soup
     assert "| no masking |" in out["markdown"] and "mean - full" in out["markdown"]
     assert (Path(setup["root"]) / "pipeline" / "e2e" / "ablation.md").read_text() == out["markdown"]

@@ -18,6 +18,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from kalm.core.config import with_updates
 from kalm.core.layout import soup_dir
 from kalm.pipeline.config import Pipeline
 from kalm.pipeline.dag import _train_config, finetune_source, finished_model, run_name, run_retrain, run_soup
@@ -67,9 +68,11 @@ def run_ablation(
                 "model.path": pretrained,
                 "data.recipes": recipes,
                 **finetune_source(p),
-                **overrides,
             }
-            cfg = _train_config(p.finetune, pc.finetune.overrides, decided, f"{pc.name}: ablation {name}")
+            where = f"{pc.name}: ablation {name}"
+            cfg = _train_config(p.finetune, pc.finetune.overrides, decided, where)
+            # the variant's switch wins over the pipeline's own overrides (they may set the same key)
+            cfg = with_updates(cfg, overrides, where) if overrides else cfg
             finals.append(runner.run(TRAIN, cfg=cfg, root=root, nproc=pc.finetune.nproc).output)
         out = soup_dir(root, pc.name if name == "full" else f"{pc.name}-ablate-{_slug(name)}")
         soup = run_soup(p, runner, finals, out, out.name)
