@@ -47,9 +47,10 @@ def job_fingerprint(cfg: Any, root: DataRoot, model_dir: str) -> str:
     manifests = []
     for folder in sorted({f.rsplit("/", 1)[0] for s in sources for f in s.files}):  # merged: several
         m = json.loads(root.fs.open_input_stream(f"{folder}/{MANIFEST}").read())
-        # what identifies the folder's content: its inputs, config, miner (mined shards) and files; a folder
-        # rebuilt from other inputs gets other values even when its file names and row counts repeat
-        keys = ("input_fingerprint", "fingerprint", "config_hash", "miner", "files")
+        # what identifies the folder's content: its inputs, config, miner (mined shards), teacher (scored
+        # shards) and files; a folder rebuilt from other inputs gets other values even when its file names
+        # and row counts repeat
+        keys = ("input_fingerprint", "fingerprint", "config_hash", "miner", "teacher", "files")
         ident = {k: m[k] for k in keys if k in m}
         manifests.append(ident or m.get("created_at"))
     cfg_dump = cfg.model_dump(mode="json")
