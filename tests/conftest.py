@@ -44,6 +44,53 @@ def tiny_bert_parts(**extra: Any) -> tuple[Any, Any]:
     return tok, BertConfig(vocab_size=tok.vocab_size, **{**base, **extra})
 
 
+def kill_between_chunks(
+    module: str, call: str, args: list[str], work: Path, tmp: Path, after: int = 2
+) -> int:
+    """Run ``call`` (Python source using ``sys.argv``) in a subprocess whose ``<module>.write_chunk``
+    sleeps after each chunk, kill -9 it once ``after`` chunk done markers exist under ``work``, and return
+    how many there are then (the resumable stages' kill test: mining, scoring)."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    script = tmp / "slow_chunks.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import sys, time
+            import {module} as stage
+            from kalm.core.storage import DataRoot
+
+            real = stage.write_chunk
+
+            def slow(*args, **kwargs):  # give the test time to kill us between two chunks
+                out = real(*args, **kwargs)
+                time.sleep(0.7)
+                return out
+
+            stage.write_chunk = slow
+            """
+        )
+        + textwrap.dedent(call)
+    )
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, str(script), *args], env=env)
+    deadline = time.time() + 150
+    try:
+        while time.time() < deadline and len(list(work.glob("*/chunk-*.done.json"))) < after:
+            assert proc.poll() is None, "the stage finished before it could be killed"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    return len(list(work.glob("*/chunk-*.done.json")))
+
+
 def write_jsonl(path: Path, rows: list[Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as f:

@@ -8,11 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
-import textwrap
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -448,26 +445,6 @@ def test_cli_user_errors_are_one_line_exit_2(tmp_path: Path) -> None:
 
 # -- resume after kill -9 --------------------------------------------------------------------------------
 
-KILL_SCRIPT = textwrap.dedent(
-    """
-    import sys, time
-    import kalm.mining.mine as mm
-    from kalm.core.storage import DataRoot
-    from kalm.mining.config import MineConfig
-
-    real = mm.write_chunk
-
-    def slow(*args, **kwargs):  # give the test time to kill us between two chunks
-        out = real(*args, **kwargs)
-        time.sleep(0.7)
-        return out
-
-    mm.write_chunk = slow
-    cfg = MineConfig.model_validate_json(sys.argv[2])
-    mm.run_mine_recipe(DataRoot.from_uri(sys.argv[1]), "finetune", "faq", "minilm", cfg)
-    """
-)
-
 
 def test_kill9_mid_run_then_rerun_is_identical(
     recipe_dir: Callable[..., Path], tmp_path: Path, enc: Encoder
@@ -476,7 +453,7 @@ def test_kill9_mid_run_then_rerun_is_identical(
     from kalm.data.ingest import run_ingest_recipe
     from kalm.data.mixtures import run_build_stage
     from kalm.data.recipes import discover
-    from tests.conftest import faq_rows
+    from tests.conftest import faq_rows, kill_between_chunks
 
     folder = recipe_dir("faq", faq_rows(120))
     roots = [DataRoot.from_uri(str(tmp_path / name)) for name in ("killed", "clean")]
@@ -485,21 +462,15 @@ def test_kill9_mid_run_then_rerun_is_identical(
         run_build_stage("finetune", ["faq"], r, IngestConfig())
     cfg = MineConfig(window=(5, 40), top_k=60, num_negatives=5, chunk_queries=12)
     n_chunks = -(-read_manifest(roots[0], mixture_dir("finetune", "faq"))["rows_out"] // 12)  # type: ignore[index]
-    script = tmp_path / "slow_mine.py"
-    script.write_text(KILL_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, str(script), roots[0].uri, cfg.model_dump_json()], env=env)
     work = Path(roots[0].path(mined_work_dir("finetune", "faq")))
-    deadline = time.time() + 150
-    try:
-        while time.time() < deadline and len(list(work.glob("*/chunk-*.done.json"))) < 2:
-            assert proc.poll() is None, "the miner finished before it could be killed"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
-    done_before = len(list(work.glob("*/chunk-*.done.json")))
+    call = """
+    from kalm.mining.config import MineConfig
+    cfg = MineConfig.model_validate_json(sys.argv[2])
+    stage.run_mine_recipe(DataRoot.from_uri(sys.argv[1]), "finetune", "faq", "minilm", cfg)
+    """
+    done_before = kill_between_chunks(
+        "kalm.mining.mine", call, [roots[0].uri, cfg.model_dump_json()], work, tmp_path
+    )
     assert 2 <= done_before < n_chunks and not root_has_output(roots[0])
     resumed = run_mine_recipe(roots[0], "finetune", "faq", "minilm", cfg, encoder=enc).manifest
     clean = run_mine_recipe(roots[1], "finetune", "faq", "minilm", cfg, encoder=enc).manifest

@@ -8,13 +8,7 @@ all-MiniLM-L6-v2); the teacher is the same packaged model, or a tiny random cros
 from __future__ import annotations
 
 import math
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +21,7 @@ from kalm.mining.config import MarginSpec, MineConfig, ScoreConfig, TeacherSpec
 from kalm.mining.encode import Encoder, load_encoder
 from kalm.mining.mine import run_mine_recipe
 from kalm.mining.score import filter_negatives, load_teacher, run_score_recipe
+from tests.conftest import kill_between_chunks
 from tests.test_mining import all_pairs, make_rows, write_mixture
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,48 +98,19 @@ def test_scores_are_the_teachers_cosines_and_the_filter_holds(root: DataRoot) ->
     assert not other.cached and other.rows <= res.rows
 
 
-KILL_SCRIPT = textwrap.dedent(
-    """
-    import sys, time
-    import kalm.mining.score as ms
-    from kalm.core.storage import DataRoot
-    from kalm.mining.config import ScoreConfig
-
-    real = ms.write_chunk
-
-    def slow(*args, **kwargs):  # give the test time to kill us between two chunks
-        out = real(*args, **kwargs)
-        time.sleep(0.7)
-        return out
-
-    ms.write_chunk = slow
-    cfg = ScoreConfig.model_validate_json(sys.argv[2])
-    ms.run_score_recipe(DataRoot.from_uri(sys.argv[1]), "finetune", "howto", cfg)
-    """
-)
-
-
 def test_kill9_mid_scoring_then_rerun_is_byte_identical(
     root: DataRoot, mined_root: Path, tmp_path: Path
 ) -> None:
     cfg = ScoreConfig(chunk_rows=8)
     shutil.copytree(mined_root, tmp_path / "clean")
     clean_root = DataRoot.from_uri(str(tmp_path / "clean"))
-    script = tmp_path / "slow_score.py"
-    script.write_text(KILL_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, str(script), root.uri, cfg.model_dump_json()], env=env)
     work = Path(root.path(scored_work_dir("finetune", "howto")))
-    deadline = time.time() + 150
-    try:
-        while time.time() < deadline and len(list(work.glob("*/chunk-*.done.json"))) < 2:
-            assert proc.poll() is None, "the scorer finished before it could be killed"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
-    done = len(list(work.glob("*/chunk-*.done.json")))
+    call = """
+    from kalm.mining.config import ScoreConfig
+    cfg = ScoreConfig.model_validate_json(sys.argv[2])
+    stage.run_score_recipe(DataRoot.from_uri(sys.argv[1]), "finetune", "howto", cfg)
+    """
+    done = kill_between_chunks("kalm.mining.score", call, [root.uri, cfg.model_dump_json()], work, tmp_path)
     assert 2 <= done < 8 and not Path(root.path(scored_dir("finetune", "howto"))).exists()
     resumed = run_score_recipe(root, "finetune", "howto", cfg).manifest
     clean = run_score_recipe(clean_root, "finetune", "howto", cfg).manifest
