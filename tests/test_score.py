@@ -91,7 +91,11 @@ def test_scores_are_the_teachers_cosines_and_the_filter_holds(root: DataRoot) ->
         if dropped:  # what was dropped really scored above the ceiling
             d = enc.encode(dropped) @ q
             assert (d > ceiling - 1e-6).all()
+    from kalm.mining import score
+
+    score._TEACHERS.clear()
     again = run_score_recipe(root, "finetune", "howto", cfg)
+    assert not score._TEACHERS  # a cache hit never loads the teacher
     assert again.cached and again.manifest["fingerprint"] == m["fingerprint"]
     wider = cfg.model_copy(update={"margin": MarginSpec(relative=0.5)})
     other = run_score_recipe(root, "finetune", "howto", wider)

@@ -40,7 +40,7 @@ from kalm.core.storage import DataRoot, read_manifest, read_rows
 from kalm.mining.cache import EmbeddingStore, embed_texts
 from kalm.mining.chunks import finished_chunks, folder_result, publish, write_chunk
 from kalm.mining.config import ScoreConfig, TeacherSpec
-from kalm.mining.encode import Encoder, load_encoder
+from kalm.mining.encode import Encoder, load_encoder, resolve_devices, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,8 @@ def _architectures(path: str) -> list[str]:
         return []
 
 
-def load_teacher(spec: TeacherSpec, root: DataRoot | None = None, devices: str = "auto") -> Teacher:
-    """Resolve and load the teacher; a missing model or the wrong kind is a one-line KalmError."""
+def _checked_path(spec: TeacherSpec, root: DataRoot | None) -> str:
+    """The teacher's folder, its kind checked against its ``architectures``: one-line errors."""
     from kalm.training.config import resolve_model_path
 
     path = resolve_model_path(spec.model, root)
@@ -97,10 +97,26 @@ def load_teacher(spec: TeacherSpec, root: DataRoot | None = None, devices: str =
         raise KalmError(
             f"teacher {spec.model!r} is not a cross-encoder ({found}): set teacher.kind: embedding"
         )
+    return path
+
+
+def teacher_fingerprint(spec: TeacherSpec, root: DataRoot | None = None, devices: str = "auto") -> str:
+    """What identifies the teacher's scores, without loading it (a cache hit never loads the model):
+    kind, model folder fingerprint, max length and, for embedding teachers, the precision it runs in."""
+    path = _checked_path(spec, root)
     fp = hash_obj({"kind": spec.kind, "model": model_fingerprint(path), "len": spec.max_seq_length}, 16)
     if spec.kind == "embedding":
+        return f"{fp}-{resolve_precision(spec.precision, resolve_devices(devices)[0])}"
+    return fp
+
+
+def load_teacher(spec: TeacherSpec, root: DataRoot | None = None, devices: str = "auto") -> Teacher:
+    """Resolve and load the teacher; a missing model or the wrong kind is a one-line KalmError."""
+    fp = teacher_fingerprint(spec, root, devices)
+    path = _checked_path(spec, root)
+    if spec.kind == "embedding":
         enc = load_encoder(spec.model, root, spec.max_seq_length, spec.precision, devices)
-        return Teacher("embedding", spec.model, path, f"{fp}-{enc.precision}", encoder=enc)
+        return Teacher("embedding", spec.model, path, fp, encoder=enc)
     from sentence_transformers import CrossEncoder
 
     try:
@@ -270,22 +286,20 @@ def run_score_recipe(
     m_in = read_manifest(root, src)
     if m_in is None:
         raise KalmError(f"{root.full_uri(src)} is missing or incomplete; mine {stage}/{recipe} first")
-    t = teacher or _teacher_for(cfg, root)
+    fp = teacher.fingerprint if teacher is not None else teacher_fingerprint(cfg.teacher, root, cfg.devices)
     inputs = {"mined": src, "fingerprint": m_in.get("fingerprint"), "schema_version": SCHEMA_VERSION}
     input_fp, cfg_hash = hash_obj(inputs), cfg.config_hash()
     old = read_manifest(root, scored_dir(stage, recipe))
     if (
         not force
         and old is not None
-        and (old.get("teacher") or {}).get("fingerprint") == t.fingerprint
+        and (old.get("teacher") or {}).get("fingerprint") == fp
         and old.get("config_hash") == cfg_hash
         and old.get("input_fingerprint") == input_fp
     ):
         log.info("scored %s/%s: unchanged teacher, config and inputs: cache hit", stage, recipe)
         return _result(root, stage, recipe, old, True, t_start)
-    job_id = hash_obj(
-        {"teacher": t.fingerprint, "config": cfg_hash, "inputs": input_fp, "chunk": cfg.chunk_rows}, 12
-    )
+    job_id = hash_obj({"teacher": fp, "config": cfg_hash, "inputs": input_fp, "chunk": cfg.chunk_rows}, 12)
     work = f"{scored_work_dir(stage, recipe)}/{job_id}"
     table = read_rows(root, src)
     n = table.num_rows
@@ -301,6 +315,7 @@ def run_score_recipe(
             len(markers),
             n_chunks,
         )
+    t = teacher or _teacher_for(cfg, root)  # loaded only when something is left to score
     store = None
     if t.encoder is not None:
         where = embedding_cache_dir(t.encoder.key) if cfg.cache else f"{work}/embeddings"
@@ -372,16 +387,16 @@ def run_score_recipe(
 def run_score_stage(
     root: DataRoot, stage: str, cfg: ScoreConfig, recipes: list[str] | None = None, force: bool = False
 ) -> list[StageResult]:
-    """Score every mined recipe of ``stage`` (or only ``recipes``), one teacher load for all."""
+    """Score every mined recipe of ``stage`` (or only ``recipes``); the teacher loads once, and only if a
+    recipe is not a cache hit."""
     names = [n for n in root.list_dirs(mined_root(stage)) if not n.startswith("_")]
     unknown = sorted(set(recipes or []) - set(names))
     if unknown:
         raise KalmError(f"no mined rows for {unknown} in {root.full_uri(mined_root(stage))}; mine them first")
-    todo = recipes or names
-    if not todo:
+    chosen = recipes or names
+    if not chosen:
         raise KalmError(f"nothing to score: {root.full_uri(mined_root(stage))} has no mined recipes")
-    teacher = _teacher_for(cfg, root)
-    return [run_score_recipe(root, stage, n, cfg, force, teacher=teacher) for n in todo]
+    return [run_score_recipe(root, stage, n, cfg, force) for n in chosen]
 
 
 def _result(
