@@ -609,7 +609,7 @@ def mining_line(name: str, r: dict[str, Any]) -> str:
     )
     if r.get("timing"):
         t = r["timing"]
-        line += f"\n{'':14s}ours parts: index {t['index_s']:.2f} s, search {t['search_s']:.2f} s, "
+        line += f"\n{'':14s}ours parts: search {t['search_s']:.2f} s, "
         line += f"sample {t['sample_s']:.2f} s; drops {r['drops']}"
     if r.get("warm_s") is not None:
         line += (

@@ -28,7 +28,8 @@ from kalm.core.storage import DataRoot, read_manifest, read_rows
 from kalm.mining.cache import EmbeddingStore, embed_texts, text_key
 from kalm.mining.config import MineConfig, load_mine_config
 from kalm.mining.encode import Encoder, load_encoder
-from kalm.mining.mine import run_mine_recipe, run_mine_stage, stale_negatives
+from kalm.mining.mine import run_mine_recipe, run_mine_stage
+from kalm.mining.report import stale_negatives
 from kalm.mining.sample import effective_window, norm_key
 
 REPO = Path(__file__).resolve().parents[1]

@@ -68,7 +68,8 @@ def mine(
 
     cfg = load_mine_config(config)  # config mistakes fail before torch is imported
     root = DataRoot.from_uri(data_root)
-    from kalm.mining.mine import report_markdown, run_mine_stage, stale_negatives
+    from kalm.mining.mine import run_mine_stage
+    from kalm.mining.report import report_markdown, stale_negatives
 
     results = run_mine_stage(root, stage, model or cfg.model, cfg, recipes=recipe or None, force=force)
     typer.echo(report_markdown(results, f"Mining report: {stage}"))
@@ -129,7 +130,7 @@ def stale(
     cfg = load_mine_config(config)
     root = DataRoot.from_uri(data_root)
     from kalm.mining.encode import miner_fingerprint
-    from kalm.mining.mine import stale_negatives
+    from kalm.mining.report import stale_negatives
 
     fp = miner_fingerprint(model or cfg.model, root)
     names = stale_negatives(root, stage, fp)

@@ -23,7 +23,7 @@ import logging
 import os
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -40,6 +40,7 @@ from kalm.mining.encode import Encoder
 log = logging.getLogger(__name__)
 
 KEY_BYTES = 16
+Sink = Callable[[np.ndarray, np.ndarray], None]  # (indices, vectors (len, D) float32) -> stored somewhere
 SHARD_SCHEMA = pa.schema(
     [
         pa.field("key", pa.binary(KEY_BYTES), nullable=False),
@@ -132,13 +133,23 @@ class EmbeddingStore:
 
         Corrupt entries count as not found; their shard is rewritten without them.
         """
+        out = np.zeros((len(keys), self.dim), dtype=np.float32)
+
+        def sink(idx: np.ndarray, vecs: np.ndarray) -> None:
+            out[idx] = vecs
+
+        found, corrupt = self.lookup_into(keys, sink)
+        return out, found, corrupt
+
+    def lookup_into(self, keys: np.ndarray, sink: Sink) -> tuple[np.ndarray, int]:
+        """As :meth:`lookup`, but each shard's hits go to ``sink(indices into keys, vectors)`` as the shard is
+        read: host memory is one shard, whatever the number of keys (the caller may write to a memmap)."""
         self.refresh()
         assert self._sorted is not None
         skeys, sshard, srow = self._sorted
-        out = np.zeros((len(keys), self.dim), dtype=np.float32)
         found = np.zeros(len(keys), dtype=bool)
         if len(skeys) == 0 or len(keys) == 0:
-            return out, found, 0
+            return found, 0
         pos = np.searchsorted(skeys, keys)
         pos_c = np.minimum(pos, len(skeys) - 1)
         hit = (pos < len(skeys)) & (skeys[pos_c] == keys)
@@ -161,13 +172,19 @@ class EmbeddingStore:
                 self._delete(name)
                 continue
             bad_rows: list[int] = []
+            good: list[int] = []
+            blobs: list[bytes] = []
             for i, r in zip(sel, rows, strict=True):
                 blob = vec_col[r]
                 if len(blob) != 4 * self.dim or zlib.crc32(blob) != int(crc_col[r]):
                     bad_rows.append(int(r))
                     continue
-                out[i] = np.frombuffer(blob, dtype=np.float32)
-                found[i] = True
+                good.append(int(i))
+                blobs.append(blob)
+            if good:
+                idx = np.array(good, dtype=np.int64)
+                sink(idx, np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(good), self.dim))
+                found[idx] = True
             if bad_rows:
                 corrupt += len(bad_rows)
                 log.warning(
@@ -180,7 +197,7 @@ class EmbeddingStore:
                 self._drop_rows(name, bad_rows)
         if corrupt:
             self._reindex()
-        return out, found, corrupt
+        return found, corrupt
 
     def _drop_rows(self, name: str, bad_rows: list[int]) -> None:
         """Rewrite a shard without its corrupt rows (under a new content name), then delete the old one."""
@@ -230,9 +247,12 @@ def embed_texts(
     progress: bool = False,
     desc: str = "encode",
     executor: Executor | None = None,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Vectors for ``texts`` (formatted, as the model sees them): (N, D) float32, from the store where valid.
 
+    ``out``: an (N, D) float32 array to fill and return (e.g. an ``np.memmap``: vectors go there shard by
+    shard, so host memory stays one cache shard, whatever N); default a new array.
     Missing texts are encoded in a fixed order (characters desc, then key; batches within a shard by token
     count) and stored one shard per ``shard_texts``; a rerun after a kill finds the finished shards and
     re-forms exactly the same groups and batches for the rest, so its vectors are bit-identical to an
@@ -246,7 +266,12 @@ def embed_texts(
     shards_before = store.corrupt_shards
     keys = np.array([text_key(t) for t in texts], dtype=f"S{KEY_BYTES}")
     ukeys, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    vecs, found, corrupt = store.lookup(ukeys)
+    if out is None:
+        out = np.zeros((len(texts), store.dim), dtype=np.float32)
+    elif out.shape != (len(texts), store.dim):
+        raise ValueError(f"out has shape {out.shape}, not ({len(texts)}, {store.dim})")
+    scatter = _Scatter(inverse.reshape(-1), len(ukeys), out)
+    found, corrupt = store.lookup_into(ukeys, scatter)
     missing = np.nonzero(~found)[0]
     if len(missing):
         mtexts = [texts[int(first[i])] for i in missing]
@@ -257,12 +282,11 @@ def embed_texts(
         texts_of = [[mtexts[i] for i in g] for g in groups]
         if executor is not None and executor.workers > 1 and len(groups) > 1:
             _encode_units(executor, encoder, store, texts_of, batch_size)
-            v, ok, _ = store.lookup(ukeys[missing])
+            ok, _ = store.lookup_into(ukeys[missing], lambda idx, v: scatter(missing[idx], v))
             if not ok.all():
                 raise KalmError(
                     f"{int((~ok).sum())} texts encoded by the workers are missing from {store.rel}"
                 )
-            vecs[missing] = v
         else:
             bar = _bar(len(missing), desc) if progress else None
             with ThreadPoolExecutor(1) as tokenizer:  # the next shard is tokenized while this one encodes
@@ -274,7 +298,7 @@ def embed_texts(
                     update = bar.update if bar is not None else None
                     v = encoder.encode(texts_of[j], batch_size=batch_size, ids=ids, progress=update)
                     store.put(ukeys[missing[grp]], v)
-                    vecs[missing[grp]] = v
+                    scatter(missing[grp], v)
             if bar is not None:
                 bar.close()
     seconds = time.perf_counter() - t0
@@ -288,7 +312,25 @@ def embed_texts(
         "encode_s": round(seconds, 3),
         "encoded_per_s": round(len(missing) / seconds, 1) if len(missing) and seconds > 0 else None,
     }
-    return vecs[inverse.reshape(-1)], stats
+    return out, stats
+
+
+class _Scatter:
+    """Writes the vectors of unique texts to every row of ``out`` that holds that text (``inverse``: row ->
+    unique index, as ``np.unique`` gives it)."""
+
+    def __init__(self, inverse: np.ndarray, n_unique: int, out: np.ndarray) -> None:
+        self.order = np.argsort(inverse, kind="stable")  # rows grouped by unique index
+        counts = np.bincount(inverse, minlength=n_unique)
+        self.starts = np.concatenate([[0], np.cumsum(counts)])
+        self.out = out
+
+    def __call__(self, uidx: np.ndarray, vecs: np.ndarray) -> None:
+        uidx = np.asarray(uidx, dtype=np.int64)
+        counts = self.starts[uidx + 1] - self.starts[uidx]
+        within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        rows = self.order[np.repeat(self.starts[uidx], counts) + within]
+        self.out[rows] = np.repeat(np.asarray(vecs, dtype=np.float32), counts, axis=0)
 
 
 _WORKER_ENCODERS: dict[tuple[Any, ...], Encoder] = {}  # per worker process: the model loads once

@@ -61,7 +61,12 @@ class IndexSpec(StrictModel):
 
 
 class SearchSpec(StrictModel):
+    """How the pool is searched; none of it changes the result (exact merges), only memory and time."""
+
     query_batch: int = Field(4096, ge=1)  # queries per search call (bounds the score matrix)
+    block_mb: float = Field(1024, gt=0)  # pool vectors indexed at a time (MiB of float32): host memory bound
+    pass_queries: int = Field(1_000_000, ge=1)  # queries whose running top-k is held at once (~12 B x depth)
+    scratch_dir: str | None = None  # local folder for the vector files (memmaps); default: the system temp
 
 
 class MineConfig(StrictModel):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,7 @@ from kalm.mining.chunks import finished_chunks, folder_result, pre_drops, publis
 from kalm.mining.config import MineConfig
 from kalm.mining.encode import Encoder, load_encoder, show_progress
 from kalm.mining.pool import Keys, Pool, build_pool, load_corpus, most_common, pool_labels
+from kalm.mining.report import summary
 from kalm.mining.sample import (
     ChunkCandidates,
     Window,
@@ -53,7 +55,7 @@ from kalm.mining.sample import (
     row_seeds,
     sample_negatives,
 )
-from kalm.mining.search import Searcher, build_searcher
+from kalm.mining.search import BlockSearch, block_rows, pair_scores, search_blocks
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +85,14 @@ class MineJob:
     labels: list[str] = field(default_factory=list)
     row_label: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     pool_label: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    pool_vecs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    pool_vecs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # memmaps
     q_vecs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     q_row: dict[int, int] = field(default_factory=dict)
-    searcher: Searcher | None = None
+    found: BlockSearch | None = None  # the current pass's top-k, rows from ``first``
+    pos_score: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    first: int = 0
     timing: dict[str, float] = field(
-        default_factory=lambda: {"encode_s": 0.0, "index_s": 0.0, "search_s": 0.0, "sample_s": 0.0}
+        default_factory=lambda: {"encode_s": 0.0, "search_s": 0.0, "sample_s": 0.0}
     )
 
     def _source_negatives(self, r: int) -> tuple[list[str], list[int]]:
@@ -113,20 +117,46 @@ class MineJob:
             stats["drops"][reason] = len(ok)
         return write_chunk(self.root, self.work, i, self.table.slice(rows.start, 0), stats, None)
 
+    def passes(self, pending: list[int]) -> list[list[int]]:
+        """Pending chunks in runs of consecutive encoded queries, at most ``search.pass_queries`` each."""
+        out: list[list[int]] = []
+        size = 0
+        for i in pending:
+            n = sum(1 for r in self.rows_of(i) if r in self.q_row)
+            if not out or size + n > self.cfg.search.pass_queries:
+                out.append([])
+                size = 0
+            out[-1].append(i)
+            size += n
+        return out
+
+    def search(self, chunks: list[int]) -> None:
+        """Top-k over the whole pool (block by block) for the encoded queries of ``chunks``, and each
+        query's lowest positive score: both held for :meth:`mine_chunk` until the next pass."""
+        assert self.window is not None
+        t0 = time.perf_counter()
+        todo = [r for i in chunks for r in self.rows_of(i) if r in self.q_row]
+        self.first = self.q_row[todo[0]] if todo else 0
+        queries = self.q_vecs[self.first : self.first + len(todo)]  # consecutive: a view, not a copy
+        spec = self.cfg.search
+        rows = block_rows(self.pool_vecs.shape[1], spec.block_mb, len(self.pool_vecs))
+        depth = self.window.depth
+        self.found = search_blocks(self.pool_vecs, queries, depth, self.cfg.index, spec.query_batch, rows)
+        q_idx = np.array([j for j, r in enumerate(todo) for _ in self.own_pos[r]], dtype=np.int64)
+        p_idx = np.array([p for r in todo for p in self.own_pos[r]], dtype=np.int64)
+        pairs = pair_scores(self.pool_vecs, queries, q_idx, p_idx, rows)
+        self.pos_score = np.full(len(todo), np.inf, dtype=np.float32)
+        np.minimum.at(self.pos_score, q_idx, pairs)
+        self.timing["search_s"] = round(self.timing["search_s"] + time.perf_counter() - t0, 3)
+
     def mine_chunk(self, i: int) -> dict[str, Any]:
-        """Search, filter and sample one chunk of queries; write its rows and marker."""
-        assert self.searcher is not None and self.window is not None
+        """Filter and sample one chunk of queries (searched by :meth:`search`); write its rows and marker."""
+        assert self.found is not None and self.window is not None
         rows = self.rows_of(i)
         ok, stats = pre_drops(self.cols, self.own_pos, rows)
         t0 = time.perf_counter()
-        dim = self.pool_vecs.shape[1]
-        qv = self.q_vecs[[self.q_row[r] for r in ok]] if ok else np.zeros((0, dim), np.float32)
-        scores, ids = self.searcher.search(qv, self.window.depth)
-        self.timing["search_s"] = round(self.timing["search_s"] + time.perf_counter() - t0, 3)
-        t0 = time.perf_counter()
-        pos_score = np.array(
-            [float((self.pool_vecs[self.own_pos[r]] @ qv[j]).min()) for j, r in enumerate(ok)], np.float32
-        )
+        at = np.array([self.q_row[r] - self.first for r in ok], dtype=np.int64)
+        scores, ids, pos_score = self.found.scores[at], self.found.ids[at], self.pos_score[at]
         group_pos = [sorted(self.group[self.qnorm[r]]) for r in ok]
         src_negs, src_labels = zip(*(self._source_negatives(r) for r in ok), strict=False) if ok else ((), ())
         cand = ChunkCandidates(
@@ -157,7 +187,7 @@ class MineJob:
         chunk = self.table.slice(rows.start, len(rows))
         out = with_negatives(chunk, keep, negs, neg_labels)
         self.timing["sample_s"] = round(self.timing["sample_s"] + time.perf_counter() - t0, 3)
-        return write_chunk(self.root, self.work, i, out, stats, self.searcher.lineage())
+        return write_chunk(self.root, self.work, i, out, stats, self.found.lineage)
 
 
 def _result(
@@ -242,15 +272,20 @@ def run_mine_recipe(
             where = embedding_cache_dir(enc.key) if cfg.cache else f"{job.work}/embeddings"
             store = EmbeddingStore(root, where, enc.dim)
         own = executor is None and cfg.executor.kind != "single"
-        with make_executor(cfg.executor) if own else contextlib.nullcontext(executor) as ex:
-            enc_stats = _encode(job, enc, store, pending, recipe, ex)
-        bar = _bar(len(pending), f"mine {recipe}") if show_progress() else None
-        for i in pending:
-            markers[i] = job.mine_chunk(i)
+        # vectors live in local files (memmaps): host memory holds a cache shard, a search block, a pass
+        with tempfile.TemporaryDirectory(prefix="kalm-mine-", dir=cfg.search.scratch_dir) as scratch:
+            with make_executor(cfg.executor) if own else contextlib.nullcontext(executor) as ex:
+                enc_stats = _encode(job, enc, store, pending, recipe, ex, scratch)
+            bar = _bar(len(pending), f"mine {recipe}") if show_progress() else None
+            for group in job.passes(pending):
+                job.search(group)
+                for i in group:
+                    markers[i] = job.mine_chunk(i)
+                    if bar is not None:
+                        bar.update(1)
             if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
+                bar.close()
+            job.pool_vecs = job.q_vecs = np.zeros((0, 0), np.float32)  # the files' last references
     elif pending:  # window is None: pool smaller than the window and small_pool: drop
         for i in pending:
             markers[i] = job.drop_chunk(i, "pool_smaller_than_window")
@@ -365,28 +400,32 @@ def _encode(
     store: EmbeddingStore,
     pending: list[int],
     recipe: str,
-    executor: Executor | None = None,
+    executor: Executor | None,
+    scratch: str,
 ) -> dict[str, Any]:
-    """Embed the pool and the pending chunks' minable queries (through the cache); build the index."""
+    """Embed the pool and the pending chunks' minable queries (through the cache) into ``scratch/vectors.npy``
+    (a memmap: pool rows first, then the queries)."""
     todo = [r for i in pending for r in job.rows_of(i) if job.cols["query"][r].strip() and job.own_pos[r]]
     q_texts = [enc.format_query(job.cols["query"][r], job.cols["instruction"][r]) for r in todo]
+    texts = job.pool.formatted + q_texts
+    out = np.lib.format.open_memmap(
+        f"{scratch}/vectors.npy", mode="w+", dtype=np.float32, shape=(len(texts), enc.dim)
+    )
     vecs, enc_stats = embed_texts(
         enc,
-        job.pool.formatted + q_texts,
+        texts,
         store,
         batch_size=job.cfg.batch_size,
         shard_texts=job.cfg.cache_shard_texts,
         progress=show_progress(),
         desc=f"encode {recipe}",
         executor=executor,
+        out=out,
     )
     job.timing["encode_s"] = enc_stats["encode_s"]
     job.pool_vecs = vecs[: len(job.pool.texts)]
     job.q_vecs = vecs[len(job.pool.texts) :]
     job.q_row = {r: j for j, r in enumerate(todo)}
-    t0 = time.perf_counter()
-    job.searcher = build_searcher(job.pool_vecs, job.cfg.index, job.cfg.search.query_batch)
-    job.timing["index_s"] = round(time.perf_counter() - t0, 3)
     return enc_stats
 
 
@@ -446,47 +485,3 @@ def run_mine_stage(
     }
     root.write_json(f"{mined_root(stage)}/{MANIFEST}", report)
     return results
-
-
-def summary(r: StageResult) -> dict[str, Any]:
-    """The few numbers a report shows for one mined recipe."""
-    m = r.manifest
-    s = m.get("stats", {})
-    return {
-        "rows_in": m["rows_in"],
-        "rows_out": m["rows_out"],
-        "drops": m.get("drops", {}),
-        "short_rows": s.get("short_rows", 0),
-        "positive_rank_hist": s.get("positive_rank_hist", {}),
-        "encoded": m.get("encode", {}).get("encoded", 0),
-        "cached": r.cached,
-    }
-
-
-def stale_negatives(root: DataRoot, stage: str, model_fingerprint: str) -> list[str]:
-    """Recipes under ``mined/<stage>/`` whose negatives a model other than ``model_fingerprint`` mined."""
-    stale = []
-    for name in root.list_dirs(mined_root(stage)):
-        m = read_manifest(root, mined_dir(stage, name))
-        if m is not None and m.get("miner", {}).get("fingerprint") != model_fingerprint:
-            stale.append(name)
-    return stale
-
-
-def report_markdown(results: list[StageResult], title: str = "Mining report") -> str:
-    """A Markdown table: rows in/out, drops by reason, short rows, encoded texts, cache hit."""
-    lines = [
-        f"## {title}",
-        "",
-        "| recipe | rows in | rows out | drops | short rows | best positive rank | encoded | cache hit |",
-        "|---|---:|---:|---|---:|---|---:|---|",
-    ]
-    for r in results:
-        s = summary(r)
-        drops = ", ".join(f"{k} {v}" for k, v in s["drops"].items()) or "-"
-        hist = ", ".join(f"{k}: {v}" for k, v in s["positive_rank_hist"].items()) or "-"
-        lines.append(
-            f"| {r.name} | {s['rows_in']} | {s['rows_out']} | {drops} | {s['short_rows']} | {hist} "
-            f"| {s['encoded']} | {'yes' if s['cached'] else 'no'} |"
-        )
-    return "\n".join(lines)

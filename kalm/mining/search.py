@@ -21,6 +21,7 @@ too big for exact search.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,9 +113,8 @@ class Searcher:
             return scores, ids
         if self.backend == "faiss-gpu" and k > FAISS_GPU_MAX_K:
             raise KalmError(f"faiss-gpu retrieves at most {FAISS_GPU_MAX_K} per query; search depth is {k}")
-        q = np.ascontiguousarray(queries, dtype=np.float32)
-        for s in range(0, n, self.query_batch):
-            part = q[s : s + self.query_batch]
+        for s in range(0, n, self.query_batch):  # queries may be a memmap: one batch in memory at a time
+            part = np.ascontiguousarray(queries[s : s + self.query_batch], dtype=np.float32)
             if self.backend == "torch":
                 scores[s : s + len(part)], ids[s : s + len(part)] = self._torch_search(part, k)
             else:
@@ -185,3 +185,98 @@ def build_searcher(pool: np.ndarray, spec: IndexSpec, query_batch: int = 4096) -
             faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", params["nprobe"])
     index.add(pool)
     return Searcher(backend, index, n, query_batch, params)
+
+
+@dataclass
+class BlockSearch:
+    """What :func:`search_blocks` found: per query the ``k`` best (scores, global pool ids), best first."""
+
+    scores: np.ndarray
+    ids: np.ndarray
+    lineage: dict[str, Any]
+
+
+def block_rows(dim: int, block_mb: float, size: int) -> int:
+    """Pool rows per block: ``block_mb`` MiB of float32 vectors (at least one row, at most the pool).
+
+    >>> block_rows(384, 1024, 10_000_000)
+    699050
+    """
+    return max(1, min(size, int(block_mb * (1 << 20)) // (4 * max(1, dim))))
+
+
+def search_blocks(
+    pool: np.ndarray, queries: np.ndarray, k: int, spec: IndexSpec, query_batch: int, rows: int
+) -> BlockSearch:
+    """Top-k of every query over a pool searched ``rows`` vectors at a time (``pool`` and ``queries`` may be
+    memmaps): each block is indexed on its own (on every GPU of the node when there are GPUs), searched for
+    all queries, and merged exactly into the running top-k (:func:`merge_sorted`), so host memory holds one
+    block and its index, never the pool. ``ivf`` builds one index (trained on at most one block's worth of
+    evenly spaced vectors), filled block by block: an IVF-Flat index holds the pool's vectors itself."""
+    size, n = len(pool), len(queries)
+    k = min(int(k), size)
+    blocks = [(a, min(size, a + rows)) for a in range(0, size, rows)]
+    if spec.type == "ivf":
+        step = max(1, math.ceil(size / rows))
+        searcher = build_searcher(np.ascontiguousarray(pool[::step], dtype=np.float32), spec, query_batch)
+        if size > rows:  # trained on a sample: filled with the whole pool, block by block
+            searcher = _refill(searcher, pool, blocks)
+        scores, ids = searcher.search(queries, k)
+        return BlockSearch(scores, ids, {**searcher.lineage(), "blocks": len(blocks), "block_rows": rows})
+    best_s = np.full((n, 0), -np.inf, dtype=np.float32)
+    best_i = np.zeros((n, 0), dtype=np.int64)
+    lineage: dict[str, Any] = {}
+    for a, b in blocks:
+        searcher = build_searcher(np.ascontiguousarray(pool[a:b], dtype=np.float32), spec, query_batch)
+        s, i = searcher.search(queries, min(k, b - a))
+        best_s, best_i = merge_sorted(best_s, best_i, s, i + a, k)
+        lineage = searcher.lineage()
+        del searcher
+    lineage.update(size=size, blocks=len(blocks), block_rows=rows)
+    return BlockSearch(best_s, best_i, lineage)
+
+
+def _refill(searcher: Searcher, pool: np.ndarray, blocks: list[tuple[int, int]]) -> Searcher:
+    """An IVF searcher trained on a sample, emptied and filled with every block of the pool in order."""
+    searcher.index.reset()
+    for a, b in blocks:
+        searcher.index.add(np.ascontiguousarray(pool[a:b], dtype=np.float32))
+    searcher.size = len(pool)
+    return searcher
+
+
+def merge_sorted(
+    best_s: np.ndarray, best_i: np.ndarray, s: np.ndarray, i: np.ndarray, k: int, batch: int = 65536
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of two best-first top-k lists per row (a running one and a later block's), best first;
+    equal scores keep the running list's (lower) ids first, as one search over the whole pool would."""
+    n, k = len(s), min(k, best_s.shape[1] + s.shape[1])
+    out_s = np.empty((n, k), dtype=np.float32)
+    out_i = np.empty((n, k), dtype=np.int64)
+    for r in range(0, n, batch):  # the sort's temporaries stay small
+        vals = np.concatenate([best_s[r : r + batch], s[r : r + batch]], axis=1)
+        idx = np.concatenate([best_i[r : r + batch], i[r : r + batch]], axis=1)
+        order = np.argsort(-vals, axis=1, kind="stable")[:, :k]
+        out_s[r : r + batch] = np.take_along_axis(vals, order, axis=1)
+        out_i[r : r + batch] = np.take_along_axis(idx, order, axis=1)
+    return out_s, out_i
+
+
+def pair_scores(
+    pool: np.ndarray, queries: np.ndarray, q_idx: np.ndarray, p_idx: np.ndarray, rows: int
+) -> np.ndarray:
+    """Inner products ``queries[q_idx[j]] . pool[p_idx[j]]`` for every pair j, reading the pool one block of
+    ``rows`` vectors at a time (both may be memmaps)."""
+    out = np.empty(len(q_idx), dtype=np.float32)
+    order = np.argsort(p_idx, kind="stable")
+    p_sorted = p_idx[order]
+    for a in range(0, len(pool), rows):
+        lo, hi = np.searchsorted(p_sorted, [a, a + rows])
+        if lo == hi:
+            continue
+        sel = order[lo:hi]
+        block = np.asarray(pool[a : a + rows], dtype=np.float32)
+        uq, where = np.unique(q_idx[sel], return_inverse=True)  # sorted: the memmap is read in order
+        qv = np.asarray(queries[uq], dtype=np.float32)
+        out[sel] = np.einsum("ij,ij->i", qv[where.reshape(-1)], block[p_idx[sel] - a])
+    return out

@@ -356,7 +356,7 @@ def _mined_lineage(r: StageResult) -> dict[str, Any]:
 
 def _stale(p: Pipeline, mined: list[StageResult], mine_names: dict[str, list[str]]) -> dict[str, list[str]]:
     """Recipes of the pipeline whose negatives on disk came from a model other than this run's miner."""
-    from kalm.mining.mine import stale_negatives
+    from kalm.mining.report import stale_negatives
 
     fps = sorted({str(fp) for r in mined if (fp := (r.lineage.get("miner") or {}).get("fingerprint"))})
     if not fps:
