@@ -55,7 +55,7 @@ from kalm.mining.sample import (
     row_seeds,
     sample_negatives,
 )
-from kalm.mining.search import BlockSearch, block_rows, pair_scores, search_blocks
+from kalm.mining.search import BlockSearch, block_rows, pair_scores, search_blocks, search_sharded
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ class MineJob:
     found: BlockSearch | None = None  # the current pass's top-k, rows from ``first``
     pos_score: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     first: int = 0
+    vectors: str = ""  # the vector file (pool rows, then queries)
     timing: dict[str, float] = field(
         default_factory=lambda: {"encode_s": 0.0, "search_s": 0.0, "sample_s": 0.0}
     )
@@ -130,9 +131,10 @@ class MineJob:
             size += n
         return out
 
-    def search(self, chunks: list[int]) -> None:
-        """Top-k over the whole pool (block by block) for the encoded queries of ``chunks``, and each
-        query's lowest positive score: both held for :meth:`mine_chunk` until the next pass."""
+    def search(self, chunks: list[int], executor: Executor | None = None) -> None:
+        """Top-k over the whole pool (block by block; over the executor's workers when it has several) for
+        the encoded queries of ``chunks``, and each query's lowest positive score: both held for
+        :meth:`mine_chunk` until the next pass."""
         assert self.window is not None
         t0 = time.perf_counter()
         todo = [r for i in chunks for r in self.rows_of(i) if r in self.q_row]
@@ -141,7 +143,12 @@ class MineJob:
         spec = self.cfg.search
         rows = block_rows(self.pool_vecs.shape[1], spec.block_mb, len(self.pool_vecs))
         depth = self.window.depth
-        self.found = search_blocks(self.pool_vecs, queries, depth, self.cfg.index, spec.query_batch, rows)
+        size = len(self.pool_vecs)
+        if executor is not None and executor.workers > 1 and size > rows and self.cfg.index.type == "flat":
+            where = (self.first, len(todo))
+            self.found = search_sharded(executor, self.vectors, size, where, depth, self.cfg.index, rows)
+        else:
+            self.found = search_blocks(self.pool_vecs, queries, depth, self.cfg.index, spec.query_batch, rows)
         q_idx = np.array([j for j, r in enumerate(todo) for _ in self.own_pos[r]], dtype=np.int64)
         p_idx = np.array([p for r in todo for p in self.own_pos[r]], dtype=np.int64)
         pairs = pair_scores(self.pool_vecs, queries, q_idx, p_idx, rows)
@@ -273,12 +280,14 @@ def run_mine_recipe(
             store = EmbeddingStore(root, where, enc.dim)
         own = executor is None and cfg.executor.kind != "single"
         # vectors live in local files (memmaps): host memory holds a cache shard, a search block, a pass
-        with tempfile.TemporaryDirectory(prefix="kalm-mine-", dir=cfg.search.scratch_dir) as scratch:
-            with make_executor(cfg.executor) if own else contextlib.nullcontext(executor) as ex:
-                enc_stats = _encode(job, enc, store, pending, recipe, ex, scratch)
+        with (
+            tempfile.TemporaryDirectory(prefix="kalm-mine-", dir=cfg.search.scratch_dir) as scratch,
+            make_executor(cfg.executor) if own else contextlib.nullcontext(executor) as ex,
+        ):
+            enc_stats = _encode(job, enc, store, pending, recipe, ex, scratch)
             bar = _bar(len(pending), f"mine {recipe}") if show_progress() else None
             for group in job.passes(pending):
-                job.search(group)
+                job.search(group, ex)
                 for i in group:
                     markers[i] = job.mine_chunk(i)
                     if bar is not None:
@@ -408,9 +417,8 @@ def _encode(
     todo = [r for i in pending for r in job.rows_of(i) if job.cols["query"][r].strip() and job.own_pos[r]]
     q_texts = [enc.format_query(job.cols["query"][r], job.cols["instruction"][r]) for r in todo]
     texts = job.pool.formatted + q_texts
-    out = np.lib.format.open_memmap(
-        f"{scratch}/vectors.npy", mode="w+", dtype=np.float32, shape=(len(texts), enc.dim)
-    )
+    job.vectors = f"{scratch}/vectors.npy"
+    out = np.lib.format.open_memmap(job.vectors, mode="w+", dtype=np.float32, shape=(len(texts), enc.dim))
     vecs, enc_stats = embed_texts(
         enc,
         texts,
@@ -422,6 +430,7 @@ def _encode(
         executor=executor,
         out=out,
     )
+    out.flush()  # search workers read the file (other processes; other nodes on a shared folder)
     job.timing["encode_s"] = enc_stats["encode_s"]
     job.pool_vecs = vecs[: len(job.pool.texts)]
     job.q_vecs = vecs[len(job.pool.texts) :]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -280,3 +281,51 @@ def pair_scores(
         qv = np.asarray(queries[uq], dtype=np.float32)
         out[sel] = np.einsum("ij,ij->i", qv[where.reshape(-1)], block[p_idx[sel] - a])
     return out
+
+
+def search_sharded(
+    executor: Any, path: str, pool_rows: int, queries: tuple[int, int], k: int, spec: IndexSpec, rows: int
+) -> BlockSearch:
+    """:func:`search_blocks` with the pool split into one contiguous range of blocks per worker of the data
+    stage's engine (local processes, or Ray across nodes, a GPU each with ``executor.gpus``); every worker
+    reads its range and the queries from the vector file at ``path`` (``queries``: first row and count after
+    the pool's ``pool_rows``; on several nodes the file must be on a folder every node mounts) and returns
+    its top-k; the ranges' lists are merged exactly, in range order."""
+    blocks = math.ceil(pool_rows / rows)
+    units = max(1, min(executor.workers, blocks))
+    cuts = [min(pool_rows, round(u * blocks / units) * rows) for u in range(units + 1)]
+    threads = max(1, (os.cpu_count() or 1) // units) if executor.kind == "local" else 0
+    common = {"path": path, "pool_rows": pool_rows, "queries": list(queries), "k": k, "rows": rows}
+    calls = [
+        {"unit": f"search-{u}", "a": a, "b": b, "index": spec.model_dump(), "threads": threads, **common}
+        for u, (a, b) in enumerate(zip(cuts[:-1], cuts[1:], strict=True))
+    ]
+    parts = executor.map(search_unit, calls)
+    best_s, best_i = parts[0]["scores"], parts[0]["ids"]
+    for p in parts[1:]:
+        best_s, best_i = merge_sorted(best_s, best_i, p["scores"], p["ids"], k)
+    lineage = {**parts[0]["lineage"], "size": pool_rows, "blocks": blocks, "block_rows": rows}
+    return BlockSearch(best_s, best_i, {**lineage, "units": units, "executor": executor.kind})
+
+
+def search_unit(
+    unit: str,
+    path: str,
+    pool_rows: int,
+    queries: list[int],
+    a: int,
+    b: int,
+    k: int,
+    index: dict[str, Any],
+    rows: int,
+    threads: int,
+) -> dict[str, Any]:
+    """One worker's share of :func:`search_sharded`: pool rows [a, b) of the vector file against the queries;
+    ids are global pool ids."""
+    if threads:
+        _faiss().omp_set_num_threads(threads)
+    vecs = np.load(path, mmap_mode="r")
+    first, n = queries
+    q = vecs[pool_rows + first : pool_rows + first + n]
+    found = search_blocks(vecs[a:b], q, k, IndexSpec(**index), 4096, rows)
+    return {"scores": found.scores, "ids": found.ids + a, "lineage": found.lineage}
