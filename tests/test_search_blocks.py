@@ -3,7 +3,9 @@ block, and the same mined rows whatever the block and pass sizes."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -109,20 +111,33 @@ def test_mined_rows_do_not_depend_on_block_or_pass_size(tmp_path: Path) -> None:
     assert m["index"]["blocks"] > 10 and m["index"]["block_rows"] == 6
 
 
-def test_pool_search_sharded_over_worker_processes(tmp_path: Path) -> None:
-    """`executor: {kind: local, workers: 2}` with a pool of several blocks: each worker searches its range
-    of blocks from the vector file, the lists are merged exactly: the same mined rows as one process."""
+@pytest.fixture(scope="module")
+def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip("the ray extra is not installed")
+    from tests.raycluster import ray_cluster
+
+    with ray_cluster(tmp_path_factory.mktemp("ray")) as address:
+        yield address
+
+
+@pytest.mark.parametrize("kind", ["local", "ray"])
+def test_pool_search_sharded_over_workers(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """`executor: {kind: local|ray, workers: 2}` (ray: a real cluster on loopback) with a pool of several
+    blocks: each worker searches its range of blocks from the vector file, the lists are merged exactly:
+    the same mined rows as one process."""
     from kalm.data.executors import ExecutorSpec
 
+    address = request.getfixturevalue("ray_address") if kind == "ray" else None
     enc = load_encoder("minilm", None, precision="fp32")
     rows = make_rows(all_pairs(20, 6))
     roots = [DataRoot.from_uri(str(tmp_path / name)) for name in ("one", "two")]
     search = SearchSpec(block_mb=0.05)  # 34-row blocks
-    for r, kind, workers in ((roots[0], "single", 1), (roots[1], "local", 2)):
+    for r, spec in (
+        (roots[0], ExecutorSpec()),
+        (roots[1], ExecutorSpec(kind=kind, workers=2, address=address)),
+    ):
         write_mixture(r, rows)
-        cfg = MineConfig(
-            **SMALL, precision="fp32", search=search, executor=ExecutorSpec(kind=kind, workers=workers)
-        )
-        m = mine(r, enc, cfg)
+        m = mine(r, enc, MineConfig(**SMALL, precision="fp32", search=search, executor=spec))
     assert mined(roots[0]) == mined(roots[1])
-    assert m["index"]["units"] == 2 and m["index"]["executor"] == "local" and m["index"]["blocks"] > 2
+    assert m["index"]["units"] == 2 and m["index"]["executor"] == kind and m["index"]["blocks"] > 2
