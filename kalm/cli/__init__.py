@@ -21,6 +21,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from kalm.core.secrets import install_log_scrubber  # noqa: E402
+
+install_log_scrubber()  # before any logger is used: no credential in a log line, file or run log
+
 from kalm.cli.data import data_app  # noqa: E402
 from kalm.cli.eval import eval_app  # noqa: E402
 from kalm.cli.mine import app as mine_app  # noqa: E402

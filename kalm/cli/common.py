@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import typer
 
 from kalm.core.errors import KalmError
+from kalm.core.secrets import refuse_credentials, scrub
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -44,12 +45,12 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except KalmError as err:
-            typer.echo(f"error: {err}", err=True)
+            typer.echo(f"error: {scrub(str(err))}", err=True)
             raise typer.Exit(2) from None
         except OSError as err:  # storage outages after retries: one line, not a traceback
             from kalm.core.storage import explain_s3_error
 
-            typer.echo(f"error: {explain_s3_error(err, 'I/O failed')}", err=True)
+            typer.echo(f"error: {scrub(explain_s3_error(err, 'I/O failed'))}", err=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -60,6 +61,7 @@ def root_str(data_root: str | None) -> str:
     from kalm.core.storage import resolve_root
 
     r = resolve_root(data_root)
+    refuse_credentials(r, "data root")  # before any flow: its parameters are stored in Prefect's database
     return r if r.startswith("s3://") else str(Path(r).resolve())
 
 

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from kalm.core.errors import KalmError
+from kalm.core.secrets import scrub
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -61,7 +62,7 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], where:
             parts.append(f"missing key '{dotted}'")
         else:
             parts.append(f"'{dotted}': {e.get('msg')} (got {e.get('input')!r})")
-    return f"{where}: " + "; ".join(parts)
+    return scrub(f"{where}: " + "; ".join(parts))  # an echoed value may be a URL with credentials
 
 
 def load_model(model: type[M], data: Any, where: str) -> M:

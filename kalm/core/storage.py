@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from kalm.core.errors import KalmError
 from kalm.core.layout import MANIFEST, STAGING
+from kalm.core.secrets import refuse_credentials
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ def s3_options_from_env() -> dict[str, Any]:
     endpoint = os.environ.get("KALM_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
     opts: dict[str, Any] = {}
     if endpoint:
+        refuse_credentials(endpoint, "S3 endpoint (KALM_S3_ENDPOINT / AWS_ENDPOINT_URL)")
         parsed = urlparse(endpoint)
         opts["endpoint_override"] = parsed.netloc or parsed.path
         opts["scheme"] = parsed.scheme or "https"
@@ -98,6 +100,7 @@ class DataRoot:
     @classmethod
     def from_uri(cls, uri: str | None = None) -> DataRoot:
         uri = resolve_root(uri)
+        refuse_credentials(uri, "data root")
         if uri.startswith("s3://"):
             parsed = urlparse(uri)
             if not parsed.netloc:

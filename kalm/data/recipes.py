@@ -63,6 +63,18 @@ class SourceSpec(StrictModel):
     revision: str | None = None
     delimiter: str = ","
 
+    @field_validator("path")
+    @classmethod
+    def _no_credentials(cls, v: str) -> str:
+        from kalm.core.secrets import scrub
+
+        if scrub(v) != v:  # the message is scrubbed: pydantic echoes the value otherwise
+            raise ValueError(
+                f"{scrub(v)}: credentials in a source URL are refused (they would be stored in manifests); "
+                "use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or HF_TOKEN"
+            )
+        return v
+
 
 class FilterSpec(StrictModel):
     """Length filters in characters, after normalisation. ``truncate_chars`` cuts documents first."""

@@ -17,10 +17,13 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from kalm.core.results import StageResult
+from kalm.core.secrets import install_log_scrubber
 from kalm.orchestration.runner import PrefectRunner
 from kalm.pipeline.config import StageName, load_pipeline
 from kalm.pipeline.dag import rerun_recipe, run_retrain
 from kalm.pipeline.data import run_data
+
+install_log_scrubber()  # served flows and workers import this module: their run logs are scrubbed too
 
 TaskRunner = ThreadPoolTaskRunner  # recipes and seeds in parallel; the Ray runner plugs in here
 
