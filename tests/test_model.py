@@ -291,7 +291,9 @@ def test_minilm_round_trip_sentence_transformers_and_mteb(minilm: Embedder, tmp_
     pooling = json.loads((path / "1_Pooling/config.json").read_text())
     assert pooling["pooling_mode_mean_tokens"] is True and pooling["pooling_mode_cls_token"] is False
     st_cfg = json.loads((path / "config_sentence_transformers.json").read_text())
-    assert st_cfg["prompts"]["query_template"] == DEFAULT_QUERY_TEMPLATE
+    assert (
+        st_cfg["kalm_query_template"] == DEFAULT_QUERY_TEMPLATE and "query_template" not in st_cfg["prompts"]
+    )
     assert st_cfg["prompts"]["SciFact-query"] == "Instruct: Retrieve scientific claims \n Query: "
     assert st_cfg["default_prompt_name"] is None
 
@@ -316,6 +318,44 @@ def test_minilm_round_trip_sentence_transformers_and_mteb(minilm: Embedder, tmp_
         tmp_path / "changed", prompts=st_prompts({"SciFact": "Retrieve scientific claims"})
     )
     assert model_fingerprint(changed) != model_fingerprint(path)
+
+
+@pytest.mark.filterwarnings("ignore:Some prompts are not in the expected format:UserWarning")
+def test_saved_prompts_reproduce_our_format_in_plain_sentence_transformers(
+    minilm: Embedder, tmp_path: Path
+) -> None:
+    """A model with a template, saved without explicit prompts, carries the pinned evaluation instructions
+    as concrete prefixes: plain ``SentenceTransformer.encode(prompt_name=...)`` gives our formatted
+    vectors (queries instructed, documents bare, STS bare, clustering instructed); the raw template sits
+    outside ``prompts`` and is read back."""
+    from sentence_transformers import SentenceTransformer
+
+    from kalm.evaluation.instructions import load_instructions
+    from kalm.training.instructions import format_query
+
+    path = minilm.save(tmp_path / "m")
+    st_cfg = json.loads((path / "config_sentence_transformers.json").read_text())
+    assert (
+        "query_template" not in st_cfg["prompts"] and st_cfg["kalm_query_template"] == DEFAULT_QUERY_TEMPLATE
+    )
+    assert Embedder.from_pretrained(path).query_template == DEFAULT_QUERY_TEMPLATE
+    ins = load_instructions()
+    st = SentenceTransformer(str(path), device="cpu")
+    q, doc = "aspirin lowers the risk of stroke", "A trial of 20,000 patients found no effect."
+    cases = [  # (prompt name, text, the instruction our evaluation gives it)
+        ("SciFact-query", q, ins.lookup("SciFact", "Retrieval")[0]),
+        ("SciFact-document", doc, None),
+        ("STSBenchmark", q, None),
+        ("Clustering", doc, ins.lookup("SomeNewClustering", "Clustering")[0]),
+        ("query", q, ins.lookup("SomeNewRetrieval", "Retrieval")[0]),
+    ]
+    for name, text, instruction in cases:
+        assert (instruction is None) == (st_cfg["prompts"][name] == ""), name
+        want = minilm.encode([format_query(text, instruction, DEFAULT_QUERY_TEMPLATE)])
+        got = st.encode([text], prompt_name=name, convert_to_numpy=True)
+        assert float(np.abs(got - want).max()) <= 1e-5, name
+    bare = SentenceTransformer(str(minilm.save(tmp_path / "b", prompts={})), device="cpu")
+    assert float(np.abs(bare.encode([q]) - st.encode([q], prompt_name="SciFact-query")).max()) > 1e-3
 
 
 def test_tiny_decoder_round_trip_stays_bidirectional(qwen2_folder: Path, tmp_path: Path) -> None:

@@ -138,9 +138,18 @@ def model_structure(folder: str | Path) -> dict[str, Any]:
             k: v for k, v in cfg.items() if not k.startswith("_") and k not in VOLATILE_CONFIG_KEYS
         },
         "module_configs": module_configs,
-        "prompts": read_json_file(root / "config_sentence_transformers.json").get("prompts") or {},
+        "prompts": _prompts(read_json_file(root / "config_sentence_transformers.json")),
         "vocab": _vocab_digest(root),
     }
+
+
+def _prompts(st_config: dict[str, Any]) -> dict[str, Any]:
+    """The prompts, with the raw template under ``query_template`` wherever the folder keeps it."""
+    from kalm.training.model import read_query_template
+
+    prompts = dict(st_config.get("prompts") or {})
+    template = read_query_template(st_config)
+    return {**prompts, "query_template": template} if template else prompts
 
 
 def _vocab_digest(root: Path) -> str | dict[str, str]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +38,8 @@ from kalm.core.errors import KalmError
 
 # One template grammar for training and evaluation: the same constant, formatter and validator.
 from kalm.training.instructions import DEFAULT_QUERY_TEMPLATE, format_query, validate_template
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_QUERY_TEMPLATE",
@@ -120,19 +123,49 @@ def model_query_template(model_folder: str | Path) -> str | None:
         return None
     # the key Embedder.save writes; imported here, not at the top: kalm.training.model pulls in
     # transformers (~3 s), which a fully cached evaluation never needs otherwise
-    from kalm.training.model import QUERY_TEMPLATE_PROMPT
+    from kalm.training.model import read_query_template
 
     try:
-        prompts: dict[str, Any] = json.loads(cfg_path.read_text(encoding="utf-8")).get("prompts") or {}
+        st_config: dict[str, Any] = json.loads(cfg_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise KalmError(f"{cfg_path}: invalid JSON ({err})") from None
-    template = prompts.get(QUERY_TEMPLATE_PROMPT)
+    template = read_query_template(st_config)
     if not template:
         return None
     try:
         return validate_template(str(template))
     except ValueError as err:
-        raise KalmError(f"{cfg_path}: prompts.{QUERY_TEMPLATE_PROMPT}: {err}") from None
+        raise KalmError(f"{cfg_path}: prompts.query_template: {err}") from None
+
+
+def st_prompt_table(ins: InstructionSet, template: str) -> dict[str, str]:
+    """Prompts (prefixes) for a model folder, so plain sentence-transformers and mteb format texts as our
+    evaluation does: for every task and task type of the pinned file, ``name`` and ``name-query`` -> its
+    instruction filled into ``template`` (``""`` where the policy gives none), ``name-document`` -> ``""``
+    (documents stay bare); plus ``query`` (the Retrieval default) and ``document`` (``""``). mteb looks a
+    prompt up by task name, then task type, then the side, so every task finds ours. A template that does not
+    end with ``{query}`` is not a prefix: no prompts (ValueError)."""
+    from kalm.training.instructions import prompt_prefix
+
+    def prefix(instruction: str | None) -> str:
+        return prompt_prefix(instruction, template) if instruction else ""
+
+    table: dict[str, str] = {}
+    for name, instruction in {**ins.file.task_types, **ins.file.tasks}.items():
+        table[name] = table[f"{name}-query"] = prefix(instruction)
+        table[f"{name}-document"] = ""
+    table["query"] = prefix(ins.file.task_types.get("Retrieval"))
+    table["document"] = ""
+    return table
+
+
+def default_prompt_table(template: str) -> dict[str, str]:
+    """:func:`st_prompt_table` of the pinned file for a template; ``{}`` (logged) when it is no prefix."""
+    try:
+        return st_prompt_table(load_instructions(), template)
+    except ValueError as err:
+        log.warning("no sentence-transformers prompts saved: %s", err)
+        return {}
 
 
 def draft_instructions(task_names: list[str]) -> dict[str, str | None]:

@@ -37,7 +37,17 @@ from kalm.training.pooling import POOLINGS, normalize, truncate
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_LENGTH = 512  # METHOD.md [paper: code]: max length 512 in the authors' fine-tuning script
-QUERY_TEMPLATE_PROMPT = "query_template"  # key of the raw template in config_sentence_transformers "prompts"
+QUERY_TEMPLATE_PROMPT = "query_template"  # where folders written before 2026-12-04 kept the raw template
+# The raw template now sits beside ``prompts`` (a top-level key sentence-transformers keeps and ignores):
+# ``prompts`` holds only concrete prefixes, so ``encode(prompt_name=...)`` reproduces our format.
+TEMPLATE_KEY = "kalm_query_template"
+
+
+def read_query_template(st_config: dict[str, Any]) -> str | None:
+    """The raw query template of a folder's ``config_sentence_transformers.json`` (either location)."""
+    prompts = st_config.get("prompts") or {}
+    return st_config.get(TEMPLATE_KEY) or prompts.get(QUERY_TEMPLATE_PROMPT) or None
+
 
 # Our pooling name -> the legacy sentence-transformers flag; the legacy format loads in ST 2.x to 6.x.
 _ST_POOLING_FLAGS = {
@@ -148,9 +158,9 @@ def _read_st_layout(root: Path) -> dict[str, Any]:
             if mode not in POOLINGS:
                 raise ValueError(f"{sub}: pooling {cfg} is not one of ours ({', '.join(POOLINGS)})")
             layout["pooling"] = mode
-    prompts = _read_json(root / "config_sentence_transformers.json").get("prompts") or {}
-    layout["template"] = prompts.get(QUERY_TEMPLATE_PROMPT)
-    layout["prompts"] = prompts
+    st_config = _read_json(root / "config_sentence_transformers.json")
+    layout["template"] = read_query_template(st_config)
+    layout["prompts"] = st_config.get("prompts") or {}
     return layout
 
 
@@ -396,11 +406,18 @@ class Embedder(nn.Module):
 
         Layout: transformer files at the root (``config.json`` with ``is_causal: false`` for decoders,
         ``model.safetensors``, tokenizer files, ``sentence_bert_config.json``), ``1_Pooling/config.json``,
-        ``2_Normalize/``, ``modules.json`` and ``config_sentence_transformers.json`` whose ``prompts`` hold
-        the raw query template under ``"query_template"`` (mteb ignores that key) plus ``prompts`` (e.g. from
-        :func:`kalm.training.instructions.st_prompts`); ``default_prompt_name`` stays unset. Written to a
-        temporary sibling, then renamed, so a crash never leaves a half-written model at ``path``.
+        ``2_Normalize/``, ``modules.json`` and ``config_sentence_transformers.json``: the raw query
+        template under ``kalm_query_template`` and, in ``prompts``, concrete prefixes only (``prompts``, or
+        for a model with a template the pinned evaluation instructions as a table,
+        :func:`kalm.evaluation.instructions.st_prompt_table`: ``SciFact-query``, ``Clustering``, ``query``,
+        ...), so plain ``SentenceTransformer.encode(prompt_name=...)`` and mteb format queries as we do;
+        ``default_prompt_name`` stays unset. Written to a temporary sibling, then renamed, so a crash never
+        leaves a half-written model at ``path``.
         """
+        if prompts is None and self.query_template:
+            from kalm.evaluation.instructions import default_prompt_table
+
+            prompts = default_prompt_table(self.query_template)
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -425,6 +442,10 @@ class Embedder(nn.Module):
             (root / rel).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
         self.model.save_pretrained(root)
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:  # every call passes its own; the last call's must not change the file
+            backend.no_truncation()
+            backend.no_padding()
         self.tokenizer.save_pretrained(root)
         dump("sentence_bert_config.json", {"max_seq_length": self.max_length, "do_lower_case": False})
         pooling_cfg: dict[str, Any] = {"word_embedding_dimension": self.embedding_dim}
@@ -448,11 +469,9 @@ class Embedder(nn.Module):
                     "transformers": _package_version("transformers"),
                     "pytorch": torch.__version__,
                 },
-                "prompts": {
-                    **({QUERY_TEMPLATE_PROMPT: self.query_template} if self.query_template else {}),
-                    **prompts,
-                },
+                "prompts": prompts,
                 "default_prompt_name": None,
                 "similarity_fn_name": "cosine",
+                **({TEMPLATE_KEY: self.query_template} if self.query_template else {}),
             },
         )
