@@ -114,6 +114,16 @@ def test_retrain_dag_caches_and_partial_rerun(prefect_server, setup: dict[str, A
     assert "source: scored" in (ft_run / "config.yaml").read_text()
     kls = [json.loads(x)["distill_kl"] for x in (ft_run / "metrics.jsonl").read_text().splitlines()]
     assert kls and all(k is not None and k >= 0 for k in kls)
+    # model cards: the fine-tuned checkpoint's and the soup's, with data, losses, lineage and (soup) scores
+    card = (Path(first["checkpoints"]["finetune"][0]) / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: sentence-transformers") and "base_model: " in card
+    assert (
+        "| e2e_ft | e2e_ft |" in card and "distillation (alpha 1.0" in card and str(setup["root"]) not in card
+    )
+    soup_card = (Path(setup["root"]) / "runs" / "soup" / "e2e" / "README.md").read_text()
+    assert "## Model soup" in soup_card and "`runs/finetune/" in soup_card and "## Scores" in soup_card
+    n_tasks = len({r["task"] for r in first["scores"]["rows"]})
+    assert soup_card.split("## Scores")[1].split("## ")[0].count("\n| ") == n_tasks + 1  # header + tasks
     latest = json.loads((Path(setup["root"]) / "pipeline" / "e2e" / "latest.json").read_text())
     assert latest["checkpoints"] == first["checkpoints"]
     # in-batch negatives of unlabelled pre-training rows stay in the denominator: the model learns

@@ -69,7 +69,9 @@ FLOAT_DTYPES = {
 # Never copied from the first checkpoint: stale weights in other formats would shadow the soup's
 # safetensors in some loaders, and trainer state does not describe the soup.
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx")
-_SKIP_NAMES = frozenset({SOUP_RECORD, "kalm_run.json", "trainer_state.json", "training_args.bin"})
+_SKIP_NAMES = frozenset(
+    {SOUP_RECORD, "kalm_run.json", "README.md", "trainer_state.json", "training_args.bin"}
+)
 
 # dev_score(model folder) -> a number, higher is better. An optional ``key`` attribute (a str naming the
 # tasks, data and settings it scores on) lets an unchanged greedy soup be reused on a rerun.
@@ -452,7 +454,19 @@ def run_soup(
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     (out_p / SOUP_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
+    _write_soup_card(out_p, record, paths[0])
     return _result(out_p, record, False, t0)
+
+
+def _write_soup_card(out: Path, record: dict[str, Any], first: Path) -> None:
+    """The soup's model card: its first checkpoint's training facts plus the soup's inputs and weights."""
+    from kalm.core.modelcard import soup_card, write_card
+    from kalm.training.model import saved_prompts
+
+    run = read_json_file(first / "kalm_run.json")
+    # a training run's checkpoint lies at <data root>/runs/<stage>/<run>/final: paths relative to the root
+    root = first.resolve().parents[3] if run.get("run_name") and len(first.resolve().parents) > 3 else None
+    write_card(out, soup_card(record, run, root, saved_prompts(out)))
 
 
 def _result(out: Path, record: dict[str, Any], cached: bool, t0: float) -> StageResult:

@@ -325,6 +325,8 @@ def run_retrain(
             **{k: out.get(k) for k in ("table_path", "markdown_path", "charts", "markdown", "rows")},
         }
         runner.publish("evaluation", comparison.markdown, "Base model vs each stage vs the soup")
+        if "soup" in models:
+            _card_scores(soup_path, out["rows"])
         clock.stop("eval", comparison.new == 0)
 
     # ---- report: one run manifest linking every artifact
@@ -377,3 +379,14 @@ def rerun_recipe(p: Pipeline, runner: Runner, recipe: str, downstream: bool = Tr
     p.recipes.get(recipe)  # unknown or broken: one line, before any work
     stages = None if downstream else ["ingest"]
     return run_retrain(p, runner, stages=stages, recipes=[recipe], force_recipes=[recipe])
+
+
+def _card_scores(folder: Path, rows: list[dict[str, Any]]) -> None:
+    """The soup's model card gets its scores per task, next to the base model's."""
+    from kalm.core.modelcard import CARD, with_scores, write_card
+
+    card = folder / CARD
+    if card.is_file():
+        mine = [r for r in rows if r["label"] == "soup"]
+        base = [r for r in rows if r["label"] == "base"] or None
+        write_card(folder, with_scores(card.read_text(encoding="utf-8"), mine, base))

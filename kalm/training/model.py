@@ -43,6 +43,12 @@ QUERY_TEMPLATE_PROMPT = "query_template"  # where folders written before 2026-12
 TEMPLATE_KEY = "kalm_query_template"
 
 
+def saved_prompts(folder: str | os.PathLike[str]) -> dict[str, str]:
+    """The non-empty prompts of a saved folder's ``config_sentence_transformers.json``."""
+    prompts = _read_json(Path(folder) / "config_sentence_transformers.json").get("prompts") or {}
+    return {k: v for k, v in prompts.items() if isinstance(v, str) and v}
+
+
 def read_query_template(st_config: dict[str, Any]) -> str | None:
     """The raw query template of a folder's ``config_sentence_transformers.json`` (either location)."""
     prompts = st_config.get("prompts") or {}

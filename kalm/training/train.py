@@ -655,7 +655,9 @@ def save_final(t: Trainer, root: DataRoot, info: dict[str, Any]) -> Path | None:
     shutil.rmtree(tmp, ignore_errors=True)
     # ZeRO-1/2 shard optimizer states and gradients only: rank 0's module holds the full weights.
     model = t.model.float()
-    from kalm.training.model import declared_max_length
+    from kalm.core.modelcard import training_card, write_card
+    from kalm.training.config import base_model_name
+    from kalm.training.model import declared_max_length, saved_prompts
 
     train_length = model.max_length
     model.max_length = t.cfg.model.save_max_length or declared_max_length(info["model_dir"]) or train_length
@@ -685,10 +687,12 @@ def save_final(t: Trainer, root: DataRoot, info: dict[str, Any]) -> Path | None:
             "alpha": t.cfg.data.alpha,
         },
         "initial_model": model_fingerprint(info["model_dir"]),
-        "model_fingerprint": model_fingerprint(tmp),  # kalm_run.json is not part of it
+        "base_model": base_model_name(info["model_dir"]),
+        "model_fingerprint": model_fingerprint(tmp),  # kalm_run.json and README.md are not part of it
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     (tmp / "kalm_run.json").write_text(json.dumps(manifest, indent=2, default=str))
+    write_card(tmp, training_card(manifest, t.out.parents[2], saved_prompts(tmp)))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     (t.out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
