@@ -17,6 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 RAY = Path(sys.executable).parent / "ray"
+# one token for every cluster of this test process: a Ray driver keeps the first token it read, so a
+# second cluster with a new token would refuse the same process's next ray.init
+_TOKEN = secrets.token_hex(32)
 
 
 def _free_port() -> int:
@@ -33,7 +36,7 @@ def ray_cluster(tmp: Path, cpus: int = 2) -> Iterator[str]:
 
     tmp.mkdir(parents=True, exist_ok=True)
     token = tmp / "token"
-    token.write_text(secrets.token_hex(32))
+    token.write_text(_TOKEN)
     port = _free_port()
     env_add = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
     old = {k: os.environ.get(k) for k in env_add}

@@ -20,9 +20,9 @@ from pydantic import Field, field_validator
 
 from kalm.core.config import CONFIG_DIR, StrictModel, config_path, load_model, read_yaml
 from kalm.core.errors import KalmError
+from kalm.training.instructions import DEFAULT_INSTRUCTIONS
 
 DEFAULT_EVAL_CONFIG = CONFIG_DIR / "eval.yaml"
-DEFAULT_INSTRUCTIONS = CONFIG_DIR / "eval_instructions.yaml"
 
 LocalTaskType = Literal[
     "retrieval", "reranking", "sts", "classification", "clustering", "pair_classification"

@@ -31,7 +31,12 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from kalm.core.errors import KalmError
-from kalm.training.instructions import DEFAULT_QUERY_TEMPLATE, format_query, validate_template
+from kalm.training.instructions import (
+    DEFAULT_QUERY_TEMPLATE,
+    default_prompt_table,
+    format_query,
+    validate_template,
+)
 from kalm.training.pooling import POOLINGS, normalize, truncate
 
 log = logging.getLogger(__name__)
@@ -415,14 +420,12 @@ class Embedder(nn.Module):
         ``2_Normalize/``, ``modules.json`` and ``config_sentence_transformers.json``: the raw query
         template under ``kalm_query_template`` and, in ``prompts``, concrete prefixes only (``prompts``, or
         for a model with a template the pinned evaluation instructions as a table,
-        :func:`kalm.evaluation.instructions.st_prompt_table`: ``SciFact-query``, ``Clustering``, ``query``,
+        :func:`kalm.training.instructions.st_prompt_table`: ``SciFact-query``, ``Clustering``, ``query``,
         ...), so plain ``SentenceTransformer.encode(prompt_name=...)`` and mteb format queries as we do;
         ``default_prompt_name`` stays unset. Written to a temporary sibling, then renamed, so a crash never
         leaves a half-written model at ``path``.
         """
         if prompts is None and self.query_template:
-            from kalm.evaluation.instructions import default_prompt_table
-
             prompts = default_prompt_table(self.query_template)
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
