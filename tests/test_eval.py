@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from kalm.core.config import CONFIG_DIR
 from kalm.core.errors import KalmError
 from kalm.core.schema import ROW_SCHEMA, row_id
 from kalm.core.storage import DataRoot
@@ -422,3 +423,28 @@ def test_a_model_without_a_template_is_scored_on_plain_texts(
     res = run_eval(raw_minilm(), [], [spec], data_root=str(tmp_path / "b"), instructions=ins)
     (row,) = res.rows
     assert row["instruction"] == "Find the answer" and row["template"].startswith("Instruct:")
+
+
+def test_the_qwen2_pipeline_scores_the_papers_mteb_benchmarks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """configs/pipeline_qwen2.yaml evaluates MTEB v1 English and Chinese (the paper's tables), besides the
+    local suites; offline with an empty cache the stage stops up front in one line naming every task."""
+    from kalm.pipeline.config import load_pipeline_config
+
+    pc = load_pipeline_config(Path(CONFIG_DIR) / "pipeline_qwen2.yaml")
+    cfg = load_eval_config(Path(CONFIG_DIR) / pc.eval.config)
+    assert cfg.tasks == ["MTEB(eng, v1)", "MTEB(cmn, v1)"] and cfg.general_suite and cfg.holdout_tasks
+    tasks = resolve_tasks(cfg.tasks)
+    assert len(tasks) >= 80 and {"SciFact", "STSBenchmark", "T2Retrieval", "CLSClusteringS2S"} <= {
+        t.name for t in tasks
+    }
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_DATASETS_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(
+        KalmError, match=r"the data of \d+ MTEB task\(s\) is not in the Hugging Face cache"
+    ) as e:
+        check_offline(tasks)
+    assert "\n" not in str(e.value) and "T2Retrieval" in str(e.value)

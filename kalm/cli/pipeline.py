@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from kalm.cli.common import DataRootOpt, RecipesDirOpt, resolved_dirs, root_str, setup_logging, user_errors
+from kalm.core.config import HF_OFFLINE_VARS
 
 PipelineOpt = typer.Option("pipeline_demo.yaml", "--config", help="Pipeline YAML (path or name in configs/).")
 
@@ -70,7 +71,10 @@ def demo(
     data_root: str | None = DataRootOpt, force: bool = typer.Option(False, help="Rebuild everything.")
 ) -> None:
     """Run the whole DAG on its embedded default (configs/pipeline_demo.yaml: the offline demo recipes,
-    all-MiniLM-L6-v2, two fine-tuning seeds, a soup, local evaluation). A second run is all cache hits."""
+    all-MiniLM-L6-v2, two fine-tuning seeds, a soup, local evaluation). A second run is all cache hits.
+    Runs offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE=1 unless set): the demo needs nothing from the Hub."""
+    for var in HF_OFFLINE_VARS:
+        os.environ.setdefault(var, "1")
     setup_logging()
     root = root_str(data_root)
     _check("pipeline_demo.yaml", root, [])

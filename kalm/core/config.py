@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -164,3 +165,13 @@ def with_updates(cfg: M, updates: dict[str, Any], where: str = "config") -> M:
     run name, the previous stage's model, the recipes), e.g. ``with_updates(cfg, {"model.path": p})``."""
     data = apply_overrides(cfg.model_dump(mode="json"), updates, where)
     return load_model(type(cfg), data, where)
+
+
+HF_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def hf_offline() -> bool:
+    """True when Hugging Face downloads are disabled (``HF_HUB_OFFLINE`` or ``HF_DATASETS_OFFLINE``): the
+    CLI leaves them to the user (hub sources are online by default); ``make demo``, ``kalm demo`` and the
+    tests set them."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in HF_OFFLINE_VARS)

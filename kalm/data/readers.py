@@ -16,6 +16,7 @@ import gzip
 import io
 import json
 import logging
+import os
 import re
 import sysconfig
 import threading
@@ -27,6 +28,7 @@ from typing import Any
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from kalm.core.config import HF_OFFLINE_VARS, hf_offline
 from kalm.core.errors import KalmError
 from kalm.core.storage import s3_filesystem
 from kalm.data.normalize import has_invalid_unicode
@@ -260,13 +262,17 @@ def read_parquet(fs: pafs.FileSystem, files: list[str], stats: Counter[str]) -> 
 
 
 def read_hf(spec: SourceSpec, base_dir: Path, path_override: Path | None) -> Iterator[Record]:
-    """A hub dataset through ``datasets`` in streaming mode; a local folder in the hub layout works too."""
+    """A hub dataset through ``datasets`` in streaming mode; a local folder in the hub layout works too, and
+    so does a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (memory-mapped)."""
     import datasets
 
     target = str(path_override) if path_override else _expand(spec.path)
     local = Path(target) if Path(target).is_absolute() else base_dir / target
     if local.exists():
         target = str(local)
+        if saved_to_disk(local):
+            yield from _read_saved(local, spec)
+            return
     try:
         ds = datasets.load_dataset(
             target, name=spec.subset, split=spec.split, streaming=True, revision=spec.revision
@@ -274,6 +280,50 @@ def read_hf(spec: SourceSpec, base_dir: Path, path_override: Path | None) -> Ite
         yield from ds
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:
         raise KalmError(f"cannot load dataset {target!r} split {spec.split!r}: {err}") from None
+    except ConnectionError as err:  # datasets' own "Couldn't reach ... on the Hub" (also offline mode)
+        raise KalmError(hub_unreachable(target, err)) from None
+
+
+def hub_unreachable(target: str, err: Exception) -> str:
+    """One line for a hub dataset that cannot be fetched: offline mode set, or no route to the Hub."""
+    if hf_offline():
+        return (
+            f"hub dataset {target!r} is not in the local cache and Hugging Face offline mode is on "
+            f"({'/'.join(HF_OFFLINE_VARS)}): unset it on a machine with network access, or point the "
+            "recipe's path at a local copy"
+        )
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    return (
+        f"cannot reach the Hugging Face Hub ({endpoint}) for dataset {target!r}: {err}; check the network "
+        "or HF_ENDPOINT, or point the recipe's path at a local copy"
+    )
+
+
+def saved_to_disk(folder: Path) -> bool:
+    """True for a ``save_to_disk`` folder: a ``DatasetDict`` (``dataset_dict.json``) or one ``Dataset``
+    (``state.json`` beside ``dataset_info.json``)."""
+    return (folder / "dataset_dict.json").is_file() or (
+        (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file()
+    )
+
+
+def _read_saved(folder: Path, spec: SourceSpec) -> Iterator[Record]:
+    import datasets
+
+    if spec.subset:
+        raise KalmError(
+            f"{folder}: a save_to_disk folder has no subsets (subset: {spec.subset!r}); point path at the "
+            "subset's own folder"
+        )
+    try:
+        ds = datasets.load_from_disk(str(folder))
+    except (FileNotFoundError, OSError, ValueError) as err:
+        raise KalmError(f"cannot read the save_to_disk folder {folder}: {err}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if spec.split not in ds:
+            raise KalmError(f"{folder}: no split {spec.split!r} (it has: {', '.join(sorted(ds))})")
+        ds = ds[spec.split]
+    yield from ds
 
 
 _AST_LOCK = threading.Lock()

