@@ -116,3 +116,57 @@ def _wait_deployments(serve: subprocess.Popen[bytes], log: Path, wait_s: float =
             return names
         time.sleep(2)
     pytest.fail(f"deployments not registered in {wait_s} s: {log.read_text()[-3000:]}")
+
+
+def _flow_runs(api: str, flow: str) -> int:
+    """How many runs of ``flow`` the server's database holds (the REST API, as the UI reads it)."""
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(
+        f"{api}/flow_runs/filter",
+        data=json.dumps({"flows": {"name": {"any_": [flow]}}}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return len(json.loads(r.read()))
+
+
+def test_cli_runs_land_in_the_data_roots_database(
+    recipe_dir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`kalm data run` with no server up writes to the data root's Prefect database through a temporary
+    server; `kalm server`'s server over that root then shows the run, and the next CLI run reports to it
+    directly. A port already served for another root is refused, not joined."""
+    from kalm.core.errors import KalmError
+    from kalm.orchestration.server import SERVER_FILE, ensure_server, state_dir_for, stop_server
+
+    folder = recipe_dir("one_db", faq_rows(12, "odb"))
+    root = tmp_path / "data"
+    drop = ("PREFECT_API_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_HOME")
+    env = {k: v for k, v in os.environ.items() if k not in drop} | {"KALM_RECIPES_PATH": str(folder)}
+    cmd = [sys.executable, "-m", "kalm.cli", "data", "run", "one_db", "--data-root", str(root)]
+
+    def data_run() -> str:
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout + out.stderr
+
+    assert "Starting temporary server" in data_run()
+    state = state_dir_for(str(root))
+    assert (state / "prefect.db").is_file()
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    port = _free_port()
+    api, proc = ensure_server(state, port, wait_s=180)
+    try:
+        assert proc is not None and (state / SERVER_FILE).is_file()
+        assert _flow_runs(api, "ingest_recipe") == 1  # the earlier CLI run, in the server's database
+        second = data_run()
+        assert "Starting temporary server" not in second and f"runs report to {api}" in second
+        assert _flow_runs(api, "ingest_recipe") == 2
+        assert ensure_server(state, _free_port()) == (api, None)  # the same root: its running server
+        with pytest.raises(KalmError, match=rf"port {port} already answers .* not this data root's"):
+            ensure_server(tmp_path / "other", port)
+    finally:
+        stop_server(state, proc)
+    assert not (state / SERVER_FILE).exists()

@@ -15,6 +15,7 @@ from kalm.core.errors import KalmError
 from kalm.core.secrets import refuse_credentials, scrub
 
 F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger("kalm.cli")
 
 DataRootOpt = typer.Option(
     None,
@@ -63,6 +64,18 @@ def root_str(data_root: str | None) -> str:
     r = resolve_root(data_root)
     refuse_credentials(r, "data root")  # before any flow: its parameters are stored in Prefect's database
     return r if r.startswith("s3://") else str(Path(r).resolve())
+
+
+def connect_prefect(root: str) -> None:
+    """Send this command's flow runs to its data root's Prefect database (the ``kalm server`` UI): see
+    :func:`kalm.orchestration.server.use_root_database`. Call before anything imports Prefect."""
+    from kalm.orchestration.server import state_dir_for, use_root_database
+
+    where = use_root_database(state_dir_for(root))
+    if where == "ephemeral":
+        log.info("Prefect: no kalm server of this data root runs; a temporary one over its database")
+    elif where != "unchanged":
+        log.info("Prefect: runs report to %s", where)
 
 
 def resolved_dirs(dirs: list[str] | None) -> list[str]:

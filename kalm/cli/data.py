@@ -8,7 +8,15 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from kalm.cli.common import DataRootOpt, RecipesDirOpt, resolved_dirs, root_str, setup_logging, user_errors
+from kalm.cli.common import (
+    DataRootOpt,
+    RecipesDirOpt,
+    connect_prefect,
+    resolved_dirs,
+    root_str,
+    setup_logging,
+    user_errors,
+)
 from kalm.core.errors import KalmError
 
 if TYPE_CHECKING:
@@ -164,6 +172,8 @@ def data_run(
     root = root_str(data_root)
     if name is not None:
         found.get(name)  # fail fast, before starting Prefect
+    connect_prefect(root)
+    if name is not None:
         from kalm.orchestration.flows import ingest_recipe_flow
 
         out = ingest_recipe_flow(name, root, dirs, cfg_path, force, executor, workers, ray_address)

@@ -7,7 +7,15 @@ from typing import Any
 
 import typer
 
-from kalm.cli.common import DataRootOpt, RecipesDirOpt, resolved_dirs, root_str, setup_logging, user_errors
+from kalm.cli.common import (
+    DataRootOpt,
+    RecipesDirOpt,
+    connect_prefect,
+    resolved_dirs,
+    root_str,
+    setup_logging,
+    user_errors,
+)
 from kalm.core.config import HF_OFFLINE_VARS
 
 PipelineOpt = typer.Option("pipeline_demo.yaml", "--config", help="Pipeline YAML (path or name in configs/).")
@@ -43,6 +51,7 @@ def retrain_cmd(
     check_stages(stage)
     root, dirs = root_str(data_root), resolved_dirs(recipes_dir)
     _check(config, root, dirs)
+    connect_prefect(root)
     from kalm.orchestration.flows import retrain_flow
 
     out = retrain_flow(
@@ -78,6 +87,7 @@ def demo(
     setup_logging()
     root = root_str(data_root)
     _check("pipeline_demo.yaml", root, [])
+    connect_prefect(root)
     from kalm.orchestration.flows import retrain_flow
 
     print_run(retrain_flow(config="pipeline_demo.yaml", data_root=root, resume=not force))
@@ -92,17 +102,18 @@ def server_cmd(
     """Start a local Prefect server on 127.0.0.1 (unless PREFECT_API_URL answers), register the deployments
     (retrain on the config's cron, rerun-recipe, evaluate) and run their flow runs until Ctrl-C."""
     setup_logging()
-    from kalm.orchestration.server import ensure_server, serve_deployments, state_dir_for
+    from kalm.orchestration.server import ensure_server, serve_deployments, state_dir_for, stop_server
 
     root = root_str(data_root)
-    api, proc = ensure_server(state_dir_for(root), port)
+    state = state_dir_for(root)
+    api, proc = ensure_server(state, port)
     os.environ["PREFECT_API_URL"] = api
     typer.echo(f"Prefect UI: {api.removesuffix('/api')}  (deployments: retrain, rerun-recipe, evaluate)")
     try:
         serve_deployments(config, root)
     finally:
         if proc is not None:
-            proc.terminate()
+            stop_server(state, proc)
 
 
 @user_errors
