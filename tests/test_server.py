@@ -170,3 +170,46 @@ def test_cli_runs_land_in_the_data_roots_database(
     finally:
         stop_server(state, proc)
     assert not (state / SERVER_FILE).exists()
+
+
+def test_a_pause_survives_re_registration_and_the_timezone_is_kept(
+    server: str, recipe_dir, tmp_path: Path
+) -> None:
+    """What `kalm server` does at each start (register the deployments) keeps a pause made in the UI, of the
+    deployment and of its schedule, and the schedule carries the pipeline config's timezone."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from kalm.orchestration.server import deployments
+
+    folder = recipe_dir("tz_faq", faq_rows(8, "tz"))
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(
+        "name: tztest\nschedule: {cron: '30 6 * * 1-5', timezone: Europe/Berlin}\n"
+        "data: {recipes: [tz_faq]}\npretrain: {config: pretrain_demo.yaml}\n"
+        "finetune: {config: finetune_demo.yaml}\n"
+    )
+    assert folder.is_dir()
+
+    def register() -> None:
+        for d in deployments(str(pipeline), str(tmp_path / "data")):
+            d.apply()
+
+    with temporary_settings({PREFECT_API_URL: server}):
+        register()
+        with get_client(sync_client=True) as client:
+            dep = client.read_deployment_by_name("retrain/retrain")
+            (sched,) = dep.schedules
+            assert sched.schedule.timezone == "Europe/Berlin" and sched.schedule.cron == "30 6 * * 1-5"
+            assert not dep.paused and sched.active
+            client.pause_deployment(dep.id)
+            client.update_deployment_schedule(dep.id, sched.id, active=False)
+        register()  # a restart
+        with get_client(sync_client=True) as client:
+            dep = client.read_deployment_by_name("retrain/retrain")
+            assert dep.paused and [s.active for s in dep.schedules] == [False]
+            assert dep.schedules[0].schedule.timezone == "Europe/Berlin"
+            client.resume_deployment(dep.id)
+        register()
+        with get_client(sync_client=True) as client:
+            assert not client.read_deployment_by_name("retrain/retrain").paused

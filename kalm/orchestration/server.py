@@ -155,29 +155,59 @@ def state_dir_for(data_root: str) -> Path:
     return prefect_home(data_root)
 
 
+def registered_state(flow_name: str, name: str) -> tuple[bool | None, bool | None]:
+    """(paused, schedule active) of a deployment already on the server, (None, None) if it is new: a pause
+    in the UI (of the deployment or of its schedule) survives the re-registration of a restart."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            d = client.read_deployment_by_name(f"{flow_name}/{name}")
+        except ObjectNotFound:
+            return None, None
+    active = [bool(s.active) for s in d.schedules]
+    return bool(d.paused), (all(active) if active else None)
+
+
 def deployments(pipeline_config: str, data_root: str | None) -> list[Any]:
-    """The pipeline's deployments, ready for ``prefect.serve``."""
+    """The pipeline's deployments, ready for ``prefect.serve``: the retrain one on the config's cron in its
+    timezone; paused deployments and schedules stay paused."""
+    from prefect.schedules import Cron
+
     from kalm.orchestration.flows import evaluate_flow, rerun_recipe_flow, retrain_flow
     from kalm.pipeline.config import load_pipeline_config
 
     pc = load_pipeline_config(pipeline_config)
     common = {"data_root": data_root}
+    paused = {
+        name: registered_state(flow.name, name)
+        for flow, name in (
+            (retrain_flow, "retrain"),
+            (rerun_recipe_flow, "rerun-recipe"),
+            (evaluate_flow, "evaluate"),
+        )
+    }
+    active = paused["retrain"][1]
     return [
         retrain_flow.to_deployment(
             name="retrain",
-            cron=pc.schedule.cron,
+            schedule=Cron(pc.schedule.cron, timezone=pc.schedule.timezone, active=active is not False),
+            paused=paused["retrain"][0],
             parameters={"config": str(pipeline_config), **common},
             description="Full retraining DAG; edit the parameters in the UI before a custom run.",
             tags=["kalm", "retrain"],
         ),
         rerun_recipe_flow.to_deployment(
             name="rerun-recipe",
+            paused=paused["rerun-recipe"][0],
             parameters={"recipe": "api_docs", "config": str(pipeline_config), **common},
             description="Re-ingest one recipe (set `recipe`) and recompute only what depends on it.",
             tags=["kalm", "data"],
         ),
         evaluate_flow.to_deployment(
             name="evaluate",
+            paused=paused["evaluate"][0],
             parameters={"model": "minilm", "config": pc.eval.config, **common},
             description="Evaluate one model folder on the configured tasks (set `model`).",
             tags=["kalm", "eval"],

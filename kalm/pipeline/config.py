@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from kalm.core.config import StrictModel, config_path, load_yaml_model
 from kalm.core.storage import DataRoot
@@ -28,8 +28,26 @@ ALL_STAGES = ("ingest", "mine", "pretrain", "refresh", "score", "finetune", "sou
 
 
 class ScheduleCfg(StrictModel):
-    cron: str = "0 3 * * 0"  # Sundays 03:00
+    cron: str = "0 3 * * 0"  # Sundays 03:00, in `timezone` (the deployment's schedule keeps it)
     timezone: str = "UTC"
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, v: str) -> str:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(v)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown timezone {v!r} (an IANA name such as UTC or Europe/Berlin)") from None
+        return v
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, v: str) -> str:
+        if len(v.split()) != 5:
+            raise ValueError(f"cron {v!r} needs 5 fields (minute hour day month weekday)")
+        return v
 
 
 class DataCfg(StrictModel):
