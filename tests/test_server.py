@@ -88,6 +88,11 @@ def test_deployments_and_rerun_via_api(server: str, recipe_dir, tmp_path: Path) 
             serve.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(serve.pid, signal.SIGKILL)
+    from prefect.client.orchestration import get_client
+
+    with temporary_settings({PREFECT_API_URL: server}), get_client(sync_client=True) as client:
+        # stopping `kalm server` does not pause its deployments (a restart keeps only pauses made by users)
+        assert not client.read_deployment_by_name("retrain/retrain").paused
 
 
 def _wait_deployments(serve: subprocess.Popen[bytes], log: Path, wait_s: float = 180) -> set[str]:
@@ -213,3 +218,78 @@ def test_a_pause_survives_re_registration_and_the_timezone_is_kept(
         register()
         with get_client(sync_client=True) as client:
             assert not client.read_deployment_by_name("retrain/retrain").paused
+
+
+def test_kalm_deploy_and_a_process_worker_run_a_pool_deployment(server: str, tmp_path: Path) -> None:
+    """`kalm deploy --create-pools` creates kalm-local, deploys infra/prefect.yaml's deployments (named
+    *-pool: the served ones stay), names kalm-gpu as missing and exits 0; a real `prefect worker` on the
+    process pool then runs a rerun-recipe-pool flow run (a demo recipe) to completion in this checkout, with
+    no variable but the server's URL."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    env = {k: v for k, v in os.environ.items() if k != "KALM_RECIPES_PATH"} | {"PREFECT_API_URL": server}
+    out = subprocess.run(
+        [sys.executable, "-m", "kalm.cli", "deploy", "--create-pools"],
+        env=env,
+        cwd=tmp_path,  # any folder: prefect deploy runs from the repository root
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "created work pool kalm-local (process)" in out.stdout
+    assert "deployed rerun-recipe-pool (pool kalm-local, prefect.yaml)" in out.stdout
+    assert "skipped retrain-gpu: work pool kalm-gpu does not exist (prefect work-pool create kalm-gpu" in (
+        out.stdout
+    )
+
+    async def names() -> dict[str, str | None]:
+        async with get_client() as client:
+            flows = {f.id: f.name for f in await client.read_flows()}
+            return {f"{flows[d.flow_id]}/{d.name}": d.work_pool_name for d in await client.read_deployments()}
+
+    root = tmp_path / "data"
+    with temporary_settings({PREFECT_API_URL: server}):
+        deps = asyncio.run(names())
+        assert deps["rerun_recipe/rerun-recipe-pool"] == "kalm-local"
+        assert deps["retrain/retrain-pool"] == "kalm-local" and "retrain/retrain-gpu" not in deps
+        run = run_deployment(
+            "rerun_recipe/rerun-recipe-pool",
+            parameters={"recipe": "package_descriptions", "data_root": str(root), "downstream": False},
+            timeout=0,  # scheduled; the worker picks it up
+        )
+        log = (tmp_path / "worker.log").open("wb")
+        worker = subprocess.Popen(
+            [str(Path(sys.executable).with_name("prefect")), "worker", "start", "--pool", "kalm-local"],
+            env=env,
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.time() + 300
+            state = None
+            while time.time() < deadline:
+                with get_client(sync_client=True) as client:
+                    state = client.read_flow_run(run.id).state
+                if state is not None and state.is_final():
+                    break
+                assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+                time.sleep(2)
+            assert state is not None and state.is_completed(), (
+                state,
+                (tmp_path / "worker.log").read_text()[-3000:],
+            )
+        finally:
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+    m = read_manifest(DataRoot.from_uri(str(root)), "mixtures/pretrain/package_descriptions")
+    assert m is not None and m["rows_out"] > 100

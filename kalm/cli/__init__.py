@@ -26,7 +26,7 @@ install_log_scrubber()  # before any logger is used: no credential in a log line
 from kalm.cli.data import data_app  # noqa: E402
 from kalm.cli.eval import eval_app  # noqa: E402
 from kalm.cli.mine import app as mine_app  # noqa: E402
-from kalm.cli.pipeline import ablate_cmd, demo, retrain_cmd, server_cmd  # noqa: E402
+from kalm.cli.pipeline import ablate_cmd, demo, deploy_cmd, retrain_cmd, server_cmd  # noqa: E402
 from kalm.cli.train import train_cmd  # noqa: E402
 
 app = typer.Typer(
@@ -40,6 +40,7 @@ app.command("train")(train_cmd)
 app.command("retrain")(retrain_cmd)
 app.command("demo")(demo)
 app.command("server")(server_cmd)
+app.command("deploy")(deploy_cmd)
 app.command("ablate")(ablate_cmd)
 app.add_typer(mine_app)  # no name: ``kalm mine`` and ``kalm stale`` join the top level
 app.add_typer(eval_app)  # ``kalm eval``, ``soup``, ``compare``, ``eval-tasks``

@@ -117,6 +117,37 @@ def server_cmd(
 
 
 @user_errors
+def deploy_cmd(
+    data_root: str | None = DataRootOpt,
+    create_pools: bool = typer.Option(
+        False, "--create-pools", help="Create the missing process pools first."
+    ),
+) -> None:
+    """Deploy infra/prefect.yaml (pool kalm-local) and infra/prefect-gpu.yaml (pool kalm-gpu) to the data
+    root's kalm server (or PREFECT_API_URL): every deployment whose work pool exists; the others are named
+    with the command that creates their pool. Then: prefect worker start --pool kalm-local."""
+    setup_logging()
+    from kalm.core.errors import KalmError
+    from kalm.orchestration.pools import deploy_pools
+    from kalm.orchestration.server import api_healthy, root_server, state_dir_for
+
+    root = root_str(data_root)
+    api = os.environ.get("PREFECT_API_URL") or root_server(state_dir_for(root))
+    if not api:
+        raise KalmError(
+            "no Prefect server to deploy to: start `kalm server` for this data root, or set PREFECT_API_URL"
+        )
+    if not api_healthy(api):
+        raise KalmError(f"PREFECT_API_URL={api} does not answer /health")
+    report = deploy_pools(api, create_pools)
+    for line in report.lines():
+        typer.echo(line)
+    pools = sorted({d.pool for d in report.deployed})
+    if pools:
+        typer.echo("run them with a worker: " + "; ".join(f"prefect worker start --pool {p}" for p in pools))
+
+
+@user_errors
 def ablate_cmd(
     config: str = PipelineOpt,
     data_root: str | None = DataRootOpt,

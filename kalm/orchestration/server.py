@@ -219,4 +219,6 @@ def serve_deployments(pipeline_config: str, data_root: str | None) -> None:
     """Register the deployments and execute their runs until interrupted."""
     from prefect import serve
 
-    serve(*deployments(pipeline_config, data_root), print_starting_message=True)
+    # pause_on_shutdown=False: Prefect would pause every served deployment when this process stops, and the
+    # next start (which keeps pauses, see registered_state) could not tell that from a pause made in the UI
+    serve(*deployments(pipeline_config, data_root), pause_on_shutdown=False, print_starting_message=True)
