@@ -33,3 +33,45 @@ def test_ingest_flows(prefect_server, recipe_dir, tmp_path: Path) -> None:
     again = ingest_recipe_flow("f_one", root, [str(folder)])
     assert again["recipes"][0]["cached"] is True
     assert again["mixtures"] and all(m["cached"] for m in again["mixtures"])
+
+
+def test_every_flow_parameter_has_a_description_and_choices_are_enums() -> None:
+    """The UI's custom-run form: Prefect reads each flow's parameter schema; every parameter of every flow
+    carries a description, and stages / executors are drop-downs (enums), not free text."""
+    from prefect.utilities.callables import parameter_schema
+
+    from kalm.orchestration import flows
+
+    for f in (
+        flows.retrain_flow,
+        flows.rerun_recipe_flow,
+        flows.evaluate_flow,
+        flows.ingest_recipe_flow,
+        flows.ingest_stage_flow,
+    ):
+        props = parameter_schema(f.fn).model_dump()["properties"]
+        assert all(p.get("description") for p in props.values()), (f.name, props)
+        assert "force_recipes" not in props
+    stages = parameter_schema(flows.retrain_flow.fn).model_dump()["properties"]["stages"]
+    assert stages["anyOf"][0]["items"]["enum"][:3] == ["ingest", "mine", "pretrain"]
+    ex = parameter_schema(flows.ingest_stage_flow.fn).model_dump()["properties"]["executor"]
+    assert ex["anyOf"][0]["enum"] == ["local", "ray"]
+
+
+def test_the_evaluation_overview_has_one_row_per_model_and_dim() -> None:
+    """Task types as columns, means over the tasks every model has, and no cell that breaks a row."""
+    from kalm.evaluation.report import type_means_markdown
+
+    def row(task: str, ttype: str, dim: int, score: float) -> dict[str, object]:
+        return {"task": task, "task_type": ttype, "dim": dim, "main_score": score}
+
+    md = type_means_markdown(
+        {
+            "base": [row("A", "STS", 8, 0.5), row("B", "Retrieval", 8, 0.2), row("C", "STS", 8, 0.9)],
+            "soup\nv2|x": [row("A", "STS", 8, 0.7), row("B", "Retrieval", 8, 0.4)],  # no C: left out
+        }
+    )
+    lines = md.strip().splitlines()
+    assert lines[0] == "| model | dim | Retrieval | STS | mean (2 tasks) |"
+    assert lines[2] == "| base | 8 | 20.00 | 50.00 | 35.00 |"
+    assert lines[3] == "| soup v2\\|x | 8 | 40.00 | 70.00 | 55.00 |" and len(lines) == 4

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -173,24 +173,17 @@ def data_run(
     if name is not None:
         found.get(name)  # fail fast, before starting Prefect
     connect_prefect(root)
+    kind: Any = executor  # validated above (with_executor); the flows take it as Literal["local", "ray"]
     if name is not None:
         from kalm.orchestration.flows import ingest_recipe_flow
 
-        out = ingest_recipe_flow(name, root, dirs, cfg_path, force, executor, workers, ray_address)
+        out = ingest_recipe_flow(name, root, dirs, cfg_path, force, kind, workers, ray_address)
     else:
         from kalm.orchestration.flows import ingest_stage_flow
 
+        stages: Any = [stage] if stage else None  # checked above: pretrain or finetune
         out = ingest_stage_flow(
-            [stage] if stage else None,
-            None,
-            tag or None,
-            root,
-            dirs,
-            cfg_path,
-            force,
-            executor,
-            workers,
-            ray_address,
+            stages, None, tag or None, root, dirs, cfg_path, force, kind, workers, ray_address
         )
     ingested = [StageResult(**r) for r in out["recipes"]]
     mixtures = [StageResult(**m) for m in out["mixtures"]]

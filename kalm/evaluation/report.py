@@ -6,7 +6,7 @@ A summary row is one (model, task, dim) with mteb's main score; the schema is de
 chart per task type.
 
 >>> t = summary_table([{"model": "m", "task": "STSBenchmark", "task_type": "STS", "dim": 384,
-...                     "main_score": 0.81, ...}])
+...                     "main_score": 0.81, ...}])  # doctest: +SKIP
 >>> print(summary_markdown(t, "m"))  # doctest: +SKIP
 | task | type | metric | d384 |
 |---|---|---|---:|
@@ -91,6 +91,48 @@ def summary_markdown(table: pa.Table, title: str) -> str:
             means.append(_pct(sum(vals) / len(vals)) if vals else "-")
         lines.append(f"| **mean {ttype}** | | | " + " | ".join(means) + " |")
     return "\n".join(lines) + "\n"
+
+
+def type_means_markdown(rows_by_label: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+    """One row per (model, dim), one column per task type (its tasks' mean main score x100), then the
+    mean over all tasks: the overview a UI table shows first. Only tasks every model was scored on count.
+
+    >>> r = [{"task": "A", "task_type": "STS", "dim": 8, "main_score": 0.5},
+    ...      {"task": "B", "task_type": "Retrieval", "dim": 8, "main_score": 0.25}]
+    >>> print(type_means_markdown({"m": r}))
+    | model | dim | Retrieval | STS | mean (2 tasks) |
+    |---|---:|---:|---:|---:|
+    | m | 8 | 25.00 | 50.00 | 37.50 |
+    <BLANKLINE>
+    """
+    # only (task, dim) pairs every model was scored on, so that each row averages the same tasks
+    keys = [{(r["task"], int(r["dim"])) for r in rows} for rows in rows_by_label.values()]
+    common = set.intersection(*keys) if keys else set()
+    rows_by_label = {
+        lb: [r for r in rows if (r["task"], int(r["dim"])) in common] for lb, rows in rows_by_label.items()
+    }
+    every = [r for rows in rows_by_label.values() for r in rows]
+    types = sorted({str(r["task_type"]) for r in every})
+    n_tasks = len({r["task"] for r in every})
+    lines = [
+        "| model | dim | " + " | ".join(types) + f" | mean ({n_tasks} tasks) |",
+        "|---|---:|" + "---:|" * (len(types) + 1),
+    ]
+    for label, rows in rows_by_label.items():
+        for dim in sorted({int(r["dim"]) for r in rows}, reverse=True):
+            at = [r for r in rows if int(r["dim"]) == dim]
+            cells = []
+            for t in types:
+                vals = [float(r["main_score"]) for r in at if r["task_type"] == t]
+                cells.append(_pct(sum(vals) / len(vals)) if vals else "-")
+            mean = _pct(sum(float(r["main_score"]) for r in at) / len(at)) if at else "-"
+            lines.append(f"| {_cell(label)} | {dim} | " + " | ".join(cells) + f" | {mean} |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a Markdown table cell: no newline (it would end the row), no bare pipe."""
+    return " ".join(str(text).split()).replace("|", "\\|")
 
 
 def comparison_table(summaries: Mapping[str, pa.Table]) -> pa.Table:

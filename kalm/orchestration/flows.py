@@ -11,7 +11,7 @@ Called without a server, they run on an ephemeral local Prefect server.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -37,12 +37,16 @@ def retrain_flow(
     resume: bool = True,
     recipes_dirs: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Run the retraining DAG.
+    """Run the retraining DAG: ingest, mine, pretrain, refresh, score, finetune, soup, eval.
 
-    config: a pipeline YAML (path or name in configs/). stages: a subset of ingest, mine, pretrain, refresh,
-    score, finetune, soup, eval (default all; a skipped stage's previous outputs are used). recipes: only
-    (re)ingest these (the later stages still use every recipe of the pipeline). resume: reuse finished
-    outputs and checkpoints (False recomputes every selected stage).
+    Args:
+        config: The pipeline YAML, a path or a name in configs/ (pipeline_demo.yaml, pipeline_qwen2.yaml).
+        stages: Only these stages (empty: all). A stage left out uses its previous outputs.
+        recipes: Only (re)ingest these recipes; the later stages still use every recipe of the pipeline.
+        data_root: Where everything is written: a folder or s3://bucket/prefix (empty: $KALM_DATA_ROOT or
+            ./data).
+        resume: Reuse finished outputs and checkpoints (off: recompute every selected stage).
+        recipes_dirs: Extra folders with recipe files, besides data_recipes/ and $KALM_RECIPES_PATH.
     """
     p = load_pipeline(config, data_root, recipes_dirs or [])
     return run_retrain(p, PrefectRunner(), stages=stages, recipes=recipes, resume=resume)
@@ -58,7 +62,14 @@ def rerun_recipe_flow(
 ) -> dict[str, Any]:
     """Re-ingest one recipe (even if unchanged), then recompute only what depends on it: its stage
     mixture, its mined negatives and, when its data changed, the training runs, soup and scores.
-    downstream=False stops after the recipe's mixture."""
+
+    Args:
+        recipe: The recipe's name (`kalm data list` shows them).
+        config: The pipeline YAML the recipe belongs to (a path or a name in configs/).
+        data_root: A folder or s3://bucket/prefix (empty: $KALM_DATA_ROOT or ./data).
+        downstream: Also recompute what depends on the recipe (off: stop after its stage mixture).
+        recipes_dirs: Extra folders with recipe files, besides data_recipes/ and $KALM_RECIPES_PATH.
+    """
     p = load_pipeline(config, data_root, recipes_dirs or [])
     return rerun_recipe(p, PrefectRunner(), recipe, downstream)
 
@@ -71,7 +82,17 @@ def evaluate_flow(
     tasks: list[str] | None = None,
     label: str = "model",
 ) -> dict[str, Any]:
-    """Score one model folder (or alias, e.g. minilm) on the eval config's tasks; publishes the table."""
+    """Score one model on the eval config's tasks; publishes a summary (task types as columns) and the
+    per-task table.
+
+    Args:
+        model: A model folder, an alias (minilm), stage:NAME (the newest finished run of that stage) or a
+            hub id when online.
+        config: The eval YAML (a path or a name in configs/: eval.yaml, eval_qwen2.yaml).
+        data_root: A folder or s3://bucket/prefix (empty: $KALM_DATA_ROOT or ./data).
+        tasks: Only these task names (empty: every task of the config).
+        label: The model's name in the tables.
+    """
     from kalm.core.storage import DataRoot
     from kalm.evaluation.config import load_eval_config
     from kalm.pipeline.stages import EVALUATE
@@ -85,10 +106,11 @@ def evaluate_flow(
     )
     rows = res.rows or []
     if rows:
-        cols = list(rows[0])
-        md = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
-        md += "".join("| " + " | ".join(str(r.get(c)) for c in cols) + " |\n" for r in rows)
-        runner.publish("evaluation", f"# {label}: `{path}`\n\n{md}")
+        from kalm.evaluation.report import summary_markdown, summary_table, type_means_markdown
+
+        overview = type_means_markdown({label: rows})
+        detail = summary_markdown(summary_table(rows), f"{label}: every task")
+        runner.publish("evaluation", f"# {label}\n\n`{path}`\n\n{overview}\n{detail}")
     return {
         "label": label,
         "model_path": res.model_path,
@@ -114,12 +136,22 @@ def ingest_recipe_flow(
     recipes_dirs: list[str] | None = None,
     config_path: str | None = None,
     force: bool = False,
-    executor: str | None = None,
+    executor: Literal["local", "ray"] | None = None,
     workers: int | None = None,
     ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Rebuild one recipe's shards (a cache hit when unchanged) and the mixture of its stage.
-    ``executor``/``workers``/``ray_address`` override the ingest config's ``executor``."""
+
+    Args:
+        name: The recipe's name.
+        data_root: A folder or s3://bucket/prefix (empty: $KALM_DATA_ROOT or ./data).
+        recipes_dirs: Extra folders with recipe files.
+        config_path: The ingest YAML (empty: configs/ingest.yaml).
+        force: Rebuild even when nothing changed.
+        executor: local or ray (empty: the ingest config's).
+        workers: Processes (local) or Ray CPUs (empty: the ingest config's).
+        ray_address: A Ray cluster to join (auto, ray://host:10001; empty: $KALM_RAY_ADDRESS or a local Ray).
+    """
     from kalm.core.storage import DataRoot
     from kalm.data.config import load_ingest_config, with_executor
     from kalm.data.recipes import discover
@@ -139,19 +171,32 @@ def ingest_recipe_flow(
 
 @flow(name="ingest_stage", log_prints=True, task_runner=TaskRunner(max_workers=2))  # type: ignore[arg-type]
 def ingest_stage_flow(
-    stages: list[str] | None = None,
+    stages: list[Literal["pretrain", "finetune"]] | None = None,
     recipes: list[str] | None = None,
     tags: list[str] | None = None,
     data_root: str | None = None,
     recipes_dirs: list[str] | None = None,
     config_path: str | None = None,
     force: bool = False,
-    executor: str | None = None,
+    executor: Literal["local", "ray"] | None = None,
     workers: int | None = None,
     ray_address: str | None = None,
 ) -> dict[str, Any]:
-    """Ingest the recipes of the given stages (default: both; optionally only ``recipes`` or those with one
-    of ``tags``) in parallel, then build each stage's mixture from every recipe of that stage."""
+    """Ingest the recipes of the given stages in parallel, then build each stage's mixture from every
+    recipe of that stage.
+
+    Args:
+        stages: pretrain and/or finetune (empty: both).
+        recipes: Only these recipes (empty: all of the stages).
+        tags: Only recipes with one of these tags.
+        data_root: A folder or s3://bucket/prefix (empty: $KALM_DATA_ROOT or ./data).
+        recipes_dirs: Extra folders with recipe files.
+        config_path: The ingest YAML (empty: configs/ingest.yaml).
+        force: Rebuild even when nothing changed.
+        executor: local or ray (empty: the ingest config's).
+        workers: Processes (local) or Ray CPUs (empty: the ingest config's).
+        ray_address: A Ray cluster to join (empty: $KALM_RAY_ADDRESS or a local Ray).
+    """
     from kalm.core.storage import DataRoot
     from kalm.data.config import load_ingest_config, with_executor
     from kalm.data.recipes import discover

@@ -324,7 +324,17 @@ def run_retrain(
             "models": models,
             **{k: out.get(k) for k in ("table_path", "markdown_path", "charts", "markdown", "rows")},
         }
-        runner.publish("evaluation", comparison.markdown, "Base model vs each stage vs the soup")
+        from kalm.evaluation.report import type_means_markdown
+
+        by_label: dict[str, list[dict[str, Any]]] = {}
+        for r in out.get("rows") or []:
+            by_label.setdefault(str(r["label"]), []).append(r)
+        overview = type_means_markdown(by_label) if by_label else ""
+        runner.publish(
+            "evaluation",
+            f"# Overview: mean per task type\n\n{overview}\n{comparison.markdown}",
+            "Base model vs each stage vs the soup",
+        )
         if "soup" in models:
             _card_scores(soup_path, out["rows"])
         clock.stop("eval", comparison.new == 0)
