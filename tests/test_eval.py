@@ -68,6 +68,26 @@ def test_local_retrieval_and_sts_through_mteb(evaluated: dict[str, Any]) -> None
     assert by_task["TinyQARetrieval"]["instruction_source"] == "override"
 
 
+def test_results_are_in_mtebs_own_layout_too(evaluated: dict[str, Any]) -> None:
+    """mteb's ResultCache over <root>/eval/mteb finds every result: the full dim under the model's name,
+    each Matryoshka dim as its own model (-d128), revision = the model fingerprint, same scores."""
+    from mteb.cache import ResultCache
+
+    res, root = evaluated["res"], evaluated["root"]
+    cache = ResultCache(root / "eval" / "mteb")
+    name = json.loads((root / "eval" / "mteb" / "results").glob("*/*/model_meta.json").__next__().read_text())
+    base = name["name"].removesuffix("-d128")
+    models = set(cache.get_models(include_remote=False))
+    as_path = base.replace("/", "__")
+    assert models == {(as_path, res.fingerprint), (f"{as_path}-d128", res.fingerprint)}
+    got = cache.load_results(models=[base, f"{base}-d128"], include_remote=False, validate_and_filter=False)
+    scores = {(m.model_name, t.task_name): t.get_score() for m in got.model_results for t in m.task_results}
+    ours = {(base if r["dim"] == 384 else f"{base}-d128", r["task"]): r["main_score"] for r in res.rows}
+    assert scores.keys() == ours.keys() and all(
+        abs(scores[k] - ours[k]) < 1e-6 for k in ours
+    )  # JSON: 6 digits
+
+
 def test_rerun_reuses_stored_results(evaluated: dict[str, Any]) -> None:
     res = run_eval(minilm(), [], evaluated["specs"], dims=[128], data_root=str(evaluated["root"]))
     assert res.reused == 4 and res.new == 0

@@ -8,6 +8,9 @@ Output layout (a local folder or S3, through ``kalm.core.storage.DataRoot``)::
     eval/<fingerprint>/results/d<dim>/<task>.kalm.json   our row: score, instruction used, reuse key
     eval/<fingerprint>/summary.parquet | summary.md      every result of this model (SUMMARY_SCHEMA)
     eval/<fingerprint>/_manifest.json                    last run: tasks, dims, versions, timings
+    eval/mteb/results/kalm__<folder>[-d<dim>]/<fingerprint>/<task>.json (+ model_meta.json)
+                                                         the same results in mteb's layout, for its tools:
+                                                         mteb.ResultCache("<data root>/eval/mteb")
 
 A rerun reuses a (task, dim) result whose key (model fingerprint, task data revision, instruction,
 instructions version, template, dim, max length, mteb version) is unchanged; ``force`` recomputes.
@@ -18,6 +21,7 @@ instructions version, template, dim, max length, mteb version) is unchanged; ``f
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
@@ -47,6 +51,7 @@ from kalm.evaluation.report import summary_markdown, summary_table
 from kalm.evaluation.scoring import dims_to_score, evaluate_model, full_dim
 
 log = logging.getLogger(__name__)
+MTEB_CACHE = "mteb"  # <data root>/eval/mteb: a cache folder mteb's own tools read (mteb.ResultCache)
 
 
 def result_key(
@@ -155,6 +160,9 @@ def run_eval(
     def rel(p: str) -> str:
         return f"{prefix}/{p}" if prefix else p
 
+    # the same results in mteb's own layout, shared by every model of the root: mteb.ResultCache(<that>)
+    mteb_dir = f"{output_prefix}/{MTEB_CACHE}" if not output_dir else MTEB_CACHE
+
     # reuse stored results whose key still matches
     template = eval_template(path, ins) or ""  # "": plain texts (a model without its own template)
     reused: list[dict[str, Any]] = []
@@ -190,9 +198,18 @@ def run_eval(
             """Publish one finished task (mteb JSON, then our sidecar: the sidecar marks it complete)."""
             for row in task_rows:
                 rt, d = by_name[row["task"]], row["dim"]
-                root.write_bytes(
-                    rel(f"results/d{d}/{rt.name}.json"), (work / f"d{d}" / f"{rt.name}.json").read_bytes()
-                )
+                result = (work / f"d{d}" / f"{rt.name}.json").read_bytes()
+                root.write_bytes(rel(f"results/d{d}/{rt.name}.json"), result)
+                meta = work / f"d{d}" / "model_meta.json"
+                if meta.is_file():  # mteb.ResultCache layout: results/<model>/<revision>/<task>.json
+                    name = (
+                        json.loads(meta.read_text(encoding="utf-8"))["name"]
+                        .replace("/", "__")
+                        .replace(" ", "_")
+                    )
+                    folder = f"{mteb_dir}/results/{name}/{fp}"
+                    root.write_bytes(f"{folder}/{rt.name}.json", result)
+                    root.write_bytes(f"{folder}/model_meta.json", meta.read_bytes())
                 key = result_key(fp, rt, d, row["instruction"], ins.version, row["template"], max_seq_length)
                 root.write_json(rel(f"results/d{d}/{rt.name}.kalm.json"), {"key": key, "row": row})
 

@@ -111,6 +111,7 @@ def evaluate_task_dims(
             out = work_dir / f"d{dim}" / f"{rt.name}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             tr.to_disk(out)
+            write_model_meta(encoder, dim, out.parent / "model_meta.json")
             used = encoder.used_instructions.get(rt.name) or dict(
                 zip(
                     ("instruction", "source"), encoder.instructions.lookup(rt.name, rt.task_type), strict=True
@@ -142,6 +143,18 @@ def evaluate_task_dims(
         if loaded_here:
             rt.task.unload_data()
     return rows
+
+
+def mteb_model_name(model_name: str, dim: int, full: int) -> str:
+    """The model's name in mteb's results layout: a Matryoshka truncation is its own model (``-d256``)."""
+    return model_name if dim == full else f"{model_name}-d{dim}"
+
+
+def write_model_meta(encoder: Any, dim: int, path: Path) -> None:
+    """mteb's ``model_meta.json`` for the encoder at ``dim`` (what ``mteb.ResultCache`` reads a model by)."""
+    meta = encoder.mteb_model_meta
+    name = mteb_model_name(str(meta.name), dim, encoder.full_dim)
+    path.write_text(json.dumps({**meta.to_dict(), "name": name}, default=str, indent=2), encoding="utf-8")
 
 
 def visible_devices(devices: Sequence[str] | None = None) -> list[str]:
