@@ -147,7 +147,12 @@ def test_uniform_of_two_real_checkpoints_equals_the_hand_computed_mean(
             assert torch.equal(soup[k], a[k]), k
     assert not torch.equal(soup[MINILM_KEY], a[MINILM_KEY])
     assert rec["weights"] == [0.5, 0.5] and rec["tensors_averaged"] == 103
-    assert [i["path"] for i in rec["inputs"]] == [str(ckpts["a"].resolve()), str(ckpts["harmful"].resolve())]
+    # recorded relative to the soup folder (a moved tree keeps them true), resolvable back
+    from kalm.evaluation.soup import soup_input_path
+
+    assert not any(Path(i["path"]).is_absolute() for i in rec["inputs"])
+    back = [soup_input_path(tmp_path / "uniform", i["path"]) for i in rec["inputs"]]
+    assert back == [ckpts["a"].resolve(), ckpts["harmful"].resolve()]
     assert all(len(i["fingerprint"]) == 16 for i in rec["inputs"])
     assert rec["inputs"][0]["fingerprint"] != rec["inputs"][1]["fingerprint"]
     assert sorted(p.name for p in (tmp_path / "uniform").iterdir()) == sorted(
@@ -318,7 +323,7 @@ def test_a_trained_model_merges_with_its_base(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "s/config_sentence_transformers.json").read_text())["prompts"] == {
         "query_template": "Q: {query}"
     }
-    assert res.manifest["base"]["weight"] == 0.25 and res.lineage["base"]["path"] == str(base.resolve())
+    assert res.manifest["base"]["weight"] == 0.25 and res.lineage["base"]["path"] == "../b"
     assert run_soup("uniform", [trained], tmp_path / "s", base=base, base_weight=0.25).cached
     assert not run_soup("uniform", [trained], tmp_path / "s", base=base, base_weight=0.5).cached
     with pytest.raises(KalmError, match="needs a base model"):

@@ -264,3 +264,20 @@ def eval_tasks_cmd(
     for s in specs:
         typer.echo(f"{s.name:44} {s.type:15} {s.path}")
     typer.echo(f"wrote {where}; next: kalm eval --model PATH --local-config {where}")
+
+
+@eval_app.command("push")
+@user_errors
+def push_cmd(
+    folder: Path = typer.Argument(..., help="A model folder: a run's final/ or a soup (with its README.md)."),
+    repo_id: str = typer.Argument(..., help="The Hub repo, owner/name; created if missing."),
+    public: bool = typer.Option(False, "--public", help="Create the repo public (default: private)."),
+    revision: str | None = typer.Option(None, help="Branch to push to (default: main)."),
+    message: str | None = typer.Option(None, "--message", help="Commit message."),
+) -> None:
+    """Upload a model folder to the Hugging Face Hub (token: HF_TOKEN or `hf auth login`; never printed)."""
+    setup_logging()
+    from kalm.evaluation.hub import push_model
+
+    url = push_model(folder, repo_id, private=not public, revision=revision, commit_message=message)
+    typer.echo(f"pushed {folder} -> {url}")

@@ -50,17 +50,35 @@ def loss_line(loss: dict[str, Any]) -> str:
     return " over ".join(parts)
 
 
+PROJECT_DIR = Path(__file__).resolve().parents[2]
+
+
 def relative(path: str | None, root: Path | None) -> str | None:
-    """``path`` relative to the data root when it lies under it (else its last two parts)."""
+    """``path`` relative to the data root when it lies under it, else to this project (``configs/...``),
+    else its last two parts: a model folder never carries a machine's absolute paths."""
     if not path:
         return None
     p = Path(path)
-    if root is not None:
-        try:
-            return p.resolve().relative_to(root.resolve()).as_posix()
-        except ValueError:
-            pass
+    if not p.is_absolute():
+        return p.as_posix()
+    for base in (root, PROJECT_DIR):
+        if base is not None:
+            try:
+                return p.resolve().relative_to(base.resolve()).as_posix()
+            except ValueError:
+                pass
     return "/".join(p.parts[-2:])
+
+
+def portable_paths(obj: Any, root: Path | None) -> Any:
+    """A copy of a JSON-like record (``kalm_run.json``) with every absolute local path :func:`relative`."""
+    if isinstance(obj, dict):
+        return {k: portable_paths(v, root) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [portable_paths(v, root) for v in obj]
+    if isinstance(obj, str) and obj.startswith("/") and "\n" not in obj:
+        return relative(obj, root)
+    return obj
 
 
 def _front_matter(base_model: str | None, tags: list[str]) -> list[str]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import time
 import uuid
@@ -409,9 +410,11 @@ def run_soup(
     if base_p is not None:
         check_compatible([paths[0], base_p])
     _check_out(out_p, paths + ([base_p] if base_p is not None else []))
-    inputs = [{"path": str(p.resolve()), "fingerprint": model_fingerprint(p)} for p in paths]
+    # paths relative to the soup folder (a tree moved or copied elsewhere keeps them true); the
+    # fingerprints are what identify the inputs
+    inputs = [{"path": _rel(p, out_p), "fingerprint": model_fingerprint(p)} for p in paths]
     base_rec = (
-        {"path": str(base_p.resolve()), "fingerprint": model_fingerprint(base_p), "weight": base_weight}
+        {"path": _rel(base_p, out_p), "fingerprint": model_fingerprint(base_p), "weight": base_weight}
         if base_p is not None
         else None
     )
@@ -458,6 +461,17 @@ def run_soup(
     return _result(out_p, record, False, t0)
 
 
+def _rel(path: Path, out: Path) -> str:
+    """``path`` relative to the soup folder ``out`` (POSIX separators)."""
+    return Path(os.path.relpath(path.resolve(), out.resolve())).as_posix()
+
+
+def soup_input_path(out: str | Path, recorded: str) -> Path:
+    """A path a soup record holds, made absolute again (records before this format held absolute ones)."""
+    p = Path(recorded)
+    return p if p.is_absolute() else (Path(out) / p).resolve()
+
+
 def _write_soup_card(out: Path, record: dict[str, Any], first: Path) -> None:
     """The soup's model card: its first checkpoint's training facts plus the soup's inputs and weights."""
     from kalm.core.modelcard import soup_card, write_card
@@ -466,7 +480,14 @@ def _write_soup_card(out: Path, record: dict[str, Any], first: Path) -> None:
     run = read_json_file(first / "kalm_run.json")
     # a training run's checkpoint lies at <data root>/runs/<stage>/<run>/final: paths relative to the root
     root = first.resolve().parents[3] if run.get("run_name") and len(first.resolve().parents) > 3 else None
-    write_card(out, soup_card(record, run, root, saved_prompts(out)))
+    absolute = {
+        **record,
+        "inputs": [{**i, "path": str(soup_input_path(out, i["path"]))} for i in record.get("inputs") or []],
+        "base": {**record["base"], "path": str(soup_input_path(out, record["base"]["path"]))}
+        if record.get("base")
+        else None,
+    }
+    write_card(out, soup_card(absolute, run, root, saved_prompts(out)))
 
 
 def _result(out: Path, record: dict[str, Any], cached: bool, t0: float) -> StageResult:

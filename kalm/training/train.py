@@ -655,7 +655,7 @@ def save_final(t: Trainer, root: DataRoot, info: dict[str, Any]) -> Path | None:
     shutil.rmtree(tmp, ignore_errors=True)
     # ZeRO-1/2 shard optimizer states and gradients only: rank 0's module holds the full weights.
     model = t.model.float()
-    from kalm.core.modelcard import training_card, write_card
+    from kalm.core.modelcard import portable_paths, training_card, write_card
     from kalm.training.config import base_model_name
     from kalm.training.model import declared_max_length, saved_prompts
 
@@ -691,7 +691,10 @@ def save_final(t: Trainer, root: DataRoot, info: dict[str, Any]) -> Path | None:
         "model_fingerprint": model_fingerprint(tmp),  # kalm_run.json and README.md are not part of it
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    (tmp / "kalm_run.json").write_text(json.dumps(manifest, indent=2, default=str))
+    # the model folder's copy: paths relative to the data root or the project (the run's manifest keeps
+    # this machine's absolute paths for the stage's own bookkeeping)
+    record = portable_paths(json.loads(json.dumps(manifest, default=str)), t.out.parents[2])
+    (tmp / "kalm_run.json").write_text(json.dumps(record, indent=2))
     write_card(tmp, training_card(manifest, t.out.parents[2], saved_prompts(tmp)))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
