@@ -4,6 +4,7 @@ launchers, and exact resume after kill -9. Tiny random BERT (hidden 32) so every
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -238,6 +239,12 @@ def test_two_process_zero(tmp_path: Path, tiny_model: Path, data_root: str, zero
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3] and all(m["loss"] > 0 for m in metrics)
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    if importlib.util.find_spec("tensorboard"):  # rank 0's TensorBoard events: the same steps
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(tmp_path / "run" / "tb"))
+        acc.Reload()
+        assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]
     # the model changed and loads in sentence-transformers
     from sentence_transformers import SentenceTransformer
 
@@ -359,6 +366,12 @@ def test_exact_resume_after_kill(tmp_path: Path, tiny_model: Path, data_root: st
     assert [m["step"] for m in mb] == list(range(1, steps + 1))
     assert [round(m["loss"], 5) for m in ma] == [round(m["loss"], 5) for m in mb]
     assert [m["source"] for m in ma] == [m["source"] for m in mb]  # the same batch order
+    if importlib.util.find_spec("tensorboard"):  # the resumed run's events: each step once
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(killed_dir / "run" / "tb"))
+        acc.Reload()
+        assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, steps + 1))
     # an unchanged rerun is a cache hit: no process is launched, the final model is untouched
     stamp = (uninterrupted / "model.safetensors").stat().st_mtime_ns
     again = run_training(

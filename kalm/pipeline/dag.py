@@ -337,6 +337,8 @@ def run_retrain(
         )
         if "soup" in models:
             _card_scores(soup_path, out["rows"])
+        if comparison.new:  # new scores only: a cache hit would log the same points again
+            _track_scores(models, out.get("rows") or [])
         clock.stop("eval", comparison.new == 0)
 
     # ---- report: one run manifest linking every artifact
@@ -400,3 +402,21 @@ def _card_scores(folder: Path, rows: list[dict[str, Any]]) -> None:
         mine = [r for r in rows if r["label"] == "soup"]
         base = [r for r in rows if r["label"] == "base"] or None
         write_card(folder, with_scores(card.read_text(encoding="utf-8"), mine, base))
+
+
+def _track_scores(models: dict[str, str], rows: list[dict[str, Any]]) -> None:
+    """Scores into TensorBoard next to the step metrics: a training run's ``tb/`` at its last step, the
+    soup's ``runs/soup/<name>.tb`` (not inside the model folder: its fingerprint would change)."""
+    from kalm.evaluation.checkpoints import read_json_file
+    from kalm.training.tracking import TB_DIR, log_scores
+
+    for label, path in models.items():
+        if label == "base" or "://" in path:
+            continue
+        mine = [r for r in rows if r["label"] == label]
+        folder = Path(path)
+        if label == "soup":
+            log_scores(folder.parent / f"{folder.name}.tb", mine, 0)
+        else:
+            run = read_json_file(folder / "kalm_run.json")
+            log_scores(folder.parent / TB_DIR, mine, int(run.get("steps") or 0))

@@ -127,6 +127,13 @@ FORWARD_ENV = [
 ]
 
 
+class TrackingSpec(StrictModel):
+    """Experiment tracking (kalm.training.tracking); not part of the job fingerprint."""
+
+    tensorboard: bool = True  # <run>/tb/ event files, when the tensorboard package is installed
+    mlflow: bool | Literal["auto"] = "auto"  # auto: when mlflow is installed and MLFLOW_TRACKING_URI is set
+
+
 class LaunchSpec(StrictModel):
     launcher: Literal["auto", "deepspeed", "torchrun", "single"] = "auto"
     nproc_per_node: int | None = Field(None, ge=1)  # default: GPUs, else 1
@@ -166,6 +173,7 @@ class TrainConfig(StrictModel):
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on GPUs that support it
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     launch: LaunchSpec = Field(default_factory=LaunchSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     output_dir: str | None = None  # default: <data root>/runs/<stage>/<run_name>
 
     @model_validator(mode="after")

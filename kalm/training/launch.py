@@ -55,6 +55,7 @@ def job_fingerprint(cfg: Any, root: DataRoot, model_dir: str) -> str:
         manifests.append(ident or m.get("created_at"))
     cfg_dump = cfg.model_dump(mode="json")
     cfg_dump.pop("output_dir", None)
+    cfg_dump.pop("tracking", None)  # how a run is watched, not what it computes
     cfg_dump["model"].pop("path", None)
     for key in ("node_rank", "master_addr", "master_port", "forward_env"):  # where, not what: every node of
         cfg_dump["launch"].pop(key, None)  # a job, and a rerun on another port, compute the same fingerprint

@@ -621,13 +621,35 @@ def train(t: Trainer) -> list[dict[str, Any]]:
         keep = [ln for ln in keep if json.loads(ln)["step"] <= t.sampler.step]
         metrics_path.write_text("".join(ln + "\n" for ln in keep))
     history: list[dict[str, Any]] = []
+    tracker = None
+    if t.rank == 0:
+        from kalm.training.tracking import Tracker
+
+        tracker = Tracker(
+            t.out,
+            t.cfg.run_name,
+            tensorboard=t.cfg.tracking.tensorboard,
+            mlflow=t.cfg.tracking.mlflow,
+            start_step=t.sampler.step + 1 if resumed else 0,
+            params={"stage": t.cfg.stage, "seed": t.cfg.seed, "batch": t.cfg.per_device_batch, **t.cfg.loss},
+        )
     t.engine.train()
+    try:
+        _train_loop(t, metrics_path, history, tracker)
+    finally:
+        if tracker is not None:
+            tracker.close()
+    return history
+
+
+def _train_loop(t: Trainer, metrics_path: Path, history: list[dict[str, Any]], tracker: Any) -> None:
     while t.sampler.step < t.steps:
         m = train_step(t)
         history.append(m)
         if t.rank == 0:
             with metrics_path.open("a") as f:
                 f.write(json.dumps(m) + "\n")
+            tracker.step(m)
             if m["step"] % t.cfg.schedule.log_every == 0:
                 log.info(
                     "step %d/%d loss %.4f%s lr %.2e %.1f samples/s",
@@ -640,7 +662,6 @@ def train(t: Trainer) -> list[dict[str, Any]]:
                 )
         if t.sampler.step % t.cfg.schedule.checkpoint_every == 0 or t.sampler.step == t.steps:
             save_checkpoint(t)
-    return history
 
 
 # ----------------------------------------------------------------------------------------------- save
