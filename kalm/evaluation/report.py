@@ -115,7 +115,7 @@ def type_means_markdown(rows_by_label: Mapping[str, Sequence[Mapping[str, Any]]]
     types = sorted({str(r["task_type"]) for r in every})
     n_tasks = len({r["task"] for r in every})
     lines = [
-        "| model | dim | " + " | ".join(types) + f" | mean ({n_tasks} tasks) |",
+        "| model | dim | " + " | ".join(types) + f" | mean ({n_tasks} task{'' if n_tasks == 1 else 's'}) |",
         "|---|---:|" + "---:|" * (len(types) + 1),
     ]
     for label, rows in rows_by_label.items():

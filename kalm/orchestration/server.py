@@ -114,6 +114,9 @@ def ensure_server(state_dir: Path, port: int = DEFAULT_PORT, wait_s: float = 120
         "PREFECT_SERVER_DATABASE_CONNECTION_URL": database_url(state_dir),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_ENABLED": os.environ.get("PREFECT_UI_ENABLED", "true"),
+        # the UI's pages call this URL: without it they call port 4200 whatever --port says
+        "PREFECT_UI_API_URL": api,
+        "PREFECT_SERVER_API_PORT": str(port),
     }
     prefect = str(Path(sys.executable).with_name("prefect"))
     proc = subprocess.Popen(

@@ -46,6 +46,9 @@ def training_markdown(stage: str, res: StageResult) -> str:
     if metrics.exists():
         last = [json.loads(x) for x in metrics.read_text().splitlines()[-1:] if x.strip()]
         if last:
-            md += ["last step: " + ", ".join(f"{k} {v}" for k, v in last[0].items()), ""]
+            shown = {k: v for k, v in last[0].items() if v is not None}
+            cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in shown.values()]
+            header = "| " + " | ".join(shown) + " |"
+            md += [header, "|" + "---|" * len(shown), "| " + " | ".join(cells) + " |", ""]
     md.append(png_markdown(f"{stage} loss", run / "loss.png"))
     return "\n".join(md)
