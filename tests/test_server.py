@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -123,6 +124,17 @@ def _wait_deployments(serve: subprocess.Popen[bytes], log: Path, wait_s: float =
     pytest.fail(f"deployments not registered in {wait_s} s: {log.read_text()[-3000:]}")
 
 
+def _post(api: str, path: str, body: dict[str, object]) -> list[dict[str, Any]]:
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(
+        f"{api}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return list(json.loads(r.read()))
+
+
 def _flow_runs(api: str, flow: str) -> int:
     """How many runs of ``flow`` the server's database holds (the REST API, as the UI reads it)."""
     import json
@@ -169,6 +181,11 @@ def test_cli_runs_land_in_the_data_roots_database(
         second = data_run()
         assert "Starting temporary server" not in second and f"runs report to {api}" in second
         assert _flow_runs(api, "ingest_recipe") == 2
+        # the CLI run's log holds the project's lines, each once
+        (last,) = _post(api, "/flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 1})
+        logs = _post(api, "/logs/filter", {"logs": {"flow_run_id": {"any_": [last["id"]]}}, "limit": 200})
+        ours = [(r["name"], r["message"], r["timestamp"]) for r in logs if r["name"].startswith("kalm.")]
+        assert ours and len(ours) == len(set(ours)), ours
         assert ensure_server(state, _free_port()) == (api, None)  # the same root: its running server
         with pytest.raises(KalmError, match=rf"port {port} already answers .* not this data root's"):
             ensure_server(tmp_path / "other", port)
@@ -293,3 +310,6 @@ def test_kalm_deploy_and_a_process_worker_run_a_pool_deployment(server: str, tmp
                 os.killpg(worker.pid, signal.SIGKILL)
     m = read_manifest(DataRoot.from_uri(str(root)), "mixtures/pretrain/package_descriptions")
     assert m is not None and m["rows_out"] > 100
+    # the project's own INFO lines are in the run's log, beside Prefect's
+    logs = _post(server, "/logs/filter", {"logs": {"flow_run_id": {"any_": [str(run.id)]}}, "limit": 200})
+    assert any(r["name"].startswith("kalm.") for r in logs), sorted({r["name"] for r in logs})

@@ -25,6 +25,24 @@ from kalm.pipeline.data import run_data
 
 install_log_scrubber()  # served flows and workers import this module: their run logs are scrubbed too
 
+
+def forward_project_logs() -> None:
+    """The ``kalm`` loggers' INFO lines into the flow run's log in the UI, wherever the flow runs: the CLI
+    sets ``PREFECT_LOGGING_EXTRA_LOGGERS=kalm``, but a work-pool worker's flow-run process only imports
+    this module, so the handler Prefect would add is added here (once)."""
+    import logging
+
+    from prefect.logging.handlers import APILogHandler
+
+    project = logging.getLogger("kalm")
+    if not any(isinstance(h, APILogHandler) for h in project.handlers):
+        project.addHandler(APILogHandler())
+    if project.getEffectiveLevel() > logging.INFO:
+        project.setLevel(logging.INFO)
+
+
+forward_project_logs()
+
 TaskRunner = ThreadPoolTaskRunner  # recipes and seeds in parallel; the Ray runner plugs in here
 
 
