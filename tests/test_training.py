@@ -461,7 +461,8 @@ def test_set_values_reach_the_worker_typed_and_null_stays_null(
     assert res.exit_code == 0, res.output
     run = tmp_path / "run"
     resolved = yaml.safe_load((run / "config.yaml").read_text())
-    worker = json.loads((run / "final" / "kalm_run.json").read_text())["config"]  # what the worker parsed
+    # what the worker parsed: the run's manifest (the model folder's kalm_run.json holds relative paths)
+    worker = json.loads((run / "_manifest.json").read_text())["config"]
     for seen in (resolved, worker):
         assert seen["data"]["recipes"] is None
         assert seen["schedule"]["max_steps"] == 2 and isinstance(seen["schedule"]["max_steps"], int)
@@ -537,3 +538,31 @@ def test_instructions_follow_the_initial_models_convention(
     both = {"model.instructions": False, "model.query_template": "{instruction}: {query}"}
     with pytest.raises(KalmError, match="query_template is set but model.instructions is false"):
         load_train_config(_config(tmp_path, bare, **both))
+
+
+def test_dev_evaluation_during_training_keeps_the_best_model(
+    tmp_path: Path, tiny_model: Path, data_root: str
+) -> None:
+    """dev.every 1: a dev MRR@10 in every step's metrics, the best step's model in <run>/best/ with its
+    score, and with dev.final best that model is final/ (fingerprint equal), recorded in kalm_run.json."""
+    from kalm.core.fingerprint import model_fingerprint
+    from tests.conftest import write_jsonl
+
+    dev = tmp_path / "dev.jsonl"
+    write_jsonl(dev, [{"query": r["question"], "pos": [r["answer"]]} for r in _rows(12, "dev", 0)])
+    cfg = _config(
+        tmp_path,
+        tiny_model,
+        **{"schedule.max_steps": 4, "dev.every": 1, "dev.path": str(dev), "dev.final": "best"},
+    )
+    final = train(cfg, data_root, launcher="single", env=ENV)
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    scores = [m["dev_mrr10"] for m in metrics]
+    assert len(scores) == 4 and all(0 < s <= 1 for s in scores)
+    best = json.loads((tmp_path / "run" / "best.json").read_text())
+    assert (
+        best["score"] == max(scores) and best["step"] == scores.index(max(scores)) + 1 and best["rows"] == 12
+    )
+    assert model_fingerprint(final) == model_fingerprint(tmp_path / "run" / "best")
+    run = json.loads((final / "kalm_run.json").read_text())
+    assert run["dev"]["step"] == best["step"] and run["dev"]["final"] == "best"

@@ -127,6 +127,16 @@ FORWARD_ENV = [
 ]
 
 
+class DevSpec(StrictModel):
+    """Evaluation during training (kalm.training.dev): off while ``every`` is 0."""
+
+    every: int = Field(0, ge=0)  # score every N optimizer steps (and at the last one); 0 = off
+    path: str | None = None  # dev rows (query, pos); default: the held-out rows of the run's recipes
+    max_rows: int = Field(512, ge=2)
+    final: Literal["last", "best"] = "last"  # which model becomes final/ (best: the best dev score's)
+    batch_size: int = Field(32, ge=1)
+
+
 class TrackingSpec(StrictModel):
     """Experiment tracking (kalm.training.tracking); not part of the job fingerprint."""
 
@@ -174,6 +184,7 @@ class TrainConfig(StrictModel):
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     launch: LaunchSpec = Field(default_factory=LaunchSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    dev: DevSpec = Field(default_factory=DevSpec)
     output_dir: str | None = None  # default: <data root>/runs/<stage>/<run_name>
 
     @model_validator(mode="after")

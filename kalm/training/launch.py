@@ -56,6 +56,10 @@ def job_fingerprint(cfg: Any, root: DataRoot, model_dir: str) -> str:
     cfg_dump = cfg.model_dump(mode="json")
     cfg_dump.pop("output_dir", None)
     cfg_dump.pop("tracking", None)  # how a run is watched, not what it computes
+    if not cfg.dev.every:  # off: the same job as before the key existed
+        cfg_dump.pop("dev", None)
+    elif cfg.dev.final == "last":  # scored, but final/ is the same model
+        cfg_dump["dev"] = {"final": "last"}
     cfg_dump["model"].pop("path", None)
     for key in ("node_rank", "master_addr", "master_port", "forward_env"):  # where, not what: every node of
         cfg_dump["launch"].pop(key, None)  # a job, and a rerun on another port, compute the same fingerprint
@@ -181,7 +185,16 @@ def launch_command(
 RESOLVED_CONFIG = "config.yaml"
 
 
-STALE = ("checkpoints", "final", "metrics.jsonl", "loss.png", MANIFEST)  # what a job writes in its run
+STALE = (
+    "checkpoints",
+    "final",
+    "best",
+    "best.json",
+    "tb",
+    "metrics.jsonl",
+    "loss.png",
+    MANIFEST,
+)  # what a job writes in its run
 
 
 def run_training(

@@ -633,19 +633,60 @@ def train(t: Trainer) -> list[dict[str, Any]]:
             start_step=t.sampler.step + 1 if resumed else 0,
             params={"stage": t.cfg.stage, "seed": t.cfg.seed, "batch": t.cfg.per_device_batch, **t.cfg.loss},
         )
+    dev = _dev_set(t, resumed)
     t.engine.train()
     try:
-        _train_loop(t, metrics_path, history, tracker)
+        _train_loop(t, metrics_path, history, tracker, dev)
     finally:
         if tracker is not None:
             tracker.close()
     return history
 
 
-def _train_loop(t: Trainer, metrics_path: Path, history: list[dict[str, Any]], tracker: Any) -> None:
+def _dev_set(t: Trainer, resumed: bool) -> Any:
+    """Rank 0's dev set (None when dev.every is 0 or there are no rows); a best saved after the
+    checkpoint a run resumed from is forgotten (the resumed run recomputes it)."""
+    from kalm.training.dev import BEST_DIR, BEST_FILE, load_dev_set, read_best
+
+    if not t.cfg.dev.every or t.rank != 0 or t.root is None:
+        return None
+    best = read_best(t.out)
+    if best is not None and (not resumed or best["step"] > t.sampler.step):
+        shutil.rmtree(t.out / BEST_DIR, ignore_errors=True)
+        (t.out / BEST_FILE).unlink(missing_ok=True)
+    recipes = sorted({r for s in t.sampler.sources for r in (list(s.members) or [s.name])})
+    return load_dev_set(t.root, recipes, t.cfg.dev.path, t.cfg.dev.max_rows)
+
+
+def _dev_step(t: Trainer, dev: Any, m: dict[str, Any]) -> None:
+    """Score the dev set at this step (rank 0; the others wait) and keep the best model."""
+    from kalm.training.dev import BEST_DIR, BEST_FILE, dev_mrr, read_best
+
+    if t.rank == 0 and dev is not None:
+        score = dev_mrr(t.model, dev, t.cfg.dev.batch_size)
+        m["dev_mrr10"] = score
+        best = read_best(t.out)
+        if best is None or score > best["score"]:
+            folder = t.out / BEST_DIR
+            save_model_folder(t, folder, training_goes_on=True)
+            best = {"step": m["step"], "score": score, "metric": "mrr@10", "rows": len(dev)}
+            (t.out / BEST_FILE).write_text(json.dumps({**best, "source": dev.source}, indent=2))
+        log.info(
+            "step %d dev MRR@10 %.4f (best %.4f, step %d)", m["step"], score, best["score"], best["step"]
+        )
+    if t.world > 1:
+        torch.distributed.barrier()
+
+
+def _train_loop(
+    t: Trainer, metrics_path: Path, history: list[dict[str, Any]], tracker: Any, dev: Any
+) -> None:
+    every = t.cfg.dev.every
     while t.sampler.step < t.steps:
         m = train_step(t)
         history.append(m)
+        if every and (m["step"] % every == 0 or m["step"] == t.steps):
+            _dev_step(t, dev, m)
         if t.rank == 0:
             with metrics_path.open("a") as f:
                 f.write(json.dumps(m) + "\n")
@@ -665,6 +706,31 @@ def _train_loop(t: Trainer, metrics_path: Path, history: list[dict[str, Any]], t
 
 
 # ----------------------------------------------------------------------------------------------- save
+def save_model_folder(t: Trainer, folder: Path, *, training_goes_on: bool = False) -> None:
+    """Rank 0's model as a sentence-transformers folder (fp32, the declared max length).
+
+    ZeRO-1/2 shard optimizer states and gradients only: rank 0's module holds the full weights. While
+    training goes on (the dev best) a low-precision module is copied to fp32 rather than converted in
+    place: DeepSpeed's flat parameter buffers must keep their views.
+    """
+    import copy
+
+    from kalm.training.model import declared_max_length
+
+    model = t.model
+    if next(model.parameters()).dtype != torch.float32 and training_goes_on:
+        model = copy.deepcopy(model).float()
+    else:
+        model = model.float()
+    train_length = model.max_length
+    model_dir = resolve_model_path(t.cfg.model.path, t.root)
+    model.max_length = t.cfg.model.save_max_length or declared_max_length(model_dir) or train_length
+    try:
+        model.save(folder)
+    finally:
+        model.max_length = train_length
+
+
 def save_final(t: Trainer, root: DataRoot, info: dict[str, Any]) -> Path | None:
     """Consolidated fp32 sentence-transformers model + run manifest + loss curve (rank 0)."""
     torch.distributed.barrier()
@@ -674,16 +740,16 @@ def save_final(t: Trainer, root: DataRoot, info: dict[str, Any]) -> Path | None:
     final = t.out / "final"
     tmp = t.out / ".final-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    # ZeRO-1/2 shard optimizer states and gradients only: rank 0's module holds the full weights.
-    model = t.model.float()
     from kalm.core.modelcard import portable_paths, training_card, write_card
     from kalm.training.config import base_model_name
-    from kalm.training.model import declared_max_length, saved_prompts
+    from kalm.training.dev import BEST_DIR, read_best
+    from kalm.training.model import saved_prompts
 
-    train_length = model.max_length
-    model.max_length = t.cfg.model.save_max_length or declared_max_length(info["model_dir"]) or train_length
-    model.save(tmp)
-    model.max_length = train_length
+    best = read_best(t.out) if t.cfg.dev.every else None
+    if best is not None and t.cfg.dev.final == "best":  # the best dev step's model becomes final/
+        shutil.copytree(t.out / BEST_DIR, tmp)
+    else:
+        save_model_folder(t, tmp)
     metrics = [json.loads(x) for x in (t.out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     plot_loss(metrics, t.out / "loss.png")
     job = t.out / "_job.json"
@@ -698,6 +764,7 @@ def save_final(t: Trainer, root: DataRoot, info: dict[str, Any]) -> Path | None:
         "steps": t.sampler.step,
         "world_size": t.world,
         "final_loss": metrics[-1]["loss"] if metrics else None,
+        "dev": {**best, "final": t.cfg.dev.final} if best is not None else None,
         "rows_without_negatives": t.sampler.rows_without_negatives,
         "mixture": {  # the sampler's sources: rows, draw probability, the recipes a merged one holds
             "sources": {
