@@ -27,6 +27,19 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (owned by anyone)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def guarded(cmd: list[str]) -> list[str]:
     """``cmd`` run so that it dies with the process that starts it (Linux; elsewhere ``cmd`` as is)."""
     return [sys.executable, "-m", __name__, *cmd] if sys.platform.startswith("linux") else cmd

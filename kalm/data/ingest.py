@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from kalm.core.hashing import hash_obj
 from kalm.core.layout import MANIFEST, holdout_dir, shard_dir
+from kalm.core.process import pid_alive
 from kalm.core.results import StageResult
 from kalm.core.schema import ROW_SCHEMA, SCHEMA_VERSION, row_id
 from kalm.core.storage import DataRoot
@@ -271,20 +272,10 @@ def _sweep_spills(recipe: str) -> None:
     mine = re.compile(re.escape(f"kalm-{recipe}-") + r"(\d+)-[^/]*")
     for d in Path(tempfile.gettempdir()).glob(f"kalm-{glob.escape(recipe)}-*"):
         m = mine.fullmatch(d.name)
-        if not m or not d.is_dir() or _alive(int(m.group(1))):
+        if not m or not d.is_dir() or pid_alive(int(m.group(1))):
             continue
         log.warning("%s: removing %s, left by a killed ingest", recipe, d)
         shutil.rmtree(d, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid != 0
 
 
 def _result(root: DataRoot, out: str, m: dict[str, Any], cached: bool, seconds: float) -> StageResult:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from kalm.core.errors import KalmError
+from kalm.core.process import pid_alive
 
 log = logging.getLogger(__name__)
 DEFAULT_PORT = 4200
@@ -48,16 +49,6 @@ def database_url(state_dir: Path) -> str:
     return f"sqlite+aiosqlite:///{Path(state_dir).resolve() / 'prefect.db'}"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def root_server(state_dir: Path) -> str | None:
     """The API URL of this state dir's running server (``server.json``), if its process lives and answers."""
     try:
@@ -65,7 +56,7 @@ def root_server(state_dir: Path) -> str | None:
         api, pid = str(info["api"]), int(info["pid"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return api if _alive(pid) and api_healthy(api) else None
+    return api if pid_alive(pid) and api_healthy(api) else None
 
 
 def use_root_database(state_dir: Path) -> str:
