@@ -30,9 +30,20 @@ def test_ingest_flows(prefect_server, recipe_dir, tmp_path: Path) -> None:
     from kalm.core.storage import DataRoot
 
     assert read_manifest(DataRoot.from_uri(root), "mixtures/finetune/f_one")["rows_out"] == 25
-    again = ingest_recipe_flow("f_one", root, [str(folder)])
-    assert again["recipes"][0]["cached"] is True
-    assert again["mixtures"] and all(m["cached"] for m in again["mixtures"])
+    again = ingest_recipe_flow("f_one", root, [str(folder)], return_state=True)
+    out = again.result()
+    assert out["recipes"][0]["cached"] is True
+    assert out["mixtures"] and all(m["cached"] for m in out["mixtures"])
+    # in the UI a cache hit is a "Cached" state (a Completed one), not one more "Completed"
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[again.state_details.flow_run_id]))
+        )
+    states = {r.name: r.state.name for r in runs if r.state}
+    assert runs and set(states.values()) == {"Cached"}, states  # the recipe and its stage mixture
 
 
 def test_every_flow_parameter_has_a_description_and_choices_are_enums() -> None:

@@ -47,7 +47,9 @@ class PrefectRunner:
     """:class:`kalm.pipeline.runner.Runner` on Prefect tasks; ``map`` submits to the flow's task runner."""
 
     def run(self, stage: Stage[R], /, **kwargs: Any) -> R:
-        return TASKS[stage.name](**{k: quote(v) for k, v in kwargs.items()})  # type: ignore[return-value]
+        # the state, then its result: a cache hit's "Cached" state carries the stage result as its data
+        state: Any = TASKS[stage.name](**{k: quote(v) for k, v in kwargs.items()}, return_state=True)
+        return state.result()  # type: ignore[no-any-return]
 
     def map(self, stage: Stage[R], calls: Sequence[dict[str, Any]], /, *, settle: bool = False) -> list[R]:
         futures = [TASKS[stage.name].submit(**{k: quote(v) for k, v in kw.items()}) for kw in calls]

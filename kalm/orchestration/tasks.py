@@ -10,6 +10,7 @@ caching (the stages cache by content themselves).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from prefect import Task, task
@@ -28,6 +29,29 @@ def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
+def all_cached(res: Any) -> bool:
+    """A stage result (or a list of them: the mixtures of a stage) that reused every output."""
+    if isinstance(res, list | tuple):
+        return bool(res) and all(all_cached(r) for r in res)
+    return bool(getattr(res, "cached", False))
+
+
+def shows_cache_hits(fn: Any) -> Any:
+    """The stage function, returning a ``Cached`` state (a kind of Completed) when its result says it
+    reused its outputs: the UI then shows cache hits as such, not as one more "Completed"."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        res = fn(*args, **kwargs)
+        if all_cached(res):
+            from prefect.states import Completed
+
+            return Completed(name="Cached", message="outputs unchanged: reused", data=res)
+        return res
+
+    return run
+
+
 def as_task(stage: Stage[Any]) -> Task[..., Any]:
     return task(
         name=stage.name,
@@ -37,7 +61,7 @@ def as_task(stage: Stage[Any]) -> Task[..., Any]:
         retry_condition_fn=retry_transient,
         cache_policy=NONE,
         tags=list(stage.tags),
-    )(stage.fn)
+    )(shows_cache_hits(stage.fn))
 
 
 TASKS: dict[str, Task[..., Any]] = {s.name: as_task(s) for s in STAGES}
