@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from prefect.utilities.annotations import quote
 
 from kalm.core.errors import KalmError
-from kalm.orchestration.tasks import TASKS
+from kalm.orchestration.tasks import RUNNER_TASKS
 from kalm.pipeline.runner import Stage
 
 R = TypeVar("R")
@@ -48,11 +48,11 @@ class PrefectRunner:
 
     def run(self, stage: Stage[R], /, **kwargs: Any) -> R:
         # the state, then its result: a cache hit's "Cached" state carries the stage result as its data
-        state: Any = TASKS[stage.name](**{k: quote(v) for k, v in kwargs.items()}, return_state=True)
+        state: Any = RUNNER_TASKS[stage.name](**{k: quote(v) for k, v in kwargs.items()}, return_state=True)
         return state.result()  # type: ignore[no-any-return]
 
     def map(self, stage: Stage[R], calls: Sequence[dict[str, Any]], /, *, settle: bool = False) -> list[R]:
-        futures = [TASKS[stage.name].submit(**{k: quote(v) for k, v in kw.items()}) for kw in calls]
+        futures = [RUNNER_TASKS[stage.name].submit(**{k: quote(v) for k, v in kw.items()}) for kw in calls]
         if not settle:
             return [f.result() for f in futures]
         # a failed task stays failed in the UI; its exception takes its place here

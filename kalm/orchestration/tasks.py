@@ -52,7 +52,9 @@ def shows_cache_hits(fn: Any) -> Any:
     return run
 
 
-def as_task(stage: Stage[Any]) -> Task[..., Any]:
+def as_task(stage: Stage[Any], cached_state: bool = False) -> Task[..., Any]:
+    """The stage as a Prefect task; ``cached_state``: a cache hit ends in a ``Cached`` state (the DAG's
+    runner reads results from states; a plain call of such a task would return the state itself)."""
     return task(
         name=stage.name,
         task_run_name=stage.run_name,
@@ -61,10 +63,11 @@ def as_task(stage: Stage[Any]) -> Task[..., Any]:
         retry_condition_fn=retry_transient,
         cache_policy=NONE,
         tags=list(stage.tags),
-    )(shows_cache_hits(stage.fn))
+    )(shows_cache_hits(stage.fn) if cached_state else stage.fn)
 
 
-TASKS: dict[str, Task[..., Any]] = {s.name: as_task(s) for s in STAGES}
+TASKS: dict[str, Task[..., Any]] = {s.name: as_task(s) for s in STAGES}  # plain results, for users' flows
+RUNNER_TASKS: dict[str, Task[..., Any]] = {s.name: as_task(s, cached_state=True) for s in STAGES}
 ingest_recipe_task = TASKS[INGEST.name]
 build_mixtures_task = TASKS[MIXTURES.name]
 mine_recipe_task = TASKS[MINE.name]
