@@ -12,6 +12,7 @@ Example::
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -304,3 +305,61 @@ def read_rows(root: DataRoot, rel: str, columns: list[str] | None = None) -> pa.
         schema = ROW_SCHEMA if columns is None else pa.schema([ROW_SCHEMA.field(c) for c in columns])
         return schema.empty_table()
     return pa.concat_tables(tables)
+
+
+# -- plain data files (local tasks, dev sets) ------------------------------------------------------
+DATA_SUFFIXES = (".parquet", ".jsonl")
+
+
+def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    if path.startswith("s3://"):
+        parsed = urlparse(path)
+        return s3_filesystem(), (parsed.netloc + parsed.path).rstrip("/")
+    return pafs.LocalFileSystem(), str(Path(path).expanduser())
+
+
+def data_files(path: str, what: str = "data") -> tuple[pafs.FileSystem, list[str]]:
+    """The data files behind ``path``: a file, a folder (its ``*.parquet``/``*.jsonl``), a local glob or
+    ``s3://``; ``what`` names them in errors."""
+    fs, p = _filesystem(path)
+    if any(c in p for c in "*?[") and isinstance(fs, pafs.LocalFileSystem):
+        files = sorted(f for f in glob.glob(p) if f.endswith(DATA_SUFFIXES))
+    else:
+        info = fs.get_file_info(p)
+        if info.type == pafs.FileType.NotFound:
+            raise KalmError(f"{what} not found (no such file or folder): {path}")
+        if info.type == pafs.FileType.Directory:
+            sel = pafs.FileSelector(p, recursive=True)
+            files = sorted(
+                i.path
+                for i in fs.get_file_info(sel)
+                if i.is_file
+                and i.base_name.endswith(DATA_SUFFIXES)
+                and not i.base_name.startswith(("_", "."))
+            )
+        else:
+            files = [p]
+    if not files:
+        raise KalmError(f"no *.parquet or *.jsonl files at {path}")
+    return fs, files
+
+
+def read_table(path: str, what: str = "data") -> pa.Table:
+    """All rows at ``path`` (Parquet or JSONL files, see :func:`data_files`) as one table."""
+    import pyarrow.json as pajson
+
+    fs, files = data_files(path, what)
+    tables = []
+    for f in files:
+        try:
+            if f.endswith(".parquet"):
+                tables.append(pq.read_table(f, filesystem=fs))
+            else:
+                with fs.open_input_stream(f) as stream:
+                    tables.append(pajson.read_json(stream))
+        except (pa.ArrowInvalid, OSError) as err:
+            raise KalmError(f"cannot read {f}: {err}") from None
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except pa.ArrowInvalid as err:
+        raise KalmError(f"files at {path} have incompatible columns: {err}") from None

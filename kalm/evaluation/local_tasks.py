@@ -25,7 +25,6 @@ Two builders make demo tasks from data we really have offline:
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import logging
 import re
@@ -34,12 +33,8 @@ import sysconfig
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.json as pajson
-import pyarrow.parquet as pq
 from datasets import Dataset, DatasetDict
 from mteb.abstasks.abstask import AbsTask
 from mteb.abstasks.classification import AbsTaskClassification
@@ -52,7 +47,7 @@ from mteb.abstasks.task_metadata import TaskMetadata
 
 from kalm.core.errors import KalmError
 from kalm.core.layout import MANIFEST, eval_data_dir, holdout_dir, holdout_root
-from kalm.core.storage import DataRoot, s3_filesystem
+from kalm.core.storage import DataRoot, read_table
 from kalm.data.readers import module_docstrings
 from kalm.evaluation.config import LocalTaskSpec
 
@@ -82,61 +77,6 @@ REQUIRED_COLUMNS = {
     "clustering": ("text", "label"),
     "pair_classification": ("sentence1", "sentence2", "label"),
 }
-DATA_SUFFIXES = (".parquet", ".jsonl")
-
-
-# -- reading ---------------------------------------------------------------------------------------
-def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    if path.startswith("s3://"):
-        parsed = urlparse(path)
-        return s3_filesystem(), (parsed.netloc + parsed.path).rstrip("/")
-    return pafs.LocalFileSystem(), str(Path(path).expanduser())
-
-
-def data_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
-    """The data files behind ``path``: a file, a folder (its ``*.parquet``/``*.jsonl``) or a local glob."""
-    fs, p = _filesystem(path)
-    if any(c in p for c in "*?[") and isinstance(fs, pafs.LocalFileSystem):
-        files = sorted(f for f in glob.glob(p) if f.endswith(DATA_SUFFIXES))
-    else:
-        info = fs.get_file_info(p)
-        if info.type == pafs.FileType.NotFound:
-            raise KalmError(f"local task data not found: {path}")
-        if info.type == pafs.FileType.Directory:
-            sel = pafs.FileSelector(p, recursive=True)
-            files = sorted(
-                i.path
-                for i in fs.get_file_info(sel)
-                if i.is_file
-                and i.base_name.endswith(DATA_SUFFIXES)
-                and not i.base_name.startswith(("_", "."))
-            )
-        else:
-            files = [p]
-    if not files:
-        raise KalmError(f"no *.parquet or *.jsonl files at {path}")
-    return fs, files
-
-
-def read_table(path: str) -> pa.Table:
-    """All rows at ``path`` (Parquet or JSONL files) as one table."""
-    fs, files = data_files(path)
-    tables = []
-    for f in files:
-        try:
-            if f.endswith(".parquet"):
-                tables.append(pq.read_table(f, filesystem=fs))
-            else:
-                with fs.open_input_stream(f) as stream:
-                    tables.append(pajson.read_json(stream))
-        except (pa.ArrowInvalid, OSError) as err:
-            raise KalmError(f"cannot read {f}: {err}") from None
-    try:
-        return pa.concat_tables(tables, promote_options="permissive")
-    except pa.ArrowInvalid as err:
-        raise KalmError(f"files at {path} have incompatible columns: {err}") from None
-
-
 # How a local task is scored from its data; part of the task's revision, so a change re-scores stored results.
 # 2: classification trains on the whole train split (1: mteb's 8 texts per label).
 PROTOCOL = 2
@@ -281,7 +221,7 @@ def build_dataset(spec: LocalTaskSpec, table: pa.Table) -> tuple[Any, dict[str, 
 
 def make_local_task(spec: LocalTaskSpec, table: pa.Table | None = None) -> AbsTask:
     """An mteb task instance for ``spec``; its data is read and checked now (KalmError when unusable)."""
-    table = read_table(spec.path) if table is None else table
+    table = read_table(spec.path, "local task data") if table is None else table
     _check_columns(spec, table)
     dataset, attrs = build_dataset(spec, table)
     metadata = TaskMetadata(
@@ -332,7 +272,7 @@ def holdout_task_specs(root: DataRoot, recipes: list[str] | None = None) -> list
         if (recipes and name not in recipes) or not root.exists(f"{holdout_dir(name)}/{MANIFEST}"):
             continue
         path = root.full_uri(holdout_dir(name))
-        table = read_table(path)
+        table = read_table(path, "local task data")
         instructions = table.column("instruction").to_pylist() if "instruction" in table.column_names else []
         common = Counter(i for i in instructions if i).most_common(1)
         specs.append(

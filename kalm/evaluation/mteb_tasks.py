@@ -216,11 +216,11 @@ def task_texts(cfg: EvalConfig, data_root: str | None = None) -> tuple[list[str]
 
     Returns (texts, notices): one notice line per mteb task whose data is not cached (not decontaminated
     against)."""
-    from kalm.evaluation.local_tasks import read_table
+    from kalm.core.storage import read_table
 
     texts: list[str] = []
     for spec in config_local_tasks(cfg, data_root):
-        table = read_table(spec.path)
+        table = read_table(spec.path, "local task data")
         for col in ("query", "pos", "neg", "text", "sentence1", "sentence2"):
             if col in table.column_names:
                 for v in table.column(col).to_pylist():

@@ -1,10 +1,10 @@
 """Evaluation during training: a dev retrieval score every ``dev.every`` steps, the best model kept.
 
-The dev set is ``dev.path`` (a Parquet/JSONL folder or file in the row layout: ``query``, ``pos``, optional
-``instruction`` and ``symmetric``) or, by default, the rows the data stage held out of the run's recipes
-(``<data root>/holdout/<recipe>/``), at most ``dev.max_rows`` of them, chosen by row id (stable across
-runs and resumes). Those rows are also the ``Holdout_<recipe>`` evaluation tasks: selecting on them and
-reporting them is optimistic, which the run logs; give ``dev.path`` for a clean split.
+The dev set is ``dev.path`` (a Parquet/JSONL file, folder, glob or ``s3://`` in the row layout:
+``query``, ``pos``, optional ``instruction`` and ``symmetric``) or, by default, the rows the data stage held
+out of the run's recipes (``<data root>/holdout/<recipe>/``), at most ``dev.max_rows`` of them, chosen by
+row id (stable across runs and resumes). Those rows are also the ``Holdout_<recipe>`` evaluation tasks:
+selecting on them and reporting them is optimistic, which the run logs; give ``dev.path`` for a clean split.
 
 The score is MRR@10 of each query against every dev positive (the first positive per row is its answer),
 queries with their instruction through the model's template, documents bare unless the row is symmetric:
@@ -24,9 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from kalm.core.errors import KalmError
 from kalm.core.layout import MANIFEST, holdout_dir
-from kalm.core.storage import DataRoot
+from kalm.core.storage import DataRoot, read_rows, read_table
 from kalm.training.instructions import format_document
 
 log = logging.getLogger(__name__)
@@ -46,23 +45,13 @@ class DevSet:
 
 
 def _table(root: DataRoot, rel: str) -> Any:
-    from kalm.core.storage import read_rows
-
     return read_rows(root, rel, ["id", "query", "pos", "instruction", "symmetric"])
 
 
 def load_dev_set(root: DataRoot, recipes: list[str], path: str | None, max_rows: int) -> DevSet | None:
     """The dev rows (see the module docstring); None when there are none (logged)."""
-    if path:
-        import pyarrow.dataset as ds
-
-        if "://" in path:
-            raise KalmError(f"dev.path {path}: a local file or folder (copy the dev rows to local disk)")
-        p = Path(path)
-        if not p.exists():
-            raise KalmError(f"dev.path {path}: no such file or folder")
-        fmt = "json" if p.suffix == ".jsonl" or (p.is_dir() and any(p.glob("*.jsonl"))) else "parquet"
-        rows = ds.dataset(str(p), format=fmt).to_table().to_pylist()
+    if path:  # a file, a folder of *.parquet/*.jsonl, a glob or s3://
+        rows = read_table(path, "dev.path").to_pylist()
         source = str(path)
     else:
         rows = []
