@@ -132,13 +132,14 @@ def deploy_cmd(
     from kalm.orchestration.server import api_healthy, root_server, state_dir_for
 
     root = root_str(data_root)
-    api = os.environ.get("PREFECT_API_URL") or root_server(state_dir_for(root))
+    api = os.environ.get("PREFECT_API_URL")
+    if api and not api_healthy(api):
+        raise KalmError(f"PREFECT_API_URL={api} does not answer /health")
+    api = api or root_server(state_dir_for(root))  # answers, or None
     if not api:
         raise KalmError(
             "no Prefect server to deploy to: start `kalm server` for this data root, or set PREFECT_API_URL"
         )
-    if not api_healthy(api):
-        raise KalmError(f"PREFECT_API_URL={api} does not answer /health")
     report = deploy_pools(api, create_pools)
     for line in report.lines():
         typer.echo(line)

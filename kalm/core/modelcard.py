@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from kalm.core.config import REPO_ROOT
+
 CARD = "README.md"
 SCORES_HEADING = "## Scores"
 
@@ -50,9 +52,6 @@ def loss_line(loss: dict[str, Any]) -> str:
     return " over ".join(parts)
 
 
-PROJECT_DIR = Path(__file__).resolve().parents[2]
-
-
 def relative(path: str | None, root: Path | None) -> str | None:
     """``path`` relative to the data root when it lies under it, else to this project (``configs/...``),
     else its last two parts: a model folder never carries a machine's absolute paths."""
@@ -61,7 +60,7 @@ def relative(path: str | None, root: Path | None) -> str | None:
     p = Path(path)
     if not p.is_absolute():
         return p.as_posix()
-    for base in (root, PROJECT_DIR):
+    for base in (root, REPO_ROOT):
         if base is not None:
             try:
                 return p.resolve().relative_to(base.resolve()).as_posix()

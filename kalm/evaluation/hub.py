@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from kalm.core.config import hf_offline
+from kalm.core.config import HF_OFFLINE_VARS, hf_offline
 from kalm.core.errors import KalmError
 from kalm.core.modelcard import CARD
 from kalm.core.secrets import scrub
@@ -52,9 +52,7 @@ def push_model(
     p = check_push(folder, repo_id)
     if api is None:
         if hf_offline():
-            raise KalmError(
-                "cannot push: Hugging Face offline mode is on (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE)"
-            )
+            raise KalmError(f"cannot push: Hugging Face offline mode is on ({'/'.join(HF_OFFLINE_VARS)})")
         from huggingface_hub import HfApi
 
         api = HfApi()

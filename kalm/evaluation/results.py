@@ -48,7 +48,7 @@ from kalm.evaluation.mteb_tasks import (
     select_tasks,
 )
 from kalm.evaluation.report import summary_markdown, summary_table
-from kalm.evaluation.scoring import dims_to_score, evaluate_model, full_dim
+from kalm.evaluation.scoring import dims_to_score, evaluate_model, full_dim, mteb_model_dir
 
 log = logging.getLogger(__name__)
 MTEB_CACHE = "mteb"  # <data root>/eval/mteb: a cache folder mteb's own tools read (mteb.ResultCache)
@@ -202,12 +202,8 @@ def run_eval(
                 root.write_bytes(rel(f"results/d{d}/{rt.name}.json"), result)
                 meta = work / f"d{d}" / "model_meta.json"
                 if meta.is_file():  # mteb.ResultCache layout: results/<model>/<revision>/<task>.json
-                    name = (
-                        json.loads(meta.read_text(encoding="utf-8"))["name"]
-                        .replace("/", "__")
-                        .replace(" ", "_")
-                    )
-                    folder = f"{mteb_dir}/results/{name}/{fp}"
+                    name = json.loads(meta.read_text(encoding="utf-8"))["name"]
+                    folder = f"{mteb_dir}/results/{mteb_model_dir(name)}/{fp}"
                     root.write_bytes(f"{folder}/{rt.name}.json", result)
                     root.write_bytes(f"{folder}/model_meta.json", meta.read_bytes())
                 key = result_key(fp, rt, d, row["instruction"], ins.version, row["template"], max_seq_length)

@@ -150,6 +150,11 @@ def mteb_model_name(model_name: str, dim: int, full: int) -> str:
     return model_name if dim == full else f"{model_name}-d{dim}"
 
 
+def mteb_model_dir(model_name: str) -> str:
+    """A model name as mteb's results layout names its folder (``ModelMeta.model_name_as_path``)."""
+    return model_name.replace("/", "__").replace(" ", "_")
+
+
 def write_model_meta(encoder: Any, dim: int, path: Path) -> None:
     """mteb's ``model_meta.json`` for the encoder at ``dim`` (what ``mteb.ResultCache`` reads a model by)."""
     meta = encoder.mteb_model_meta

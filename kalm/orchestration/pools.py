@@ -15,11 +15,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kalm.core.config import read_yaml
+from kalm.core.config import REPO_ROOT, read_yaml
 from kalm.core.errors import KalmError
 
-PROJECT_DIR = Path(__file__).resolve().parents[2]
-POOL_FILES = (PROJECT_DIR / "infra" / "prefect.yaml", PROJECT_DIR / "infra" / "prefect-gpu.yaml")
+POOL_FILES = (REPO_ROOT / "infra" / "prefect.yaml", REPO_ROOT / "infra" / "prefect-gpu.yaml")
 # pools `--create-pools` may create here; others need their worker package and a cluster
 POOL_TYPES = {"kalm-local": "process", "kalm-gpu": "kubernetes"}
 CREATABLE = {"process"}
@@ -68,12 +67,11 @@ def pool_deployments(files: tuple[Path, ...] = POOL_FILES) -> list[PoolDeploymen
 def _prefect(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     exe = str(Path(sys.executable).with_name("prefect"))
     return subprocess.run(
-        [exe, "--no-prompt", *args], cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=600
+        [exe, "--no-prompt", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
     )
 
 
-def existing_pools(names: set[str], api: str) -> set[str]:
-    env = {**os.environ, "PREFECT_API_URL": api}
+def existing_pools(names: set[str], env: dict[str, str]) -> set[str]:
     return {n for n in sorted(names) if _prefect("work-pool", "inspect", n, env=env).returncode == 0}
 
 
@@ -81,7 +79,7 @@ def deploy_pools(api: str, create_pools: bool = False, files: tuple[Path, ...] =
     """Deploy what has a pool on the server at ``api``; see the module docstring."""
     deps = pool_deployments(files)
     env = {**os.environ, "PREFECT_API_URL": api}
-    have = existing_pools({d.pool for d in deps}, api)
+    have = existing_pools({d.pool for d in deps}, env)
     report = DeployReport()
     if create_pools:
         for pool in sorted({d.pool for d in deps} - have):
@@ -92,15 +90,15 @@ def deploy_pools(api: str, create_pools: bool = False, files: tuple[Path, ...] =
                 have.add(pool)
                 report.created_pools.append(pool)
     for f in files:
-        todo = [d for d in deps if d.file == f and d.pool in have]
+        ready = [d for d in deps if d.file == f and d.pool in have]
         report.skipped += [d for d in deps if d.file == f and d.pool not in have]
-        if not todo:
+        if not ready:
             continue
-        names = [a for d in todo for a in ("--name", d.name)]
+        names = [a for d in ready for a in ("--name", d.name)]
         r = _prefect("deploy", "--prefect-file", str(f), *names, env=env)
         if r.returncode != 0:
             raise KalmError(f"prefect deploy of {f.name} failed: {_last_line(r)}")
-        report.deployed += todo
+        report.deployed += ready
     return report
 
 

@@ -174,7 +174,7 @@ def deployments(pipeline_config: str, data_root: str | None) -> list[Any]:
 
     pc = load_pipeline_config(pipeline_config)
     common = {"data_root": data_root}
-    paused = {
+    registered = {
         name: registered_state(flow.name, name)
         for flow, name in (
             (retrain_flow, "retrain"),
@@ -182,26 +182,26 @@ def deployments(pipeline_config: str, data_root: str | None) -> list[Any]:
             (evaluate_flow, "evaluate"),
         )
     }
-    active = paused["retrain"][1]
+    active = registered["retrain"][1]
     return [
         retrain_flow.to_deployment(
             name="retrain",
             schedule=Cron(pc.schedule.cron, timezone=pc.schedule.timezone, active=active is not False),
-            paused=paused["retrain"][0],
+            paused=registered["retrain"][0],
             parameters={"config": str(pipeline_config), **common},
             description="Full retraining DAG; edit the parameters in the UI before a custom run.",
             tags=["kalm", "retrain"],
         ),
         rerun_recipe_flow.to_deployment(
             name="rerun-recipe",
-            paused=paused["rerun-recipe"][0],
+            paused=registered["rerun-recipe"][0],
             parameters={"recipe": "api_docs", "config": str(pipeline_config), **common},
             description="Re-ingest one recipe (set `recipe`) and recompute only what depends on it.",
             tags=["kalm", "data"],
         ),
         evaluate_flow.to_deployment(
             name="evaluate",
-            paused=paused["evaluate"][0],
+            paused=registered["evaluate"][0],
             parameters={"model": "minilm", "config": pc.eval.config, **common},
             description="Evaluate one model folder on the configured tasks (set `model`).",
             tags=["kalm", "eval"],

@@ -30,6 +30,8 @@ from kalm.core.process import guarded
 from kalm.core.results import StageResult
 from kalm.core.storage import DataRoot
 from kalm.training.config import TrainConfig
+from kalm.training.dev import BEST_DIR, BEST_FILE
+from kalm.training.tracking import TB_DIR
 
 log = logging.getLogger(__name__)
 WORKER = "kalm.training.train"  # the module every rank runs
@@ -185,16 +187,8 @@ def launch_command(
 RESOLVED_CONFIG = "config.yaml"
 
 
-STALE = (
-    "checkpoints",
-    "final",
-    "best",
-    "best.json",
-    "tb",
-    "metrics.jsonl",
-    "loss.png",
-    MANIFEST,
-)  # what a job writes in its run
+# what a job writes in its run
+STALE = ("checkpoints", "final", BEST_DIR, BEST_FILE, TB_DIR, "metrics.jsonl", "loss.png", MANIFEST)
 
 
 def run_training(
