@@ -18,6 +18,15 @@ from kalm.core.storage import DataRoot, read_manifest
 from tests.conftest import faq_rows
 
 
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to a process started in its own session, SIGKILL after 30 s."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -26,18 +35,14 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    from kalm.orchestration.server import ensure_server
+    from kalm.orchestration.server import ensure_server, stop_server
 
     state = tmp_path_factory.mktemp("prefect")
     old = os.environ.pop("PREFECT_API_URL", None)
     api, proc = ensure_server(state, _free_port(), wait_s=180)
     assert proc is not None, "a fresh server must have been started"
     yield api
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_server(state, proc)
     if old is not None:
         os.environ["PREFECT_API_URL"] = old
 
@@ -84,11 +89,7 @@ def test_deployments_and_rerun_via_api(server: str, recipe_dir, tmp_path: Path) 
             assert m is not None and m["rows_out"] == 20
             assert (root / "pipeline" / "srvtest" / "latest.json").exists()
     finally:
-        os.killpg(serve.pid, signal.SIGTERM)
-        try:
-            serve.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
+        _stop_group(serve)
     from prefect.client.orchestration import get_client
 
     with temporary_settings({PREFECT_API_URL: server}), get_client(sync_client=True) as client:
@@ -303,11 +304,7 @@ def test_kalm_deploy_and_a_process_worker_run_a_pool_deployment(server: str, tmp
                 (tmp_path / "worker.log").read_text()[-3000:],
             )
         finally:
-            os.killpg(worker.pid, signal.SIGTERM)
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
+            _stop_group(worker)
     m = read_manifest(DataRoot.from_uri(str(root)), "mixtures/pretrain/package_descriptions")
     assert m is not None and m["rows_out"] > 100
     # the project's own INFO lines are in the run's log, beside Prefect's
