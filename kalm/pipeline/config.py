@@ -77,6 +77,14 @@ class TrainStageCfg(StrictModel):
     overrides: dict[str, Any] = Field(default_factory=dict)
 
 
+class PretrainCfg(TrainStageCfg):
+    # Whether the DAG pre-trains. "auto": only a plain transformers backbone (an LM about to become an
+    # embedder, KaLM's case); a model that already is a sentence embedder (a sentence-transformers folder,
+    # the demo's all-MiniLM-L6-v2) is fine-tuned directly: a short single-domain pre-training cost it
+    # 2.1 points of held-out classification for about 2 in-domain (docs/model_and_losses.md).
+    enabled: bool | Literal["auto"] = "auto"
+
+
 class FinetuneCfg(TrainStageCfg):
     seeds: list[int] = Field(default_factory=lambda: [0])  # one run per seed feeds the soup
 
@@ -101,7 +109,7 @@ class PipelineConfig(StrictModel):
     data: DataCfg = Field(default_factory=DataCfg)
     mining: MiningCfg = Field(default_factory=MiningCfg)
     scoring: ScoringCfg = Field(default_factory=ScoringCfg)
-    pretrain: TrainStageCfg
+    pretrain: PretrainCfg
     finetune: FinetuneCfg
     soup: SoupCfg = Field(default_factory=SoupCfg)
     eval: EvalCfg = Field(default_factory=EvalCfg)

@@ -62,6 +62,41 @@ def finished_model(p: Pipeline, stage: str, name: str) -> str | None:
     return str(final) if (final / "kalm_run.json").exists() else None
 
 
+def pretraining(p: Pipeline) -> tuple[bool, str]:
+    """Whether this pipeline pre-trains, and why (``pretrain.enabled``; "auto" reads the initial model).
+
+    KaLM's weakly supervised pre-training turns a language model into an embedder. A model that already is
+    one is fine-tuned directly under "auto": on the demo, 30 pre-training steps on one domain's pairs cost
+    all-MiniLM-L6-v2 2.1 points of held-out classification (averaged over 30 cross-validation splits) that
+    fine-tuning did not win back, for about 2 points in-domain (docs/model_and_losses.md).
+    """
+    setting = p.config.pretrain.enabled
+    if isinstance(setting, bool):
+        return setting, f"pretrain.enabled: {str(setting).lower()}"
+    from kalm.training.config import resolve_model_path
+    from kalm.training.model import is_sentence_embedder
+
+    spec = p.pretrain.model.path
+    try:
+        model = resolve_model_path(spec, p.root)  # aliases, stage:NAME, folders; hub ids when online
+    except KalmError:
+        model = spec  # a hub id offline: decided from its cached modules.json
+    try:
+        embedder = is_sentence_embedder(model)
+    except ValueError as err:
+        raise KalmError(f"pretrain.enabled auto: {err}; set pretrain.enabled to true or false") from None
+    if embedder:
+        return False, f"auto: {spec} already is a sentence embedder; fine-tuning starts from it"
+    return True, f"auto: {spec} is a plain backbone; pre-training makes it an embedder"
+
+
+def initial_model(p: Pipeline) -> str:
+    """The model the pipeline's training starts from (the pretrain config's ``model.path``, resolved)."""
+    from kalm.training.config import resolve_model_path
+
+    return resolve_model_path(p.pretrain.model.path, p.root)
+
+
 def _train_config(base: Any, overrides: dict[str, Any], decided: dict[str, Any], where: str) -> Any:
     """The stage config with what the DAG decides (run name, seed, model, recipes); a key the pipeline
     file overrides itself keeps the pipeline's value."""
@@ -74,7 +109,12 @@ class _Clock:
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
         self.cached: dict[str, bool] = {}
+        self.skipped: dict[str, str] = {}  # stage -> why the pipeline does not run it
         self._t0 = 0.0
+
+    def skip(self, stage: str, why: str) -> None:
+        self.skipped[stage] = why
+        log.info("stage %s: skipped (%s)", stage, why)
 
     def start(self) -> None:
         self._t0 = time.perf_counter()
@@ -204,18 +244,22 @@ def run_retrain(
 
     # ---- first mining pass, with the base model, only where no checkpoint of ours exists yet
     pre_name = run_name(p, "pretrain")
+    pretrains, why = pretraining(p)
+    manifest["pretraining"] = {"enabled": pretrains, "why": why}
     if "mine" in wanted:
         clock.start()
-        if finished_model(p, "pretrain", pre_name) is not None and "refresh" in wanted and not force:
+        if pretrains and finished_model(p, "pretrain", pre_name) and "refresh" in wanted and not force:
             log.info("mine: a pre-trained checkpoint exists; negatives come from the refresh stage")
             clock.stop("mine", True)
         else:
             results["mine"] = mine_with(pc.mining.base_model)
             clock.stop("mine", all(r.cached for r in results["mine"]))
 
-    # ---- pre-training
-    pretrained = finished_model(p, "pretrain", pre_name)
-    if "pretrain" in wanted:
+    # ---- pre-training (or none: fine-tuning then starts from the initial model)
+    pretrained = finished_model(p, "pretrain", pre_name) if pretrains else None
+    if "pretrain" in wanted and not pretrains:
+        clock.skip("pretrain", why)
+    elif "pretrain" in wanted:
         clock.start()
         cfg = _train_config(
             p.pretrain,
@@ -232,7 +276,9 @@ def run_retrain(
         runner.publish("pretrain-loss", training_markdown("pretrain", res), "pretrain loss curve")
 
     # ---- refresh the negatives with the newest checkpoint, right before fine-tuning
-    if "refresh" in wanted:
+    if "refresh" in wanted and not pretrains:
+        clock.skip("refresh", "no pre-training: the base model's negatives are current")
+    elif "refresh" in wanted:
         clock.start()
         if pretrained is None:
             log.warning("refresh: no pre-trained checkpoint; keeping the base model's negatives")
@@ -269,15 +315,16 @@ def run_retrain(
     finetuned: list[str] = []
     if "finetune" in wanted:
         clock.start()
-        if pretrained is None:
+        if pretrains and pretrained is None:
             raise KalmError("finetune: no pre-trained model; run the pretrain stage first")
+        start = str(pretrained) if pretrains else initial_model(p)
         for seed, name in zip(pc.finetune.seeds, ft_names, strict=True):
             if force:
                 shutil.rmtree(run_dir(root, "finetune", name), ignore_errors=True)
             decided = {
                 "run_name": name,
                 "seed": seed,
-                "model.path": str(pretrained),
+                "model.path": start,
                 "data.recipes": mine_names.get("finetune") or None,
                 **finetune_source(p),
             }
@@ -346,6 +393,7 @@ def run_retrain(
     manifest["results"] = {k: [r.summary() for r in rs] for k, rs in results.items()}
     manifest["timings_s"] = clock.timings
     manifest["cache_hits"] = clock.cached
+    manifest["skipped_stages"] = clock.skipped
     manifest["seconds"] = round(time.perf_counter() - t_start, 3)
     manifest["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())

@@ -16,16 +16,19 @@ from pathlib import Path
 from typing import Any
 
 from kalm.core.results import StageResult
+from kalm.pipeline.config import ALL_STAGES
 
 
 def stage_table_markdown(manifest: dict[str, Any]) -> str:
-    """One row per stage that ran: wall time and whether it was a cache hit."""
-    hits = manifest.get("cache_hits", {})
+    """One row per stage that ran (wall time, whether it was a cache hit) or that the pipeline skips (why)."""
+    hits, times = manifest.get("cache_hits", {}), manifest.get("timings_s", {})
+    skipped = manifest.get("skipped_stages") or {}
     lines = ["| stage | seconds | cache hit |", "|---|---:|---|"]
-    lines += [
-        f"| {k} | {v:.1f} | {'yes' if hits.get(k) else 'no'} |"
-        for k, v in manifest.get("timings_s", {}).items()
-    ]
+    for k in sorted({*times, *skipped}, key=lambda s: ALL_STAGES.index(s) if s in ALL_STAGES else 99):
+        if k in skipped:
+            lines.append(f"| {k} | | skipped: {skipped[k]} |")
+        else:
+            lines.append(f"| {k} | {times[k]:.1f} | {'yes' if hits.get(k) else 'no'} |")
     lines.append(f"| total | {float(manifest.get('seconds', 0)):.1f} | |")
     return "\n".join(lines)
 

@@ -188,6 +188,26 @@ def uses_instructions(path_or_id: str | os.PathLike[str], setting: bool | str = 
     return _uses_instructions(_read_st_layout(_resolve_dir(path_or_id)), setting)
 
 
+def is_sentence_embedder(path_or_id: str | os.PathLike[str]) -> bool:
+    """Whether a model already is a sentence embedder (a sentence-transformers folder with ``modules.json``)
+    rather than a plain transformers backbone, read from its files without loading it. A hub id is decided
+    from its ``modules.json`` alone (cached, or fetched when online); ValueError when that cannot be told."""
+    if Path(path_or_id).is_dir():
+        return bool(_read_st_layout(Path(path_or_id))["is_st"])
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        hf_hub_download(str(path_or_id), "modules.json")
+    except LocalEntryNotFoundError as err:  # offline and not cached (a subclass of the next one)
+        raise ValueError(f"cannot tell whether {path_or_id} is a sentence embedder offline ({err})") from None
+    except EntryNotFoundError:  # the repo has no modules.json: a plain backbone
+        return False
+    except Exception as err:  # offline and not cached, unknown repo, no network
+        raise ValueError(f"cannot tell whether {path_or_id} is a sentence embedder ({err})") from None
+    return True
+
+
 def _uses_instructions(layout: dict[str, Any], setting: bool | str) -> bool:
     if isinstance(setting, bool):
         return setting
