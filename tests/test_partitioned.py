@@ -235,7 +235,7 @@ def test_reduce_unit_count_does_not_change_the_result(
 
 
 def test_slot_files_are_verified_per_slot(tmp_path: Path) -> None:
-    """A reduce unit reads only its slots of a sign file and checks each against its sha256: a flipped
+    """A reduce unit reads only its slots of a sign file and checks each against its checksum: a flipped
     byte fails the slot it is in (one line), a truncated file fails on its size, other slots still read."""
     import numpy as np
 
@@ -260,7 +260,7 @@ def test_slot_files_are_verified_per_slot(tmp_path: Path) -> None:
     assert at > 0
     raw[at] ^= 0xFF
     path.write_bytes(bytes(raw))
-    with pytest.raises(KalmError, match=r"f\.arrow changed after it was written \(slot 0's sha256 differs\)"):
+    with pytest.raises(KalmError, match=r"f\.arrow changed after it was written \(slot 0's checksum"):
         read_slots(root, ref, range(0, 4))
     assert len(read_slots(root, ref, range(10, 20))["idh"]) == int(want.sum())
     path.write_bytes(bytes(raw[:-100]))

@@ -58,6 +58,19 @@ ROW_SCHEMA = pa.schema(
     metadata={"kalm_schema_version": str(SCHEMA_VERSION)},
 )
 COLUMNS = tuple(ROW_SCHEMA.names)
+# Columns with few distinct values per file: dictionary-encoded in Parquet. The texts and ids are (nearly)
+# all distinct, where a dictionary only costs the writer time before Parquet falls back to plain encoding.
+REPEATED_COLUMNS = (
+    "instruction",
+    "symmetric",
+    "category",
+    "task_type",
+    "recipe",
+    "stage",
+    "lang",
+    "label",
+    "neg_labels",
+)
 SCORE_COLUMNS = ("pos_scores", "neg_scores")
 SCORED_SCHEMA = pa.schema(
     [*ROW_SCHEMA, *(pa.field(c, pa.list_(pa.float32()), nullable=True) for c in SCORE_COLUMNS)],

@@ -78,7 +78,9 @@ def load_ingest_config(path: str | Path | None = None) -> IngestConfig:
     if ev is not None and not Path(ev).is_absolute():
         ev = str(base / ev) if (base / ev).exists() else str(config_path(ev))
     return cfg.model_copy(
-        update={"decontamination": cfg.decontamination.model_copy(update={"eval_sets": sets, "eval_config": ev})}
+        update={
+            "decontamination": cfg.decontamination.model_copy(update={"eval_sets": sets, "eval_config": ev})
+        }
     )
 
 
@@ -87,7 +89,9 @@ def with_executor(
 ) -> IngestConfig:
     """``cfg`` with the CLI's executor choice applied (``None`` keeps the config's value); validated."""
     spec = cfg.executor.model_dump()
-    spec.update({k: v for k, v in {"kind": kind, "workers": workers, "address": address}.items() if v is not None})
+    spec.update(
+        {k: v for k, v in {"kind": kind, "workers": workers, "address": address}.items() if v is not None}
+    )
     try:
         return cfg.model_copy(update={"executor": ExecutorSpec.model_validate(spec)})
     except ValidationError as err:

@@ -13,8 +13,8 @@ intact: a rerun after a crash, of a worker or of the driver, redoes only unfinis
     sign     one per partition: read, map, clean, MinHash; write rows, signatures, id-hash slots and
              LSH band-bucket slots (checksummed per slot)    work/<stage>/sign/<recipe>/<fp>/
     exact    one per range of id-hash slots: rows with equal ids -> the smallest key keeps the row
-    bands    one per (band, range of bucket slots): buckets are whole in one unit; star edges from each bucket's
-             smallest key, exact copies counted once (never k^2 pairs, never a blown-up bucket)
+    bands    one per (band, range of bucket slots): buckets are whole in one unit; star edges from each
+             bucket's smallest key, exact copies counted once (never k^2 pairs, never a blown-up bucket)
     verify1  one per partition: attach the signatures of the edges' smaller end
     verify2  one per partition: attach the other end's, keep pairs with estimated Jaccard >= threshold
     cluster  one: connected components of the verified edges; the smallest key survives
@@ -27,9 +27,9 @@ intact: a rerun after a crash, of a worker or of the driver, redoes only unfinis
 Memory per unit is bounded by one partition (sign, verify, apply) or by ``reduce_unit_rows`` keys (exact,
 bands: each sign unit writes its keys as Arrow IPC files of 256 hash slots, a slot = a hash's top 8 bits,
 and each reduce unit reads a contiguous range of slots of every partition, the number of units following
-the stage's rows); the cluster unit holds only the verified near-duplicate edges. Reasons: ``exact_dup`` / ``near_dup`` (the
-survivor is in the same recipe), ``cross_recipe_dup`` / ``cross_recipe_near_dup`` (in another: counted in
-the recipe that lost the row), ``contaminated``; precedence exact > near > contamination.
+the stage's rows); the cluster unit holds only the verified near-duplicate edges. Reasons: ``exact_dup`` /
+``near_dup`` (the survivor is in the same recipe), ``cross_recipe_dup`` / ``cross_recipe_near_dup`` (in
+another: counted in the recipe that lost the row), ``contaminated``; precedence exact > near > contamination.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from kalm.core.hashing import hash_obj
 from kalm.core.layout import MANIFEST, mixture_root
 from kalm.core.results import StageResult
 from kalm.core.schema import SCHEMA_VERSION
-from kalm.core.storage import DataRoot
+from kalm.core.storage import DataRoot, digest_of
 from kalm.data import minhash
 from kalm.data.config import IngestConfig
 from kalm.data.executors import Executor
@@ -116,7 +116,9 @@ def run_stage_distributed(
     cfg_json = cfg.model_dump(mode="json")
     todo: list[SignedRecipe] = []
     if len(recipes) > MAX_RECIPES:
-        raise KalmError(f"stage {stage}: {len(recipes)} recipes, the partitioned engine takes at most {MAX_RECIPES}")
+        raise KalmError(
+            f"stage {stage}: {len(recipes)} recipes, the partitioned engine takes at most {MAX_RECIPES}"
+        )
     for rank, lr in enumerate(sorted(recipes, key=lambda x: x.name)):
         try:
             parts = plan_partitions(lr, cfg.partition_bytes)
@@ -195,7 +197,10 @@ def run_stage_distributed(
         {
             # the sign outputs' checksums, not only their fingerprints: a forced re-sign by changed code
             # must not reuse a reduce (or a published mixture) of the old rows
-            "sign": [(r.lr.name, r.fp, [f.get("sha256") for m in r.markers.values() for f in m["files"]]) for r in todo],
+            "sign": [
+                (r.lr.name, r.fp, [digest_of(f) for m in r.markers.values() for f in m["files"]])
+                for r in todo
+            ],
             "near": cfg.near_dedup.model_dump(),
             "eval": index.fingerprint if index else None,
             "engine": ENGINE_VERSION,
@@ -230,8 +235,13 @@ def run_stage_distributed(
     # unit names carry their slot range: a resume with another unit count never reuses a wrong marker
     xs = sources("exact.arrow")
     ex = _units(
-        executor, root, red, exact_unit,
-        [call(f"x{lo:03d}-{hi:03d}", sources=xs, slots=[lo, hi]) for lo, hi in ranges], "exact", peaks,
+        executor,
+        root,
+        red,
+        exact_unit,
+        [call(f"x{lo:03d}-{hi:03d}", sources=xs, slots=[lo, hi]) for lo, hi in ranges],
+        "exact",
+        peaks,
     )
     stats: dict[str, Any] = {"exact_dups": sum(m["dups"] for m in ex), "reduce_units_per_band": n_red}
     near_by: dict[int, list[dict[str, Any]]] = {}
@@ -372,7 +382,13 @@ def _run_settled(
     peaks["driver"] = max(peaks.get("driver", 0.0), peak_rss_mb())
     log.info(
         "%s: %d unit(s) in %.1f s on %s x%d; peak RSS %.0f MB per unit, %.0f MB in the driver",
-        what, len(calls), time.perf_counter() - t0, executor.kind, executor.workers, peak, peaks["driver"],
+        what,
+        len(calls),
+        time.perf_counter() - t0,
+        executor.kind,
+        executor.workers,
+        peak,
+        peaks["driver"],
     )
     return out
 

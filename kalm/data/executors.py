@@ -19,9 +19,9 @@ pass data to each other through the executor, so the executor only decides *wher
 from __future__ import annotations
 
 import logging
-from abc import ABC, abstractmethod
 import multiprocessing as mp
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -59,7 +59,9 @@ class Executor(ABC):
     workers = 1
 
     @abstractmethod
-    def map_settled(self, fn: Callable[..., Result], calls: Sequence[dict[str, Any]]) -> list[Result | KalmError]:
+    def map_settled(
+        self, fn: Callable[..., Result], calls: Sequence[dict[str, Any]]
+    ) -> list[Result | KalmError]:
         """Run every call to its end; a failed unit's one-line error takes its place in the list."""
 
     def map(self, fn: Callable[..., Result], calls: Sequence[dict[str, Any]]) -> list[Result]:
@@ -76,8 +78,8 @@ class Executor(ABC):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 (optional hook: most executors hold nothing to release)
+        return None
 
 
 def _unit_name(fn: Callable[..., Any], kw: dict[str, Any]) -> str:
@@ -96,7 +98,9 @@ class LocalExecutor(Executor):
             self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("forkserver"))
         return self._pool
 
-    def map_settled(self, fn: Callable[..., Result], calls: Sequence[dict[str, Any]]) -> list[Result | KalmError]:
+    def map_settled(
+        self, fn: Callable[..., Result], calls: Sequence[dict[str, Any]]
+    ) -> list[Result | KalmError]:
         if self.workers == 1 or len(calls) <= 1:
             return [_settle(fn, kw) for kw in calls]
         results: dict[int, Result | KalmError] = {}
@@ -105,7 +109,9 @@ class LocalExecutor(Executor):
             if not todo:
                 break
             pool = self._fresh_pool()
-            futs: dict[Future[Result | KalmError], int] = {pool.submit(_settle, fn, calls[i]): i for i in todo}
+            futs: dict[Future[Result | KalmError], int] = {
+                pool.submit(_settle, fn, calls[i]): i for i in todo
+            }
             wait(futs)
             broken = 0
             for fut, i in futs.items():
@@ -144,13 +150,13 @@ def _settle(fn: Callable[..., Result], kw: dict[str, Any]) -> Result | KalmError
 class RayExecutor(Executor):
     kind = "ray"
 
-    def __init__(self, workers: int = 1, address: str | None = None, retries: int = 3, gpus: float = 0.0) -> None:
+    def __init__(
+        self, workers: int = 1, address: str | None = None, retries: int = 3, gpus: float = 0.0
+    ) -> None:
         try:
             import ray
         except ImportError:
-            raise KalmError(
-                "the ray executor needs Ray: pip install -e '.[ray]' (ray[data] 2.60)"
-            ) from None
+            raise KalmError("the ray executor needs Ray: pip install -e '.[ray]' (ray[data] 2.60)") from None
         self.ray, self.workers, self.retries, self.gpus = ray, workers, retries, gpus
         address = address or os.environ.get(RAY_ADDRESS_ENV) or None
         self.started = False
@@ -180,7 +186,9 @@ class RayExecutor(Executor):
         if address:
             self.workers = max(1, int(ray.cluster_resources().get("CPU", workers)))
 
-    def map_settled(self, fn: Callable[..., Result], calls: Sequence[dict[str, Any]]) -> list[Result | KalmError]:
+    def map_settled(
+        self, fn: Callable[..., Result], calls: Sequence[dict[str, Any]]
+    ) -> list[Result | KalmError]:
         ray = self.ray
         remote = ray.remote(num_cpus=1, num_gpus=self.gpus, max_retries=self.retries, retry_exceptions=False)(
             _settle
@@ -190,9 +198,13 @@ class RayExecutor(Executor):
         for ref, kw in zip(refs, calls, strict=True):  # every ref to its end: none left running
             try:
                 out.append(ray.get(ref))
-            except ray.exceptions.RayError as err:  # the worker or node died (retries spent), OOM, lost object
+            except (
+                ray.exceptions.RayError
+            ) as err:  # the worker or node died (retries spent), OOM, lost object
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                out.append(UnitFailed(f"unit {_unit_name(fn, kw)} failed on Ray: {type(err).__name__}: {first}"))
+                out.append(
+                    UnitFailed(f"unit {_unit_name(fn, kw)} failed on Ray: {type(err).__name__}: {first}")
+                )
         return out
 
     def close(self) -> None:

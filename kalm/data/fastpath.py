@@ -94,12 +94,13 @@ def _plain_object_lines(buf: bytes) -> int | None:
     (valid UTF-8, no lone ``\\r``, no surrogate escape, not nested near the recursion limit), else None.
     These checks come before Arrow, whose reader crashes on some inputs (a ``null`` line) and accepts
     others that Python rejects."""
-    if _SURROGATE_ESCAPE.search(buf) or buf.count(b"\r") != buf.count(b"\r\n"):
+    if _SURROGATE_ESCAPE.search(buf) or (b"\r" in buf and buf.count(b"\r") != buf.count(b"\r\n")):
         return None
-    try:
-        buf.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
+    if np.frombuffer(buf, np.uint8).max(initial=0) >= 128:  # pure ASCII is valid UTF-8: no decode
+        try:
+            buf.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
     n = _strict_lines(buf)
     return n if n is not None else _loose_lines(buf)
 
@@ -171,6 +172,7 @@ def fast_rows(lr: LoadedRecipe, part: Partition, stats: Counter[str], fs: pafs.F
     assert isinstance(df, pl.DataFrame)
     df = df.select(pl.col(qf).alias("q_raw"), pl.col(pf).alias("p_raw")).with_row_index("line")
     stats["records"] += df.height
+
     def is_ascii(c: str) -> pl.Expr:
         return pl.col(c).str.len_bytes() == pl.col(c).str.len_chars()
 
@@ -242,8 +244,15 @@ def fast_rows(lr: LoadedRecipe, part: Partition, stats: Counter[str], fs: pafs.F
         "label": pa.array([""] * n, pa.string()),
         "neg_labels": pa.array([[]] * n, pa.list_(pa.string())),
     }
-    pos = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32)), fast["p"].to_arrow().cast(pa.string()))
-    cols = {"id": pa.array(ids, pa.string()), "query": fast["q"].to_arrow().cast(pa.string()), "pos": pos, **const}
+    pos = pa.ListArray.from_arrays(
+        pa.array(np.arange(n + 1, dtype=np.int32)), fast["p"].to_arrow().cast(pa.string())
+    )
+    cols = {
+        "id": pa.array(ids, pa.string()),
+        "query": fast["q"].to_arrow().cast(pa.string()),
+        "pos": pos,
+        **const,
+    }
     table = pa.table([cols[c] for c in ROW_SCHEMA.names], schema=ROW_SCHEMA)
     near = fast["near"].to_arrow().cast(pa.string())
     if slow_rows:  # back into source order

@@ -106,7 +106,9 @@ def _pair_rows(lr: LoadedRecipe, records: Iterator[dict[str, Any]], stats: Count
             row = _canonical(lr, cleaned)
         except (KeyError, TypeError, ValueError, UnicodeError) as err:  # one bad record, not the recipe
             stats["bad_record"] += 1
-            log.warning("%s: a record could not be made a row (%s: %s), skipped", r.name, type(err).__name__, err)
+            log.warning(
+                "%s: a record could not be made a row (%s: %s), skipped", r.name, type(err).__name__, err
+            )
             continue
         yield row
 
@@ -166,7 +168,13 @@ def _label_rows(
                     break
                 lab_n = rng.choice(others)
                 neg.setdefault(texts[rng.choice(by_label[lab_n])], lab_n)
-        row = {"query": t, "pos": [texts[j]], "neg": list(neg), "label": lab, "neg_labels": list(neg.values())}
+        row = {
+            "query": t,
+            "pos": [texts[j]],
+            "neg": list(neg),
+            "label": lab,
+            "neg_labels": list(neg.values()),
+        }
         yield _canonical(lr, row)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +29,12 @@ from scipy.sparse.csgraph import connected_components
 
 _PRIME = np.uint64(0x100000001B3)  # FNV-1a 64-bit prime, the rolling polynomial base
 _EMPTY = np.uint32(0xFFFFFFFF)
+
+_jit: Any
+try:  # the same maths compiled (one pass per text); the NumPy code below is the reference and fallback
+    from kalm.data import minhash_jit as _jit
+except ImportError:  # pragma: no cover - numba is a dependency; a trimmed install still works
+    _jit = None
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -93,6 +99,27 @@ def _ascii_codes(texts: pa.Array | pa.ChunkedArray, ngram: int) -> tuple[np.ndar
     return codes, lens
 
 
+def code_points(
+    texts: Sequence[str] | pa.Array | pa.ChunkedArray, ngram: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(cps, lens)``: the code points of the texts, concatenated (uint8 for an Arrow array of ASCII texts,
+    read in place without Python strings; else uint32), and the int64 length of each. Texts shorter than
+    ``ngram`` (including empty ones) are padded with NUL so they give exactly one shingle."""
+    fast = _ascii_codes(texts, ngram) if isinstance(texts, pa.Array | pa.ChunkedArray) else None
+    if fast is not None:
+        return fast
+    if not isinstance(texts, list):
+        texts = texts.to_pylist() if isinstance(texts, pa.Array | pa.ChunkedArray) else list(texts)
+    n = len(texts)
+    padded = [t if len(t) >= ngram else t + "\x00" * (ngram - len(t)) for t in texts]
+    lens = np.fromiter(map(len, padded), dtype=np.int64, count=n)
+    return np.frombuffer("".join(padded).encode("utf-32-le"), dtype=np.uint32), lens
+
+
+def _start(seed: int) -> int:
+    return seed * 0x9E3779B1 & 0xFFFFFFFF
+
+
 def shingle_hashes(
     texts: Sequence[str] | pa.Array | pa.ChunkedArray, ngram: int, seed: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -100,21 +127,11 @@ def shingle_hashes(
 
     Returns ``(hashes, lens)``: uint32 hashes of shape ``(W,)`` over all windows of the concatenated
     texts (the last ``ngram - 1`` windows of each text straddle into the next one), and the int64 length
-    of each (padded) text. Texts shorter than ``ngram`` (including empty ones) are padded with NUL so they
-    give exactly one shingle. An Arrow string array of ASCII texts is read in place (no Python strings).
+    of each (padded) text (:func:`code_points`).
     """
-    fast = _ascii_codes(texts, ngram) if isinstance(texts, pa.Array | pa.ChunkedArray) else None
-    if fast is not None:
-        cps, lens = fast
-    else:
-        if not isinstance(texts, list):
-            texts = texts.to_pylist() if isinstance(texts, pa.Array | pa.ChunkedArray) else list(texts)
-        n = len(texts)
-        padded = [t if len(t) >= ngram else t + "\x00" * (ngram - len(t)) for t in texts]
-        lens = np.fromiter(map(len, padded), dtype=np.int64, count=n)
-        cps = np.frombuffer("".join(padded).encode("utf-32-le"), dtype=np.uint32)
+    cps, lens = code_points(texts, ngram)
     n_win = int(lens.sum()) - ngram + 1
-    h = np.full(n_win, np.uint32(seed * 0x9E3779B1 & 0xFFFFFFFF), dtype=np.uint32)
+    h = np.full(n_win, np.uint32(_start(seed)), dtype=np.uint32)
     for j in range(ngram):
         h *= np.uint32(0x01000193)  # FNV-1a 32-bit prime
         h ^= cps[j : j + n_win]
@@ -128,9 +145,25 @@ def _densify_table(num_perm: int, seed: int, attempts: int = 64) -> np.ndarray:
     return rng.integers(0, num_perm, size=(attempts, num_perm))
 
 
-def signatures(texts: Sequence[str] | pa.Array | pa.ChunkedArray, params: MinHashParams | None = None) -> np.ndarray:
-    """MinHash signatures, uint32 array of shape ``(len(texts), num_perm)``."""
+def signatures(
+    texts: Sequence[str] | pa.Array | pa.ChunkedArray, params: MinHashParams | None = None
+) -> np.ndarray:
+    """MinHash signatures, uint32 array of shape ``(len(texts), num_perm)`` (compiled where Numba imports:
+    the same values as :func:`signatures_numpy`)."""
     p = params or MinHashParams()
+    if len(texts) == 0:
+        return np.empty((0, p.num_perm), dtype=np.uint32)
+    if _jit is None:
+        return signatures_numpy(texts, p)
+    cps, lens = code_points(texts, p.ngram)
+    table = _densify_table(p.num_perm, p.seed)
+    return _jit.signatures_kernel(cps, lens, p.ngram, np.uint32(_start(p.seed)), p.num_perm, table)
+
+
+def signatures_numpy(texts: Sequence[str] | pa.Array | pa.ChunkedArray, params: MinHashParams) -> np.ndarray:
+    """The reference: every window of the batch hashed in a few NumPy passes, bins filled with
+    ``np.minimum.at``."""
+    p = params
     n, k = len(texts), p.num_perm
     if n == 0:
         return np.empty((0, k), dtype=np.uint32)
@@ -178,8 +211,15 @@ def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def band_hashes(sig: np.ndarray, bands: int, rows: int, chunk: int = 8192) -> np.ndarray:
     """uint64 array ``(n, bands)``: one hash per band of ``rows`` signature slots (band index mixed in).
-    Computed band-major in row chunks that stay in cache (the result is a transposed view: its ``.T`` is
-    contiguous)."""
+    Computed band-major (the result is a transposed view: its ``.T`` is contiguous); compiled where Numba
+    imports, the same values as :func:`band_hashes_numpy`."""
+    if _jit is None:
+        return band_hashes_numpy(sig, bands, rows, chunk)
+    return _jit.band_hashes_kernel(np.ascontiguousarray(sig), bands, rows).T
+
+
+def band_hashes_numpy(sig: np.ndarray, bands: int, rows: int, chunk: int = 8192) -> np.ndarray:
+    """The reference: in row chunks that stay in cache, one NumPy pass per slot."""
     n = sig.shape[0]
     out = np.empty((bands, n), dtype=np.uint64)
     with np.errstate(over="ignore"):

@@ -122,8 +122,8 @@ def run_build_stage(
     """Build the mixtures of ``stage`` from every recipe that has shards: one result per recipe (``cached``
     when its inputs are unchanged). Also writes the stage summary ``mixtures/<stage>/_manifest.json``.
 
-    ``eval_texts``: texts of the evaluation tasks (the pipeline passes the eval config's tasks), decontaminated
-    against besides the config's eval sets and the recipes' held-out rows."""
+    ``eval_texts``: texts of the evaluation tasks (the pipeline passes the eval config's tasks),
+    decontaminated against besides the config's eval sets and the recipes' held-out rows."""
     shard_ms = {n: read_manifest(root, shard_dir(stage, n)) for n in recipe_names}
     missing = sorted(n for n, m in shard_ms.items() if m is None)
     if missing:
@@ -155,7 +155,9 @@ def run_build_stage(
         else pl.DataFrame(schema={"id": pl.Utf8, "owner": pl.Int32})
     )
     dups = {
-        name: sorted(frames[order].join(owners, on="id", how="left").filter(pl.col("owner") < order)["id"].to_list())
+        name: sorted(
+            frames[order].join(owners, on="id", how="left").filter(pl.col("owner") < order)["id"].to_list()
+        )
         for order, name in enumerate(names)
     }
     near = _cross_recipe_near_dups(root, stage, names, dups, cfg) if cfg.near_dedup.enabled else {}
@@ -165,7 +167,9 @@ def run_build_stage(
         shard_m = read_manifest(root, shard_dir(stage, name))
         assert shard_m is not None
         drop = {"cross_recipe_dup": dups[name], "cross_recipe_near_dup": near.get(name, [])}
-        drop["contaminated"] = _contaminated(root, stage, name, index, set(drop["cross_recipe_dup"]) | set(drop["cross_recipe_near_dup"]))
+        drop["contaminated"] = _contaminated(
+            root, stage, name, index, set(drop["cross_recipe_dup"]) | set(drop["cross_recipe_near_dup"])
+        )
         # What the mixture depends on is what it drops, not the whole evaluation index: a new eval text that
         # matches none of this recipe's rows leaves its mixture (and the training that read it) cached.
         fp = hash_obj(
@@ -233,7 +237,9 @@ def _cross_recipe_near_dups(
                 texts.append(near_text({"query": q, "pos": pos}, label_based))
                 owner.append(order)
                 ids.append(rid)
-    p = minhash.MinHashParams(cfg.near_dedup.num_perm, cfg.near_dedup.ngram, cfg.near_dedup.threshold, cfg.near_dedup.seed)
+    p = minhash.MinHashParams(
+        cfg.near_dedup.num_perm, cfg.near_dedup.ngram, cfg.near_dedup.threshold, cfg.near_dedup.seed
+    )
     sig = minhash.signatures(texts, p)
     labels = minhash.duplicate_clusters(minhash.band_hashes(sig, *p.lsh_shape()), sig, p.threshold)
     owners = np.asarray(owner)
@@ -246,7 +252,9 @@ def _cross_recipe_near_dups(
     return {k: sorted(v) for k, v in out.items()}
 
 
-def _contaminated(root: DataRoot, stage: str, name: str, index: EvalIndex | None, skip: set[str]) -> list[str]:
+def _contaminated(
+    root: DataRoot, stage: str, name: str, index: EvalIndex | None, skip: set[str]
+) -> list[str]:
     """Ids of the recipe's rows whose query or first positive (near-)matches an evaluation text."""
     if index is None:
         return []
@@ -279,7 +287,9 @@ def _build_one(root: DataRoot, stage: str, name: str, drop: dict[str, list[str]]
                 keep = pc.invert(pc.is_in(table.column("id"), value_set=pa.array(ids, pa.string())))
                 drops[reason] += table.num_rows - pc.sum(keep).as_py()
                 table = table.filter(keep)
-        files.append({"name": f["name"], "rows": table.num_rows, **root.write_parquet(f"{staging}/{f['name']}", table)})
+        files.append(
+            {"name": f["name"], "rows": table.num_rows, **root.write_parquet(f"{staging}/{f['name']}", table)}
+        )
     m = {
         "recipe": name,
         "stage": stage,

@@ -18,7 +18,7 @@ from kalm.core.hashing import hash_obj
 from kalm.core.layout import MANIFEST, holdout_dir, mixture_dir, mixture_root
 from kalm.core.results import StageResult
 from kalm.core.schema import SCHEMA_VERSION
-from kalm.core.storage import DataRoot, read_manifest
+from kalm.core.storage import DataRoot, digest_of, read_manifest
 from kalm.data.units import SignedRecipe, holdouts, sign_file
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,9 @@ def sweep_tmp(root: DataRoot, d: str) -> None:
             root.fs.delete_file(info.path)
 
 
-def unchanged_stage(root: DataRoot, stage: str, todo: list[SignedRecipe], red_fp: str) -> list[StageResult] | None:
+def unchanged_stage(
+    root: DataRoot, stage: str, todo: list[SignedRecipe], red_fp: str
+) -> list[StageResult] | None:
     """The published mixtures, when the last run of this stage reduced exactly these inputs and every
     mixture it published is still there, intact; else None."""
     rep_path = f"{mixture_root(stage)}/{MANIFEST}"
@@ -100,7 +102,13 @@ def ingest_result(root: DataRoot, r: SignedRecipe, cached: bool) -> StageResult:
 
 
 def publish_recipe(
-    root: DataRoot, stage: str, r: SignedRecipe, red: str, applied: list[dict[str, Any]], red_fp: str, force: bool
+    root: DataRoot,
+    stage: str,
+    r: SignedRecipe,
+    red: str,
+    applied: list[dict[str, Any]],
+    red_fp: str,
+    force: bool,
 ) -> StageResult | None:
     """Make the recipe's applied shards its mixture (kept as it is when its rows did not change). A recipe
     left with 0 rows gets no mixture (an old one is removed: nothing stale to train on)."""
@@ -114,7 +122,7 @@ def publish_recipe(
         )
         root.delete_dir(out)
         return None
-    fp = hash_obj({"sign": r.fp, "shards": [f["sha256"] for f in files], "schema": SCHEMA_VERSION})
+    fp = hash_obj({"sign": r.fp, "shards": [digest_of(f) for f in files], "schema": SCHEMA_VERSION})
     old = read_manifest(root, out)
     cached = (
         not force
@@ -181,7 +189,7 @@ def publish_holdout(root: DataRoot, r: SignedRecipe) -> None:
     changed ``holdout`` (or a kill between the two publishes) never leaves stale eval rows."""
     ho = holdout_dir(r.lr.name)
     refs = [sign_file(r, i, "holdout.parquet") for i in sorted(r.markers)]
-    fp = hash_obj([x["sha256"] for x in refs if x is not None])
+    fp = hash_obj([digest_of(x) for x in refs if x is not None])
     tables = holdouts(root, r)
     if not tables:
         root.delete_dir(ho)
@@ -195,5 +203,7 @@ def publish_holdout(root: DataRoot, r: SignedRecipe) -> None:
     staging = root.staging_dir(ho)
     info = root.write_parquet(f"{staging}/part-00000.parquet", t)
     files = [{"name": "part-00000.parquet", "rows": t.num_rows, **info}]
-    root.write_json(f"{staging}/{MANIFEST}", {"rows_out": t.num_rows, "files": files, "input_fingerprint": fp})
+    root.write_json(
+        f"{staging}/{MANIFEST}", {"rows_out": t.num_rows, "files": files, "input_fingerprint": fp}
+    )
     root.publish_dir(staging, ho)

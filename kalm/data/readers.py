@@ -137,7 +137,9 @@ def _no_invalid_unicode(obj: Any, depth: int = 0) -> bool:
     if depth > 64:
         return True  # json.loads already bounded the nesting; don't recurse without end
     if isinstance(obj, dict):
-        return all(_no_invalid_unicode(k, depth + 1) and _no_invalid_unicode(v, depth + 1) for k, v in obj.items())
+        return all(
+            _no_invalid_unicode(k, depth + 1) and _no_invalid_unicode(v, depth + 1) for k, v in obj.items()
+        )
     if isinstance(obj, list):
         return all(_no_invalid_unicode(v, depth + 1) for v in obj)
     return True
@@ -393,7 +395,9 @@ def read_pkg_metadata(pattern: str) -> Iterator[Record]:
         name = str(md["Name"] or "")
         if not name or name.lower() in seen or not fnmatch.fnmatch(name.lower(), pattern.lower()):
             continue
-        if name.lower() == SELF_DISTRIBUTION:  # our own README: training on it would change with every doc edit
+        if (
+            name.lower() == SELF_DISTRIBUTION
+        ):  # our own README: training on it would change with every doc edit
             continue
         seen.add(name.lower())
         classifiers = md.get_all("Classifier") or []

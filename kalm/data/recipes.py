@@ -280,8 +280,12 @@ class RecipeSet:
         hint = f" (did you mean: {', '.join(close)}?)" if close else ""
         raise KalmError(f"unknown recipe {name!r}{hint}; `kalm data list` shows all {len(self.recipes)}")
 
-    def select(self, names: Sequence[str] | None = None, tags: Sequence[str] | None = None,
-               stages: Sequence[str] | None = None) -> list[LoadedRecipe]:
+    def select(
+        self,
+        names: Sequence[str] | None = None,
+        tags: Sequence[str] | None = None,
+        stages: Sequence[str] | None = None,
+    ) -> list[LoadedRecipe]:
         """Recipes by name (each must exist: :meth:`get`), then filtered by tag and stage; sorted by name."""
         pool = [self.get(n) for n in dict.fromkeys(names)] if names else list(self.recipes.values())
         return sorted(

@@ -11,9 +11,7 @@ def _drops(m: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted((m.get("drops") or {}).items())) or "-"
 
 
-def data_report_markdown(
-    title: str, ingested: Sequence[StageResult], mixtures: Sequence[StageResult]
-) -> str:
+def data_report_markdown(title: str, ingested: Sequence[StageResult], mixtures: Sequence[StageResult]) -> str:
     """A table of rows in/out and drops by reason per recipe, then per stage mixture."""
     lines = [
         f"# {title}",

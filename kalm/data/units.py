@@ -5,9 +5,7 @@ files, then its completion marker, and returns the marker. Units never pass data
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import resource
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +16,6 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
-import pyarrow.ipc as ipc
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
@@ -28,25 +25,25 @@ from kalm.core.storage import DataRoot
 from kalm.data import minhash
 from kalm.data.config import IngestConfig
 from kalm.data.fastpath import CONTROL_ASCII, WS_RUN, fast_rows
-from kalm.data.normalize import comparison_form
 from kalm.data.ingest import READER_SKIPS, _label_rows, _pair_rows, near_text
 from kalm.data.mixtures import EvalIndex
+from kalm.data.normalize import comparison_form
 from kalm.data.partitions import Partition, read_partition
 from kalm.data.readers import resolve_files
 from kalm.data.recipes import LoadedRecipe, load_recipe_file
 from kalm.data.slots import (
-    write_sig,
-    write_slots,
-    sig_array,
     id_hashes,
     peak_rss_mb,
     read_sig,
     read_slots,
     reset_peak_rss,
+    sig_array,
+    write_sig,
+    write_slots,
 )
 
 log = logging.getLogger(__name__)
-ENGINE_VERSION = 2
+ENGINE_VERSION = 3  # 3: intermediates carry xxh3_128 checksums, signatures their low 16 bits
 SLOTS = 256  # hash classes of the reduce (a hash's top 8 bits): units take contiguous ranges of them
 ROW_BITS, PART_BITS = 28, 24  # and 12 bits of recipe rank: 64 in all
 MAX_ROWS_PER_PARTITION = 1 << ROW_BITS
@@ -95,9 +92,14 @@ def _finish(root: DataRoot, d: str, unit: str, info: dict[str, Any]) -> dict[str
 def _put(
     root: DataRoot, d: str, name: str, table: pa.Table, files: list[dict[str, Any]], final: bool = False
 ) -> None:
-    """Write one unit file: zstd for what is published, lz4 for intermediates (hashes and signatures do not
-    compress; zstd would spend the time for nothing)."""
-    info = root.write_parquet(f"{d}/{name}", table, compression="zstd" if final else "lz4")
+    """Write one unit file: zstd and sha256 for what is published, lz4 and xxh3_128 for intermediates (hashes
+    and signatures do not compress; zstd and sha256 would spend the time for nothing)."""
+    info = root.write_parquet(
+        f"{d}/{name}",
+        table,
+        compression="zstd" if final else "lz4",
+        checksum="sha256" if final else "xxh3_128",
+    )
     files.append({"name": name, "rows": table.num_rows, **info})
 
 
@@ -122,7 +124,7 @@ def ref(d: str, entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_ref(root: DataRoot, ref: dict[str, Any]) -> pa.Table:
-    """Read a unit's file, verified against its marker's size and sha256 (a one-line error if changed)."""
+    """Read a unit's file, verified against its marker's size and checksum (a one-line error if changed)."""
     return root.read_parquet_checked(ref["name"], ref)
 
 
@@ -156,7 +158,9 @@ def sign_unit(
     idh = id_hashes(table.column("id"))
     # as ingest._is_holdout: the id's first 8 hex digits mod 10,000
     frac = lr.recipe.holdout
-    ho = ((idh >> np.uint64(32)) % np.uint64(10_000)) < frac * 10_000 if frac > 0 else np.zeros(len(idh), bool)
+    ho = (
+        ((idh >> np.uint64(32)) % np.uint64(10_000)) < frac * 10_000 if frac > 0 else np.zeros(len(idh), bool)
+    )
     files: list[dict[str, Any]] = []
     if ho.any():
         _put(root, out, f"{p.label}.holdout.parquet", table.filter(pa.array(ho)), files)
@@ -167,7 +171,15 @@ def sign_unit(
     local = (np.uint64(p.index) << np.uint64(ROW_BITS)) | np.arange(n, dtype=np.uint64)
     _put(root, out, f"{p.label}.rows.parquet", table, files)
     top = np.uint64(64 - 8)  # the slot of a hash: its top 8 bits (uniform, independent of low-bit uses)
-    write_slots(root, out, f"{p.label}.exact.arrow", {"idh": idh, "key": local}, (idh >> top).astype(np.int64), SLOTS, files)
+    write_slots(
+        root,
+        out,
+        f"{p.label}.exact.arrow",
+        {"idh": idh, "key": local},
+        (idh >> top).astype(np.int64),
+        SLOTS,
+        files,
+    )
     if c.near_dedup.enabled and n:
         mp = near_params(c)
         step = 8192  # in chunks: the shingle arrays of a whole partition would not stay in cache
@@ -273,7 +285,9 @@ def bands_unit(
     files: list[dict[str, Any]] = []
     t = _gather(root, sources, range(*slots))
     edges, biggest = 0, 0
-    bk, idh, key = _shared(t["band_key"], t["band_key"], t["idh"], t["key"]) if t else (np.empty(0, np.uint64),) * 3
+    bk, idh, key = (
+        _shared(t["band_key"], t["band_key"], t["idh"], t["key"]) if t else (np.empty(0, np.uint64),) * 3
+    )
     del t
     if len(key):
         order = np.lexsort((key, idh, bk))
@@ -344,7 +358,9 @@ def verify1_unit(
             {
                 "a": pa.array(a, U64),
                 "b": pa.array(b, U64),
-                "sig_a": pa.FixedSizeBinaryArray.from_buffers(pa.binary(num_perm * 4), len(a), [None, pa.py_buffer(sig_a)]),
+                "sig_a": pa.FixedSizeBinaryArray.from_buffers(
+                    pa.binary(num_perm * sig_a.itemsize), len(a), [None, pa.py_buffer(sig_a)]
+                ),
             }
         )
         _put_split(root, out, f"v1/{unit}.{chunk}", e, gpart(b), files)
@@ -444,7 +460,9 @@ def apply_unit(
         live = np.nonzero(reason == 0)[0]
         q = pc.take(table.column("query"), pa.array(live)).to_pylist()
         f = [(x or [""])[0] for x in pc.take(table.column("pos"), pa.array(live)).to_pylist()]
-        bad = index.contaminated(comparison_forms(q), forms=True) | index.contaminated(comparison_forms(f), forms=True)
+        bad = index.contaminated(comparison_forms(q), forms=True) | index.contaminated(
+            comparison_forms(f), forms=True
+        )
         reason[live[bad]] = 3
     drops = {
         "exact_dup": int(((reason == 1) & same).sum()),
@@ -456,7 +474,6 @@ def apply_unit(
     files: list[dict[str, Any]] = []
     _put(root, out, final, table.filter(pa.array(reason == 0)), files, final=True)
     return _finish(root, out, unit, {"drops": {k: v for k, v in drops.items() if v}, "files": files})
-
 
 
 @dataclass
@@ -479,5 +496,3 @@ def sign_file(r: SignedRecipe, i: int, suffix: str) -> dict[str, Any] | None:
 def holdouts(root: DataRoot, r: SignedRecipe) -> list[pa.Table]:
     refs = [sign_file(r, i, "holdout.parquet") for i in sorted(r.markers)]
     return [read_ref(root, ref) for ref in refs if ref is not None]
-
-
