@@ -10,6 +10,12 @@ Anonymous RSS (RssAnon, sampled every 2 ms) is what a machine must hold; the mem
 and evictable, so VmHWM (which counts them) is printed beside it.
 
     .venv/bin/python bench/bench_mine_memory.py --pool 300000 --queries 3000
+    .venv/bin/python bench/bench_mine_memory.py --pool-source corpus --peer ec0c4fc
+
+``--pool-source corpus``: the rows have one positive each and no negatives, and the pool is a JSONL corpus
+file (``pool.source: corpus``) of the other texts, as large pools are mined (the recipe's rows then hold
+only their own texts). ``--peer``: the commit to compare with (default ``01d0878``; ``ec0c4fc`` is the
+last commit that held the pool's texts as Python strings).
 """
 
 from __future__ import annotations
@@ -27,10 +33,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-PEER = "01d0878"  # the last commit that held the pool's vectors in memory
+PEER = "01d0878"  # the last commit that held the pool's vectors in memory (--peer)
 
 
-def write_data(base: Path, pool: int, queries: int) -> None:
+def write_data(base: Path, pool: int, queries: int, source: str = "recipe") -> None:
     """A mixture of ``queries`` rows, each with one positive and ``pool / queries - 1`` negatives (the
     pool: all of them), and the embedding cache filled for every text the miner will look up."""
     import numpy as np
@@ -46,14 +52,16 @@ def write_data(base: Path, pool: int, queries: int) -> None:
     rng = np.random.default_rng(0)
     per_row = max(1, pool // queries)  # texts per row: 1 positive + the rest negatives
     rows: list[dict[str, Any]] = []
+    all_texts: list[str] = []
     for i in range(queries):
         texts = [f"document {i}-{j} " + " ".join(map(str, rng.integers(0, 10**6, 8))) for j in range(per_row)]
+        all_texts += texts
         rows.append(
             {
                 "id": row_id(f"r{i}", texts[0]),
                 "query": f"query {i} " + " ".join(map(str, rng.integers(0, 10**6, 4))),
                 "pos": texts[:1],
-                "neg": texts[1:],
+                "neg": texts[1:] if source == "recipe" else [],
                 "instruction": "",
                 "symmetric": False,
                 "category": "bench",
@@ -82,10 +90,17 @@ def write_data(base: Path, pool: int, queries: int) -> None:
         },
     )
     texts = [t for r in rows for t in r["pos"] + r["neg"]]
+    pos_at = np.arange(0, len(texts), per_row)
+    if source == "corpus":  # the negatives become the corpus file; the pool: corpus, then the positives
+        positives = {r["pos"][0] for r in rows}
+        corpus = [t for t in all_texts if t not in positives]
+        root.write_bytes("corpus.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in corpus).encode())
+        texts = corpus + [r["pos"][0] for r in rows]
+        pos_at = len(corpus) + np.arange(len(rows))
     texts += [enc.format_query(r["query"], r["instruction"]) for r in rows]
     vecs = rng.standard_normal((len(texts), enc.dim)).astype(np.float32)
     q_at = len(texts) - len(rows)
-    vecs[0:q_at:per_row] = vecs[q_at:] + 0.3 * vecs[0:q_at:per_row]  # each positive near its query
+    vecs[pos_at] = vecs[q_at:] + 0.3 * vecs[pos_at]  # each positive near its query
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     store = EmbeddingStore(root, embedding_cache_dir(enc.key), enc.dim)
     for s in range(0, len(texts), 8192):
@@ -125,8 +140,14 @@ def child(args: argparse.Namespace) -> None:
     from kalm.mining.mine import run_mine_recipe
 
     enc = load_encoder("minilm", None, precision="fp32")
-    extra = {"search": {"block_mb": args.block_mb}} if args.which == "ours" else {}
-    cfg = MineConfig.model_validate({"precision": "fp32", **extra})
+    extra: dict[str, Any] = {"search": {"block_mb": args.block_mb}}
+    if args.pool_source == "corpus":
+        extra["pool"] = {"source": "corpus", "corpus": "corpus.jsonl"}
+    try:
+        cfg = MineConfig.model_validate({"precision": "fp32", **extra})
+    except ValueError:  # a peer from before search blocks (01d0878)
+        extra.pop("search")
+        cfg = MineConfig.model_validate({"precision": "fp32", **extra})
     root = DataRoot.from_uri(args.root)
     meter = AnonPeak()
     t0 = time.perf_counter()
@@ -147,12 +168,12 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps(out))
 
 
-def peer_tree(tmp: Path) -> Path:
-    """The ``kalm`` package of commit PEER, extracted to ``tmp/peer``."""
+def peer_tree(tmp: Path, commit: str) -> Path:
+    """The ``kalm`` package of ``commit``, extracted to ``tmp/peer``."""
     dest = tmp / "peer"
     dest.mkdir()
     archive = subprocess.run(
-        ["git", "-C", str(REPO), "archive", PEER, "kalm", "configs"], capture_output=True, check=True
+        ["git", "-C", str(REPO), "archive", commit, "kalm", "configs"], capture_output=True, check=True
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     return dest
@@ -163,6 +184,8 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=300_000, help="pool texts of the smaller run (N)")
     ap.add_argument("--queries", type=int, default=3000)
     ap.add_argument("--block-mb", type=float, default=32.0)
+    ap.add_argument("--pool-source", choices=("recipe", "corpus"), default="recipe")
+    ap.add_argument("--peer", default=PEER, help="the commit to compare with")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--which", default="ours", help=argparse.SUPPRESS)
     ap.add_argument("--root", help=argparse.SUPPRESS)
@@ -172,11 +195,11 @@ def main() -> None:
         return
     tmp = Path(tempfile.mkdtemp(prefix="kalm-bench-mine-mem-"))
     try:
-        peer = peer_tree(tmp)
+        peer = peer_tree(tmp, args.peer)
         results: dict[str, dict] = {}
         for n in (args.pool, 2 * args.pool):
             t0 = time.perf_counter()
-            write_data(tmp / f"p{n}", n, args.queries)
+            write_data(tmp / f"p{n}", n, args.queries, args.pool_source)
             print(
                 f"# pool of {n} texts, {args.queries} queries: cache filled in "
                 f"{time.perf_counter() - t0:.0f} s"
@@ -184,6 +207,7 @@ def main() -> None:
             for which in ("ours", "peer"):
                 cmd = [sys.executable, __file__, "--child", "--root", str(tmp / f"p{n}")]
                 cmd += ["--which", "ours" if which == "ours" else str(peer), "--block-mb", str(args.block_mb)]
+                cmd += ["--pool-source", args.pool_source]
                 proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
                 if proc.returncode:
                     sys.exit(f"{which} at pool {n} failed:\n{proc.stderr[-3000:]}")

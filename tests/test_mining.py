@@ -380,6 +380,57 @@ def test_ivf_index_and_corpus_pool(root: DataRoot, enc: Encoder) -> None:
         mine(root, enc, MineConfig(pool={"source": "corpus", "corpus": "corpora/missing.jsonl"}))
 
 
+def test_pool_texts_are_streamed_to_a_file_not_held(
+    root: DataRoot, enc: Encoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A corpus pool is read a block and a batch at a time into a memory-mapped Arrow file: the Python heap
+    never holds the corpus (tracemalloc, numpy included); texts come back by id, duplicates (also in the
+    positives) get one id in first-seen order, and equal-after-normalisation texts share a key."""
+    import tracemalloc
+
+    from kalm.mining import pool as pool_mod
+    from kalm.mining.config import PoolSpec
+    from kalm.mining.texts import Concat, Mapped, TextFile
+
+    monkeypatch.setattr(pool_mod, "READ_BLOCK", 1 << 16)
+    monkeypatch.setattr(pool_mod, "TEXT_BATCH", 200)
+    body = "x" * 2000
+    corpus = [f"doc {i} {body}" for i in range(3000)] + ["doc 7 " + body, "DOC  7 " + body]
+    root.write_bytes("big.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in corpus).encode())
+    spec = PoolSpec(source="corpus", corpus="big.jsonl")
+    rows = {"pos": [["doc 1 " + body], ["a new positive"]], "neg": [[], []]}
+    total = sum(len(t) for t in corpus)
+    tracemalloc.start()
+    try:
+        pool = pool_mod.build_pool(rows, pool_mod.corpus_texts(root, spec), None, enc, str(tmp_path))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < total / 4, (peak, total)  # the corpus: 6 MB; peak ~1.2 MB (a batch, a block, parsing)
+    assert len(pool) == 3002 and pool.lineage == {"source": "corpus", "size": 3002}
+    assert pool.texts([3001, 0, 3000]) == ["a new positive", corpus[0], "DOC  7 " + body]
+    assert pool.ids_of(["doc 1 " + body, "doc 7 " + body, "absent"]).tolist() == [1, 7, -1]
+    assert pool.keys[3000] == pool.keys[7] != pool.keys[8]
+    assert corpus_lineage_ok(pool_mod.corpus_lineage(root, spec), root.read_bytes("big.jsonl"))
+    # the lazy views embed_texts reads: a file, a mapped view, a concatenation, in any order
+    f = TextFile(str(tmp_path / "t.arrow"))
+    f.append(["a", "b"])
+    f.append([])
+    f.append(["c"])
+    f.close()
+    both = Concat([Mapped(f, str.upper), ["q1", "q2"]])
+    assert len(both) == 5 and both.take(np.array([4, 2, 0, 3, 1])) == ["q2", "C", "A", "q1", "B"]
+    vecs, st = embed_texts(enc, both, EmbeddingStore(root, "c", enc.dim), batch_size=2, shard_texts=2)
+    ref, _ = embed_texts(enc, ["A", "B", "C", "q1", "q2"], EmbeddingStore(root, "c2", enc.dim), batch_size=2)
+    assert st["encoded"] == 5 and np.array_equal(vecs, ref)
+
+
+def corpus_lineage_ok(lineage: dict[str, Any], data: bytes) -> bool:
+    import hashlib
+
+    return lineage["bytes"] == len(data) and lineage["sha256"] == hashlib.sha256(data).hexdigest()[:16]
+
+
 # -- bad input -------------------------------------------------------------------------------------------
 
 

@@ -36,10 +36,13 @@ from kalm.core.errors import KalmError
 from kalm.core.storage import DataRoot
 from kalm.data.executors import Executor
 from kalm.mining.encode import Encoder
+from kalm.mining.texts import LazyTexts, take
+from kalm.mining.texts import batches as text_batches
 
 log = logging.getLogger(__name__)
 
 KEY_BYTES = 16
+UNIT_WAVE = 4  # encode units in flight per worker (their texts are what the driver holds)
 Sink = Callable[[np.ndarray, np.ndarray], None]  # (indices, vectors (len, D) float32) -> stored somewhere
 SHARD_SCHEMA = pa.schema(
     [
@@ -240,7 +243,7 @@ class EmbeddingStore:
 
 def embed_texts(
     encoder: Encoder,
-    texts: Sequence[str],
+    texts: Sequence[str] | LazyTexts,
     store: EmbeddingStore,
     batch_size: int = 64,
     shard_texts: int = 8192,
@@ -252,7 +255,9 @@ def embed_texts(
     """Vectors for ``texts`` (formatted, as the model sees them): (N, D) float32, from the store where valid.
 
     ``out``: an (N, D) float32 array to fill and return (e.g. an ``np.memmap``: vectors go there shard by
-    shard, so host memory stays one cache shard, whatever N); default a new array.
+    shard, so host memory stays one cache shard, whatever N); default a new array. ``texts`` may be a
+    :class:`kalm.mining.texts.LazyTexts` (e.g. a memory-mapped file): they are then read a batch (hashing)
+    or a shard (encoding) at a time, never all at once.
     Missing texts are encoded in a fixed order (characters desc, then key; batches within a shard by token
     count) and stored one shard per ``shard_texts``; a rerun after a kill finds the finished shards and
     re-forms exactly the same groups and batches for the rest, so its vectors are bit-identical to an
@@ -264,8 +269,13 @@ def embed_texts(
     """
     t0 = time.perf_counter()
     shards_before = store.corrupt_shards
-    keys = np.array([text_key(t) for t in texts], dtype=f"S{KEY_BYTES}")
+    keys = np.empty(len(texts), dtype=f"S{KEY_BYTES}")
+    chars = np.empty(len(texts), dtype=np.int64)
+    for s, batch in text_batches(texts):
+        keys[s : s + len(batch)] = [text_key(t) for t in batch]
+        chars[s : s + len(batch)] = [len(t) for t in batch]
     ukeys, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    del keys
     if out is None:
         out = np.zeros((len(texts), store.dim), dtype=np.float32)
     elif out.shape != (len(texts), store.dim):
@@ -274,14 +284,16 @@ def embed_texts(
     found, corrupt = store.lookup_into(ukeys, scatter)
     missing = np.nonzero(~found)[0]
     if len(missing):
-        mtexts = [texts[int(first[i])] for i in missing]
+        rows = first[missing]  # a row holding each missing text
         # shards by characters (no tokenizer pass up front); within a shard batches go by token count
-        chars = np.fromiter((len(t) for t in mtexts), dtype=np.int64, count=len(mtexts))
-        order = np.lexsort((ukeys[missing], -chars))
+        order = np.lexsort((ukeys[missing], -chars[rows]))
         groups = [order[s : s + shard_texts] for s in range(0, len(order), shard_texts)]
-        texts_of = [[mtexts[i] for i in g] for g in groups]
+
+        def texts_of(j: int) -> list[str]:
+            return take(texts, rows[groups[j]])
+
         if executor is not None and executor.workers > 1 and len(groups) > 1:
-            _encode_units(executor, encoder, store, texts_of, batch_size)
+            _encode_units(executor, encoder, store, texts_of, len(groups), batch_size)
             ok, _ = store.lookup_into(ukeys[missing], lambda idx, v: scatter(missing[idx], v))
             if not ok.all():
                 raise KalmError(
@@ -289,14 +301,20 @@ def embed_texts(
                 )
         else:
             bar = _bar(len(missing), desc) if progress else None
-            with ThreadPoolExecutor(1) as tokenizer:  # the next shard is tokenized while this one encodes
-                ahead = tokenizer.submit(encoder.tokenize, texts_of[0])
+
+            def read(j: int) -> tuple[list[str], list[list[int]]]:
+                group = texts_of(j)
+                return group, encoder.tokenize(group)
+
+            # the next shard is read and tokenized in a thread while this one encodes
+            with ThreadPoolExecutor(1) as reader:
+                ahead = reader.submit(read, 0)
                 for j, grp in enumerate(groups):
-                    ids = ahead.result()
+                    group, ids = ahead.result()
                     if j + 1 < len(groups):
-                        ahead = tokenizer.submit(encoder.tokenize, texts_of[j + 1])
+                        ahead = reader.submit(read, j + 1)
                     update = bar.update if bar is not None else None
-                    v = encoder.encode(texts_of[j], batch_size=batch_size, ids=ids, progress=update)
+                    v = encoder.encode(group, batch_size=batch_size, ids=ids, progress=update)
                     store.put(ukeys[missing[grp]], v)
                     scatter(missing[grp], v)
             if bar is not None:
@@ -337,9 +355,15 @@ _WORKER_ENCODERS: dict[tuple[Any, ...], Encoder] = {}  # per worker process: the
 
 
 def _encode_units(
-    executor: Executor, encoder: Encoder, store: EmbeddingStore, groups: list[list[str]], batch_size: int
+    executor: Executor,
+    encoder: Encoder,
+    store: EmbeddingStore,
+    texts_of: Callable[[int], list[str]],
+    n_groups: int,
+    batch_size: int,
 ) -> None:
-    """Encode each group on a worker (:func:`encode_unit`); every unit writes its shard to ``store``."""
+    """Encode each group on a worker (:func:`encode_unit`); every unit writes its shard to ``store``. Units
+    go out in waves of ``UNIT_WAVE`` per worker, so the driver holds the texts of one wave, not of all."""
     e = encoder.embedder
     threads = max(1, (os.cpu_count() or 1) // executor.workers) if executor.kind == "local" else 0
     common = {
@@ -354,8 +378,12 @@ def _encode_units(
         "threads": threads,
     }
     t0 = time.perf_counter()
-    calls = [{"unit": f"encode-{j}", "texts": g, **common} for j, g in enumerate(groups)]
-    done = executor.map(encode_unit, calls)
+    done: list[dict[str, Any]] = []
+    wave = max(1, UNIT_WAVE * executor.workers)
+    for s in range(0, n_groups, wave):
+        units = range(s, min(n_groups, s + wave))
+        calls = [{"unit": f"encode-{j}", "texts": texts_of(j), **common} for j in units]
+        done += executor.map(encode_unit, calls)
     log.info(
         "encoded %d texts in %d units on %d %s workers in %.1fs",
         sum(r["texts"] for r in done),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from typing import Any
 
@@ -42,6 +43,20 @@ def finished_chunks(root: DataRoot, work: str, n_chunks: int) -> dict[int, dict[
         else:
             log.warning("chunk %s does not match its marker; recomputing it", data_rel)
     return done
+
+
+def resume_state(
+    root: DataRoot, work: str, rows: int, chunk: int, what: str
+) -> tuple[int, dict[int, dict[str, Any]], list[int]]:
+    """A job of ``rows`` rows in chunks of ``chunk``: the number of chunks, the finished ones (markers) and
+    the pending ones; a resumed job says so in the log (``what``: e.g. ``mined finetune/faq``)."""
+    n_chunks = math.ceil(rows / chunk) if rows else 0
+    markers = finished_chunks(root, work, n_chunks)
+    pending = [i for i in range(n_chunks) if i not in markers]
+    if markers:
+        job = work.rstrip("/").rsplit("/", 1)[-1]
+        log.info("%s: resuming job %s, %d of %d chunks done", what, job, len(markers), n_chunks)
+    return n_chunks, markers, pending
 
 
 def write_chunk(

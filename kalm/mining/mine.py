@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -40,10 +39,10 @@ from kalm.core.schema import SCHEMA_VERSION, STAGES
 from kalm.core.storage import DataRoot, read_manifest, read_rows
 from kalm.data.executors import Executor, make_executor
 from kalm.mining.cache import EmbeddingStore, embed_texts
-from kalm.mining.chunks import finished_chunks, folder_result, pre_drops, publish, with_negatives, write_chunk
+from kalm.mining.chunks import folder_result, pre_drops, publish, resume_state, with_negatives, write_chunk
 from kalm.mining.config import MineConfig
 from kalm.mining.encode import Encoder, load_encoder, show_progress
-from kalm.mining.pool import Keys, Pool, build_pool, load_corpus, most_common, pool_labels
+from kalm.mining.pool import Keys, Pool, build_pool, corpus_lineage, corpus_texts, most_common, pool_labels
 from kalm.mining.report import summary
 from kalm.mining.sample import (
     ChunkCandidates,
@@ -56,6 +55,7 @@ from kalm.mining.sample import (
     sample_negatives,
 )
 from kalm.mining.search import BlockSearch, block_rows, pair_scores, search_blocks, search_sharded
+from kalm.mining.texts import Concat
 
 log = logging.getLogger(__name__)
 
@@ -183,11 +183,13 @@ class MineJob:
         picks, st = sample_negatives(cand, self.pool.keys, self.window, self.cfg, self.pool_label)
         stats = merge_stats(stats, {**st, "rows_in": 0})
         keep, negs, neg_labels = [], [], []
+        wanted = sorted({x for pick in picks if pick is not None for x in pick if x >= 0})
+        text_of = dict(zip(wanted, self.pool.texts(wanted), strict=True))  # one read of the pool file
         for j, (r, pick) in enumerate(zip(ok, picks, strict=True)):
             if pick is None:
                 continue
             keep.append(r - rows.start)
-            texts = [self.pool.texts[x] if x >= 0 else src_negs[j][-x - 1] for x in pick]
+            texts = [text_of[x] if x >= 0 else src_negs[j][-x - 1] for x in pick]
             labs = [int(self.pool_label[x]) if x >= 0 else src_labels[j][-x - 1] for x in pick]
             negs.append(texts)
             neg_labels.append([self.labels[x] if x >= 0 else "" for x in labs])
@@ -228,7 +230,8 @@ def run_mine_recipe(
     if m_in is None:
         raise KalmError(f"{root.full_uri(src)} is missing or incomplete; build the {stage} mixtures first")
     enc = encoder or load_encoder(model, root, cfg.max_seq_length, cfg.precision, cfg.devices)
-    corpus, corpus_lineage = load_corpus(root, cfg.pool) if cfg.pool.source == "corpus" else (None, None)
+    use_corpus = cfg.pool.source == "corpus"
+    corpus = corpus_lineage(root, cfg.pool) if use_corpus else None
     inputs = {
         "mixture": {
             "path": src,
@@ -236,7 +239,7 @@ def run_mine_recipe(
             "files": m_in.get("files", []),
             "rows_out": m_in.get("rows_out"),
         },
-        "corpus": corpus_lineage,
+        "corpus": corpus,
         "schema_version": SCHEMA_VERSION,
         "query_template": enc.embedder.query_template,  # None: bare queries (an un-instructed model)
     }
@@ -257,47 +260,37 @@ def run_mine_recipe(
     job_id = hash_obj(
         {"miner": enc.key, "config": cfg_hash, "inputs": input_fp, "chunk": cfg.chunk_queries}, 12
     )
-    job = _prepare(root, f"{mined_work_dir(stage, recipe)}/{job_id}", src, cfg, enc, corpus, stage, recipe)
-    n = job.table.num_rows
-    n_chunks = math.ceil(n / cfg.chunk_queries) if n else 0
-    markers = finished_chunks(root, job.work, n_chunks)
-    pending = [i for i in range(n_chunks) if i not in markers]
-    if markers:
-        log.info(
-            "mined %s/%s: resuming job %s, %d of %d chunks done",
-            stage,
-            recipe,
-            job_id,
-            len(markers),
-            n_chunks,
-        )
-
-    enc_stats: dict[str, Any] = {"texts": 0, "unique": 0, "cache_hits": 0, "encoded": 0}
-    enc_stats.update(corrupt_entries=0, corrupt_shards=0)
-    if pending and job.window is not None:
-        if store is None or not cfg.cache:
-            where = embedding_cache_dir(enc.key) if cfg.cache else f"{job.work}/embeddings"
-            store = EmbeddingStore(root, where, enc.dim)
-        own = executor is None and cfg.executor.kind != "single"
-        # vectors live in local files (memmaps): host memory holds a cache shard, a search block, a pass
-        with (
-            tempfile.TemporaryDirectory(prefix="kalm-mine-", dir=cfg.search.scratch_dir) as scratch,
-            make_executor(cfg.executor) if own else contextlib.nullcontext(executor) as ex,
-        ):
-            enc_stats = _encode(job, enc, store, pending, recipe, ex, scratch)
-            bar = _bar(len(pending), f"mine {recipe}") if show_progress() else None
-            for group in job.passes(pending):
-                job.search(group, ex)
-                for i in group:
-                    markers[i] = job.mine_chunk(i)
-                    if bar is not None:
-                        bar.update(1)
-            if bar is not None:
-                bar.close()
-            job.pool_vecs = job.q_vecs = np.zeros((0, 0), np.float32)  # the files' last references
-    elif pending:  # window is None: pool smaller than the window and small_pool: drop
-        for i in pending:
-            markers[i] = job.drop_chunk(i, "pool_smaller_than_window")
+    # the pool's texts and all vectors live in local files (a memory map each) in one scratch folder
+    # that lasts until the chunks are written: host memory holds a batch of texts, a cache shard, a
+    # search block and a pass's top-k, plus a few integers per pool text and the recipe's rows
+    with tempfile.TemporaryDirectory(prefix="kalm-mine-", dir=cfg.search.scratch_dir) as scratch:
+        work = f"{mined_work_dir(stage, recipe)}/{job_id}"
+        job = _prepare(root, work, src, cfg, enc, use_corpus, stage, recipe, scratch)
+        n = job.table.num_rows
+        n_chunks, markers, pending = resume_state(root, work, n, cfg.chunk_queries, f"mined {stage}/{recipe}")
+        enc_stats: dict[str, Any] = {"texts": 0, "unique": 0, "cache_hits": 0, "encoded": 0}
+        enc_stats.update(corrupt_entries=0, corrupt_shards=0)
+        if pending and job.window is not None:
+            if store is None or not cfg.cache:
+                where = embedding_cache_dir(enc.key) if cfg.cache else f"{job.work}/embeddings"
+                store = EmbeddingStore(root, where, enc.dim)
+            own = executor is None and cfg.executor.kind != "single"
+            with make_executor(cfg.executor) if own else contextlib.nullcontext(executor) as ex:
+                enc_stats = _encode(job, enc, store, pending, recipe, ex, scratch)
+                bar = _bar(len(pending), f"mine {recipe}") if show_progress() else None
+                for group in job.passes(pending):
+                    job.search(group, ex)
+                    for i in group:
+                        markers[i] = job.mine_chunk(i)
+                        if bar is not None:
+                            bar.update(1)
+                if bar is not None:
+                    bar.close()
+                job.pool_vecs = job.q_vecs = np.zeros((0, 0), np.float32)  # the files' last references
+        elif pending:  # window is None: pool smaller than the window and small_pool: drop
+            for i in pending:
+                markers[i] = job.drop_chunk(i, "pool_smaller_than_window")
+        pool_lineage = job.pool.lineage
 
     stats = new_stats()
     for i in range(n_chunks):
@@ -319,7 +312,7 @@ def run_mine_recipe(
         "num_negatives": cfg.num_negatives,
         "seed": cfg.seed,
         "effective": job.window.lineage() if job.window is not None else None,
-        "pool": {**job.pool.lineage, "corpus": corpus_lineage},
+        "pool": {**pool_lineage, "corpus": corpus},
         "config": cfg.model_dump(mode="json"),
         "config_hash": cfg_hash,
         "inputs": inputs,
@@ -357,11 +350,12 @@ def _prepare(
     src: str,
     cfg: MineConfig,
     enc: Encoder,
-    corpus: list[str] | None,
+    use_corpus: bool,
     stage: str,
     recipe: str,
+    scratch: str,
 ) -> MineJob:
-    """Read the mixture, build the pool and the per-row facts (cheap, pure Python over the rows)."""
+    """Read the mixture, build the pool (its texts into ``scratch``) and the per-row facts."""
     table = read_rows(root, src)
     names = ("id", "query", "pos", "neg", "instruction", "symmetric", "label", "neg_labels")
     cols = {c: table.column(c).to_pylist() for c in names}
@@ -369,16 +363,17 @@ def _prepare(
     keys = Keys()
     symmetric = bool(most_common(cols["symmetric"], False))
     doc_instruction = most_common(cols["instruction"], None) if symmetric else None
-    pool = build_pool(cols, corpus, doc_instruction, enc, keys)
-    if n and not pool.texts:
+    corpus = corpus_texts(root, cfg.pool) if use_corpus else None
+    pool = build_pool(cols, corpus, doc_instruction, enc, scratch, cfg.pool.corpus or "")
+    if n and not len(pool):
         raise KalmError(f"{src}: empty candidate pool (no non-empty positives or negatives to mine from)")
-    window = effective_window(cfg.window, cfg.top_k, len(pool.texts), cfg.small_pool) if n else None
+    window = effective_window(cfg.window, cfg.top_k, len(pool), cfg.small_pool) if n else None
     if window is not None and window.scaled:
         log.warning(
             "mined %s/%s: pool of %d texts is smaller than window %s: scaled to ranks [%d, %d), top-k %d",
             stage,
             recipe,
-            len(pool.texts),
+            len(pool),
             list(cfg.window),
             window.lo,
             window.hi,
@@ -387,8 +382,13 @@ def _prepare(
     own_pos: list[list[int]] = []
     group: dict[str, set[int]] = {}
     qnorm: list[str] = []
+    flat = [p for pos in cols["pos"] for p in pos if isinstance(p, str) and p.strip()]
+    flat_ids = pool.ids_of(flat).tolist()  # every such positive is in the pool (both pool sources add them)
+    at = 0
     for q, pos in zip(cols["query"], cols["pos"], strict=True):
-        ids = list(dict.fromkeys(pool.index[p] for p in pos if isinstance(p, str) and p.strip()))
+        k = sum(1 for p in pos if isinstance(p, str) and p.strip())
+        ids = list(dict.fromkeys(flat_ids[at : at + k]))
+        at += k
         own_pos.append(ids)
         nq = norm_key(q)
         qnorm.append(nq)
@@ -416,7 +416,7 @@ def _encode(
     (a memmap: pool rows first, then the queries)."""
     todo = [r for i in pending for r in job.rows_of(i) if job.cols["query"][r].strip() and job.own_pos[r]]
     q_texts = [enc.format_query(job.cols["query"][r], job.cols["instruction"][r]) for r in todo]
-    texts = job.pool.formatted + q_texts
+    texts = Concat([job.pool.formatted, q_texts])
     job.vectors = f"{scratch}/vectors.npy"
     out = np.lib.format.open_memmap(job.vectors, mode="w+", dtype=np.float32, shape=(len(texts), enc.dim))
     vecs, enc_stats = embed_texts(
@@ -432,8 +432,8 @@ def _encode(
     )
     out.flush()  # search workers read the file (other processes; other nodes on a shared folder)
     job.timing["encode_s"] = enc_stats["encode_s"]
-    job.pool_vecs = vecs[: len(job.pool.texts)]
-    job.q_vecs = vecs[len(job.pool.texts) :]
+    job.pool_vecs = vecs[: len(job.pool)]
+    job.q_vecs = vecs[len(job.pool) :]
     job.q_row = {r: j for j, r in enumerate(todo)}
     return enc_stats
 

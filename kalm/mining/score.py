@@ -38,7 +38,7 @@ from kalm.core.results import StageResult
 from kalm.core.schema import SCHEMA_VERSION, SCORED_SCHEMA, STAGES
 from kalm.core.storage import DataRoot, read_manifest, read_rows
 from kalm.mining.cache import EmbeddingStore, embed_texts
-from kalm.mining.chunks import finished_chunks, folder_result, publish, write_chunk
+from kalm.mining.chunks import folder_result, publish, resume_state, write_chunk
 from kalm.mining.config import ScoreConfig, TeacherSpec
 from kalm.mining.encode import Encoder, load_encoder, resolve_devices, resolve_precision
 
@@ -303,18 +303,7 @@ def run_score_recipe(
     work = f"{scored_work_dir(stage, recipe)}/{job_id}"
     table = read_rows(root, src)
     n = table.num_rows
-    n_chunks = math.ceil(n / cfg.chunk_rows) if n else 0
-    markers = finished_chunks(root, work, n_chunks)
-    pending = [i for i in range(n_chunks) if i not in markers]
-    if markers:
-        log.info(
-            "scored %s/%s: resuming job %s, %d of %d chunks done",
-            stage,
-            recipe,
-            job_id,
-            len(markers),
-            n_chunks,
-        )
+    n_chunks, markers, pending = resume_state(root, work, n, cfg.chunk_rows, f"scored {stage}/{recipe}")
     t = teacher or _teacher_for(cfg, root)  # loaded only when something is left to score
     store = None
     if t.encoder is not None:
