@@ -139,10 +139,13 @@ def test_retrain_dag_caches_and_partial_rerun(prefect_server, setup: dict[str, A
     steps = Path(first["checkpoints"]["pretrain"]).parent / "metrics.jsonl"
     assert all(json.loads(x)["loss"] > 0.05 for x in steps.read_text().splitlines())
 
+    models = [Path(first["checkpoints"]["pretrain"]), *map(Path, first["checkpoints"]["finetune"]), soup_dir]
+    written = {f: f.stat().st_mtime_ns for m in models for f in m.rglob("*") if f.is_file()}
     again = run()
     assert all(again["cache_hits"].values()), again["cache_hits"]
     assert again["checkpoints"] == first["checkpoints"]
-    assert again["seconds"] < 0.5 * first["seconds"], (again["timings_s"], first["timings_s"])
+    # a cached run trains, merges and writes nothing (no timing: the machine may be busy)
+    assert {f: f.stat().st_mtime_ns for f in written} == written
 
     # one recipe grows: it is re-ingested; pre-training (other stage) stays cached; its negatives are re-mined
     # and fine-tuning, soup and scores recompute

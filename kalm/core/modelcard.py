@@ -25,7 +25,11 @@ _LOSS_KEYS = ("dims", "weights", "alpha", "teacher_temperature", "student_temper
 
 
 def write_card(folder: Path, text: str) -> None:
-    """Write ``folder/README.md`` (temp name + rename: never half a card)."""
+    """Write ``folder/README.md`` (temp name + rename: never half a card); an unchanged card is left alone,
+    so a cached pipeline run writes nothing into a finished model."""
+    card = folder / CARD
+    if card.is_file() and card.read_text(encoding="utf-8") == text:
+        return
     tmp = folder / f".{CARD}.tmp"
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(folder / CARD)
@@ -250,14 +254,14 @@ def with_scores(card: str, rows: list[dict[str, Any]], baseline: list[dict[str, 
             b = base.get(r["task"])
             line += f" {100 * b:.2f} | {100 * (r['main_score'] - b):+.2f} |" if b is not None else " | |"
         lines.append(line)
-    lines += [
-        "",
-        f"Dimension {full}; scores x100 (mteb main scores), written by the pipeline's eval stage.",
-        "",
-    ]
+    lines += ["", f"Dimension {full}; scores x100 (mteb main scores), written by the pipeline's eval stage."]
     section = "\n".join(lines)
+    # one form whether the section is new or replaced (a blank line before the next heading, one newline
+    # at the end), so the same scores give the same card: a cached run rewrites nothing
     pattern = re.compile(rf"{re.escape(SCORES_HEADING)}\n.*?(?=\n## |\Z)", re.S)
     if pattern.search(card):
-        return pattern.sub(section.rstrip("\n"), card, count=1).rstrip() + "\n"
-    head_, sep, tail = card.partition("## Lineage")
-    return head_ + section + "\n" + sep + tail
+        out = pattern.sub(lambda _: section + "\n", card, count=1)
+    else:
+        head_, sep, tail = card.partition("## Lineage")
+        out = head_.rstrip("\n") + "\n\n" + section + ("\n\n" + sep + tail if sep else "")
+    return out.rstrip() + "\n"
