@@ -378,6 +378,19 @@ def test_ivf_index_and_corpus_pool(root: DataRoot, enc: Encoder) -> None:
     assert all(set(r["neg"]) <= allowed for r in mined(root))
     with pytest.raises(KalmError, match="pool corpus not found"):
         mine(root, enc, MineConfig(pool={"source": "corpus", "corpus": "corpora/missing.jsonl"}))
+    # a bad corpus is one line naming the file (and the line), not a traceback
+    root.write_bytes("corpora/bad.jsonl", b'{"text": "fine"}\n{"text": oops}\n')
+    root.write_bytes("corpora/blank.jsonl", b'{"text": "  "}\n{"other": "x"}\n')
+    root.write_bytes("corpora/latin1.jsonl", '{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    root.write_bytes("corpora/notes.txt", b"a text\n")
+    for name, error in [
+        ("bad.jsonl", "line 2 is not JSON"),
+        ("blank.jsonl", "no non-empty texts"),
+        ("latin1.jsonl", "line 1 is not JSON"),
+        ("notes.txt", "use a .parquet or .jsonl file"),
+    ]:
+        with pytest.raises(KalmError, match=error):
+            mine(root, enc, MineConfig(**SMALL, pool={"source": "corpus", "corpus": f"corpora/{name}"}))
 
 
 def test_pool_texts_are_streamed_to_a_file_not_held(

@@ -364,7 +364,8 @@ def _prepare(
     symmetric = bool(most_common(cols["symmetric"], False))
     doc_instruction = most_common(cols["instruction"], None) if symmetric else None
     corpus = corpus_texts(root, cfg.pool) if use_corpus else None
-    pool = build_pool(cols, corpus, doc_instruction, enc, scratch, cfg.pool.corpus or "")
+    name = f"{cfg.pool.corpus} (field {cfg.pool.text_field!r})"
+    pool = build_pool(cols, corpus, doc_instruction, enc, scratch, name)
     if n and not len(pool):
         raise KalmError(f"{src}: empty candidate pool (no non-empty positives or negatives to mine from)")
     window = effective_window(cfg.window, cfg.top_k, len(pool), cfg.small_pool) if n else None
