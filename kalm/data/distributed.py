@@ -114,7 +114,7 @@ def run_stage_distributed(
             root.uri,
         )
     cfg_json = cfg.model_dump(mode="json")
-    todo: list[SignedRecipe] = []
+    signed: list[SignedRecipe] = []
     if len(recipes) > MAX_RECIPES:
         raise KalmError(
             f"stage {stage}: {len(recipes)} recipes, the partitioned engine takes at most {MAX_RECIPES}"
@@ -143,11 +143,11 @@ def run_stage_distributed(
             root.delete_dir(d)
         else:
             sweep_tmp(root, d)
-        todo.append(SignedRecipe(lr, rank, d, fp, parts, {}))
+        signed.append(SignedRecipe(lr, rank, d, fp, parts, {}))
     # 1. sign
     calls: list[dict[str, Any]] = []
     owners: list[SignedRecipe] = []
-    for r in todo:
+    for r in signed:
         for p in r.parts:
             if (m := done(root, r.dir, p.label)) is not None:
                 r.markers[p.index] = m
@@ -163,18 +163,18 @@ def run_stage_distributed(
                     }
                 )
                 owners.append(r)
-    cached_sign = {r.lr.name: len(r.markers) == len(r.parts) for r in todo}
+    cached_sign = {r.lr.name: len(r.markers) == len(r.parts) for r in signed}
     for r, res in zip(owners, _run_settled(executor, sign_unit, calls, "sign", peaks), strict=True):
         if isinstance(res, KalmError):
             failed.setdefault(r.lr.name, res)
         else:
             r.markers[Partition(**res["partition"]).index] = res
-    todo = [r for r in todo if r.lr.name not in failed]
-    for r in todo:  # older fingerprints of this recipe: a changed source or config, never read again
+    signed = [r for r in signed if r.lr.name not in failed]
+    for r in signed:  # older fingerprints of this recipe: a changed source or config, never read again
         for old in root.list_all_dirs(f"{wr}/sign/{r.lr.name}"):
             if old != r.fp:
                 root.delete_dir(f"{wr}/sign/{r.lr.name}/{old}")
-    ingested = [ingest_result(root, r, cached_sign[r.lr.name]) for r in todo]
+    ingested = [ingest_result(root, r, cached_sign[r.lr.name]) for r in signed]
     # 2. the eval index: configured eval texts, eval tasks, and every recipe's held-out rows
     index = None
     if cfg.decontamination.enabled:
@@ -186,7 +186,7 @@ def run_stage_distributed(
             [],
         ) + list(eval_texts)
         if cfg.decontamination.include_holdouts:
-            texts += holdout_texts(root, todo)
+            texts += holdout_texts(root, signed)
         mp = near_params(cfg)
         index = EvalIndex.build(
             texts,
@@ -199,7 +199,7 @@ def run_stage_distributed(
             # must not reuse a reduce (or a published mixture) of the old rows
             "sign": [
                 (r.lr.name, r.fp, [digest_of(f) for m in r.markers.values() for f in m["files"]])
-                for r in todo
+                for r in signed
             ],
             "near": cfg.near_dedup.model_dump(),
             "eval": index.fingerprint if index else None,
@@ -210,7 +210,7 @@ def run_stage_distributed(
     for d in root.list_all_dirs(f"{wr}/reduce"):  # a killed run's reduce for other inputs: never resumed
         if d != red_fp:
             root.delete_dir(f"{wr}/reduce/{d}")
-    if not force and (same := unchanged_stage(root, stage, todo, red_fp)) is not None:
+    if not force and (same := unchanged_stage(root, stage, signed, red_fp)) is not None:
         log.info("stage %s: every recipe's partitions and the eval index unchanged, mixtures kept", stage)
         if not cfg.keep_intermediates:
             root.delete_dir(red)  # left by a run killed after it published
@@ -220,13 +220,13 @@ def run_stage_distributed(
         root.delete_dir(red)
 
     # 3. exact, 4. bands, 5. verify, 6. cluster: units over ranges of hash slots, as many as the rows need
-    total = sum(m["rows"] for r in todo for m in r.markers.values())
+    total = sum(m["rows"] for r in signed for m in r.markers.values())
     n_red = min(SLOTS, max(1, -(-total // cfg.reduce_unit_rows)))
     ranges = [(u * SLOTS // n_red, (u + 1) * SLOTS // n_red) for u in range(n_red)]
 
     def sources(name: str) -> list[tuple[dict[str, Any], int]]:
         """One sign file of every partition, in (recipe, partition) order: the keys come out sorted."""
-        refs = [(sign_file(r, i, name), r.rank) for r in todo for i in sorted(r.markers)]
+        refs = [(sign_file(r, i, name), r.rank) for r in signed for i in sorted(r.markers)]
         return [(ref, rank) for ref, rank in refs if ref is not None]
 
     def call(unit: str, **extra: Any) -> dict[str, Any]:
@@ -256,7 +256,7 @@ def run_stage_distributed(
         bu = _units(executor, root, red, bands_unit, bc, "bands", peaks)
         stats["candidate_edges"] = sum(m["edges"] for m in bu)
         stats["largest_bucket"] = max((m["largest_bucket"] for m in bu), default=0)
-        sig_of = {_gp(r.rank, i): sign_file(r, i, "sig.arrow") for r in todo for i in r.markers}
+        sig_of = {_gp(r.rank, i): sign_file(r, i, "sig.arrow") for r in signed for i in r.markers}
         common = {"root_uri": root.uri, "out": red, "num_perm": mp.num_perm}
         v1 = _units(
             executor,
@@ -298,7 +298,7 @@ def run_stage_distributed(
     exact_by = _route(red, ex, "exact/")
     # 7. apply
     calls = []
-    for r in todo:
+    for r in signed:
         for i in sorted(r.markers):
             g = _gp(r.rank, i)
             calls.append(
@@ -318,7 +318,7 @@ def run_stage_distributed(
     # 8. publish
     mixtures: list[StageResult] = []
     k = 0
-    for r in todo:
+    for r in signed:
         mine = applied[k : k + len(r.markers)]
         k += len(r.markers)
         if (pub := publish_recipe(root, stage, r, red, mine, red_fp, force)) is not None:
@@ -404,7 +404,7 @@ def _units(
 ) -> list[dict[str, Any]]:
     """Run the units without a valid marker; return every unit's marker in call order."""
     res: list[dict[str, Any] | None] = [done(root, d, c["unit"]) for c in calls]
-    todo = [i for i, m in enumerate(res) if m is None]
-    for i, m in zip(todo, _run(executor, fn, [calls[i] for i in todo], what, peaks), strict=True):
+    signed = [i for i, m in enumerate(res) if m is None]
+    for i, m in zip(signed, _run(executor, fn, [calls[i] for i in signed], what, peaks), strict=True):
         res[i] = m
     return [m for m in res if m is not None]

@@ -105,12 +105,12 @@ class LocalExecutor(Executor):
             return [_settle(fn, kw) for kw in calls]
         results: dict[int, Result | KalmError] = {}
         for attempt in range(self.retries + 1):
-            todo = [i for i in range(len(calls)) if i not in results]
-            if not todo:
+            left = [i for i in range(len(calls)) if i not in results]
+            if not left:
                 break
             pool = self._fresh_pool()
             futs: dict[Future[Result | KalmError], int] = {
-                pool.submit(_settle, fn, calls[i]): i for i in todo
+                pool.submit(_settle, fn, calls[i]): i for i in left
             }
             wait(futs)
             broken = 0

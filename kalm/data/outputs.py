@@ -37,7 +37,7 @@ def sweep_tmp(root: DataRoot, d: str) -> None:
 
 
 def unchanged_stage(
-    root: DataRoot, stage: str, todo: list[SignedRecipe], red_fp: str
+    root: DataRoot, stage: str, signed: list[SignedRecipe], red_fp: str
 ) -> list[StageResult] | None:
     """The published mixtures, when the last run of this stage reduced exactly these inputs and every
     mixture it published is still there, intact; else None."""
@@ -48,7 +48,7 @@ def unchanged_stage(
     if rep.get("reduce_fingerprint") != red_fp:
         return None
     out = []
-    for r in todo:
+    for r in signed:
         if r.lr.name not in rep.get("recipes", {}):
             continue  # left out (0 rows) by that run
         d = mixture_dir(stage, r.lr.name)
@@ -71,9 +71,9 @@ def unchanged_stage(
     return out
 
 
-def holdout_texts(root: DataRoot, todo: list[SignedRecipe]) -> list[str]:
+def holdout_texts(root: DataRoot, signed: list[SignedRecipe]) -> list[str]:
     texts: list[str] = []
-    for r in todo:
+    for r in signed:
         for t in holdouts(root, r):
             texts += t.column("query").to_pylist() + [p[0] for p in t.column("pos").to_pylist() if p]
     return texts

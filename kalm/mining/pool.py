@@ -4,7 +4,7 @@ recipe's positives) and the text keys that tell equal texts apart after normalis
 The pool's texts are streamed into a local Arrow file (:class:`kalm.mining.texts.TextFile`, read through a
 memory map) as they are read; what stays in memory per pool text is a few integers (a 16-byte content
 hash, its pool id and a 63-bit key of the normalised text), not the text. Equal texts are found by their
-xxh3-128 hash (a collision among 10^12 texts has odds ~10^-15); equal normalised texts by a 63-bit key
+xxh3-128 hash (the embedding cache's BLAKE2b-128 text key); equal normalised texts by a 63-bit key
 (used only to exclude candidates equal to a positive or the query: a collision would exclude one more
 candidate, never admit a wrong one).
 
@@ -29,6 +29,7 @@ import xxhash
 
 from kalm.core.errors import KalmError
 from kalm.core.storage import DataRoot
+from kalm.mining.cache import KEY_BYTES, text_key
 from kalm.mining.config import PoolSpec
 from kalm.mining.encode import Encoder
 from kalm.mining.sample import norm_key
@@ -41,11 +42,6 @@ READ_BLOCK = 1 << 23  # bytes per read of a corpus file
 def norm_hash(text: str) -> int:
     """63-bit key of the normalised text (:func:`kalm.mining.sample.norm_key`)."""
     return xxhash.xxh3_64_intdigest(norm_key(text).encode("utf-8", "surrogatepass")) & KEY_MASK
-
-
-def text_hash(text: str) -> bytes:
-    """16-byte content hash of the exact text."""
-    return xxhash.xxh3_128_digest(text.encode("utf-8", "surrogatepass"))
 
 
 class Keys:
@@ -82,31 +78,22 @@ class Pool:
         """The pool texts with these ids, in that order."""
         return self.file.take(self.rows[np.asarray(ids, dtype=np.int64)])
 
+    take = texts  # a pool is a LazyTexts column of its texts, by pool id
+
     @property
     def formatted(self) -> Mapped:
         """What the model sees for each pool text (documents of a symmetric task get the instruction)."""
         ins, enc = self.doc_instruction, self.enc
         fmt = (lambda t: enc.format_query(t, ins)) if ins and enc is not None else (lambda t: t)
-        return Mapped(_ById(self), fmt)
+        return Mapped(self, fmt)
 
     def ids_of(self, texts: list[str]) -> np.ndarray:
         """Pool id of each text (-1: not in the pool)."""
         if not texts or not len(self.hashes):
             return np.full(len(texts), -1, dtype=np.int64)
-        h = np.array([text_hash(t) for t in texts], dtype="S16")
+        h = np.array([text_key(t) for t in texts], dtype=f"S{KEY_BYTES}")
         at = np.minimum(np.searchsorted(self.hashes, h), len(self.hashes) - 1)
         return np.where(self.hashes[at] == h, self.hash_ids[at], -1).astype(np.int64)
-
-
-class _ById:
-    def __init__(self, pool: Pool) -> None:
-        self.pool = pool
-
-    def __len__(self) -> int:
-        return len(self.pool)
-
-    def take(self, rows: np.ndarray) -> list[str]:
-        return self.pool.texts(rows)
 
 
 def _corpus_path(root: DataRoot, spec: PoolSpec) -> tuple[pafs.FileSystem, str]:
@@ -200,7 +187,7 @@ def build_pool(
         batch = [t for t in batch if isinstance(t, str) and t.strip()]
         if batch:
             file.append(batch)
-            hashes.append(np.array([text_hash(t) for t in batch], dtype="S16"))
+            hashes.append(np.array([text_key(t) for t in batch], dtype=f"S{KEY_BYTES}"))
             keys.append(Keys().many(batch))
 
     def from_rows(kinds: tuple[str, ...]) -> Iterator[list[str]]:
@@ -224,7 +211,7 @@ def build_pool(
         for batch in from_rows(("pos", "neg")):
             add(batch)
     file.close()
-    all_hashes = np.concatenate(hashes) if hashes else np.zeros(0, dtype="S16")
+    all_hashes = np.concatenate(hashes) if hashes else np.zeros(0, dtype=f"S{KEY_BYTES}")
     uniq, first = np.unique(all_hashes, return_index=True)
     order = np.argsort(first, kind="stable")  # pool ids in first-seen order
     ids = np.empty(len(uniq), dtype=np.int64)
@@ -259,8 +246,9 @@ def pool_labels(cols: dict[str, list[Any]], pool: Pool) -> tuple[list[str], np.n
     labs: list[int] = []
     for r, (pos, neg) in enumerate(zip(cols["pos"], cols["neg"], strict=True)):
         if row_label[r] >= 0:
-            texts += [t for t in pos if isinstance(t, str)]
-            labs += [int(row_label[r])] * sum(isinstance(t, str) for t in pos)
+            strs = [t for t in pos if isinstance(t, str)]
+            texts += strs
+            labs += [int(row_label[r])] * len(strs)
         nl = cols["neg_labels"][r] or []
         for t, lab in zip(neg, nl if len(nl) == len(neg) else [], strict=False):
             if lab in index and isinstance(t, str):

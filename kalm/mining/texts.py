@@ -33,7 +33,7 @@ class LazyTexts(Protocol):
 
 def take(texts: Sequence[str] | LazyTexts, rows: np.ndarray | Sequence[int]) -> list[str]:
     """``[texts[i] for i in rows]`` for a list or a :class:`LazyTexts`."""
-    if isinstance(texts, LazyTexts) and not isinstance(texts, list):
+    if isinstance(texts, LazyTexts):
         return texts.take(np.asarray(rows, dtype=np.int64))
     return [texts[int(i)] for i in rows]
 
