@@ -35,8 +35,11 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# two xdist workers; the grouping and the longest-first order are in tests/conftest.py
+TEST_WORKERS ?= 2
+
 test: lint $(RAY_STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 demo: venv
 	$(BIN)/kalm demo

@@ -173,3 +173,32 @@ def evaluated(tiny_eval_specs: list[Any], tmp_path_factory: pytest.TempPathFacto
     root = tmp_path_factory.mktemp("data_root")
     res = run_eval(minilm(), [], tiny_eval_specs, dims=[128], data_root=str(root))
     return {"res": res, "root": root, "specs": tiny_eval_specs}
+
+
+# `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup --no-loadscope-reorder`).
+# A work unit is one test, except for the modules below, which travel whole to one worker:
+# - RAY: their tests start Ray clusters, and two Ray heads on one machine would race for Ray's fixed
+#   default ports (client server, dashboard agent);
+# - WHOLE: a module-scoped fixture there is costly (a Prefect or S3 server, a real eval or mining run) and
+#   would otherwise be built once per worker.
+# Units go out in collection order, which this hook sorts longest first (tests marked `slow`, then the
+# grouped modules), so the two workers finish at about the same time.
+RAY = {"test_partitioned", "test_search_blocks"}
+WHOLE = {"test_server", "test_flows_data", "test_s3", "test_eval", "test_score", "test_soup"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        module = item.path.stem
+        if module in RAY or module in WHOLE:
+            return 1
+        return 0 if item.get_closest_marker("slow") else 2
+
+    for item in items:
+        module = item.path.stem
+        if module in RAY:
+            item.add_marker(pytest.mark.xdist_group("ray"))
+        elif module in WHOLE:
+            item.add_marker(pytest.mark.xdist_group(module))
+    items.sort(key=rank)  # stable: the order inside each rank is pytest's own

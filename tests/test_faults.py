@@ -269,6 +269,7 @@ def test_spill_folders_of_killed_ingests_are_removed(recipe_dir, tmp_path: Path)
                 d.rmdir()
 
 
+@pytest.mark.slow
 def test_data_run_all_with_a_failing_recipe_exits_non_zero_naming_it(recipe_dir, tmp_path: Path) -> None:
     """Through the CLI and the Prefect flow: the good recipes' shards and mixtures are built, the command
     fails with one line naming the failed recipe, no traceback."""

@@ -605,6 +605,7 @@ def test_tiled_topk_is_exact_and_shards_merge_exactly() -> None:
     assert (got_ids == want.indices.numpy()).all() and np.allclose(got_scores, want.values.numpy())
 
 
+@pytest.mark.slow
 def test_encoding_scaled_out_on_worker_processes_gives_the_same_vectors_and_negatives(
     tmp_path: Path,
 ) -> None:

@@ -91,6 +91,7 @@ def setup(tmp_path: Path, recipe_dir) -> dict[str, Any]:
     return {"config": str(pipe), "root": str(tmp_path / "data"), "recipes": folder}
 
 
+@pytest.mark.slow
 def test_retrain_dag_caches_and_partial_rerun(prefect_server, setup: dict[str, Any]) -> None:
     from kalm.orchestration.flows import retrain_flow
 

@@ -254,6 +254,7 @@ def test_two_process_zero(tmp_path: Path, tiny_model: Path, data_root: str, zero
     assert emb.shape == (1, 32)
 
 
+@pytest.mark.slow
 def test_resume_skips_a_checkpoint_cut_short_by_a_kill(
     tmp_path: Path, tiny_model: Path, data_root: str
 ) -> None:
@@ -326,6 +327,7 @@ def test_planted_checkpoint_is_refused_and_never_runs(
     assert not sentinel.exists()
 
 
+@pytest.mark.slow
 def test_exact_resume_after_kill(tmp_path: Path, tiny_model: Path, data_root: str) -> None:
     full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
     full_dir.mkdir()
@@ -402,6 +404,7 @@ def test_exact_resume_after_kill(tmp_path: Path, tiny_model: Path, data_root: st
     assert not (full_dir / "run" / ".previous").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero,nproc", [(1, 1), (2, 2)])
 def test_gradcache_job_equals_the_full_batch_job(
     tmp_path: Path, tiny_model: Path, data_root: str, zero: int, nproc: int
