@@ -39,7 +39,7 @@ lint: venv
 TEST_WORKERS ?= 2
 
 test: lint $(RAY_STAMP)
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=15
 
 demo: venv
 	$(BIN)/kalm demo
