@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -213,3 +215,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         elif module in WHOLE:
             item.add_marker(pytest.mark.xdist_group(module))
     items.sort(key=rank)  # stable: the order inside each rank is pytest's own
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop Prefect's temporary API server (started by a test that ran a flow with no server set) before
+    the process exits. Its own exit hook would log "Stopping temporary server" through a console handler
+    that still holds an earlier test's closed capture stream: a "Logging error" traceback in the output."""
+    server = sys.modules.get("prefect.server.api.server")
+    if server is None:
+        return
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=5)  # the runs' last log lines reach the API before it stops
+    prefect_log = logging.getLogger("prefect")
+    was, prefect_log.disabled = prefect_log.disabled, True
+    try:
+        for instance in list(getattr(server.SubprocessASGIServer, "_instances", {}).values()):
+            instance.stop()
+    finally:
+        prefect_log.disabled = was
