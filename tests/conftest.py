@@ -23,6 +23,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.pop("KALM_RECIPES_PATH", None)
+os.environ.pop("KALM_DATA_ROOT", None)
 # each test process (one per xdist worker) gets its own Prefect home, so an ephemeral Prefect API's SQLite
 # database is never shared by two workers and tests never write to the user's ~/.prefect
 # (a child process that imports this module keeps its parent's)
@@ -31,7 +32,6 @@ if not os.environ.get("PREFECT_HOME", "").startswith(_HOMES):
     _home = tempfile.mkdtemp(prefix=f"kalm-tests-prefect-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-")
     os.environ["PREFECT_HOME"] = _home
     atexit.register(shutil.rmtree, _home, True)
-os.environ.pop("KALM_DATA_ROOT", None)
 
 FAQ_YAML = """\
 name: {name}
