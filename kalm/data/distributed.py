@@ -404,7 +404,7 @@ def _units(
 ) -> list[dict[str, Any]]:
     """Run the units without a valid marker; return every unit's marker in call order."""
     res: list[dict[str, Any] | None] = [done(root, d, c["unit"]) for c in calls]
-    signed = [i for i, m in enumerate(res) if m is None]
-    for i, m in zip(signed, _run(executor, fn, [calls[i] for i in signed], what, peaks), strict=True):
+    left = [i for i, m in enumerate(res) if m is None]
+    for i, m in zip(left, _run(executor, fn, [calls[i] for i in left], what, peaks), strict=True):
         res[i] = m
     return [m for m in res if m is not None]

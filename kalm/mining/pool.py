@@ -3,10 +3,10 @@ recipe's positives) and the text keys that tell equal texts apart after normalis
 
 The pool's texts are streamed into a local Arrow file (:class:`kalm.mining.texts.TextFile`, read through a
 memory map) as they are read; what stays in memory per pool text is a few integers (a 16-byte content
-hash, its pool id and a 63-bit key of the normalised text), not the text. Equal texts are found by their
-xxh3-128 hash (the embedding cache's BLAKE2b-128 text key); equal normalised texts by a 63-bit key
-(used only to exclude candidates equal to a positive or the query: a collision would exclude one more
-candidate, never admit a wrong one).
+key, its pool id and a 63-bit key of the normalised text), not the text. Equal texts are found by the
+content key, the embedding cache's own (:func:`kalm.mining.cache.text_key`); equal normalised texts by the
+63-bit key (used only to exclude candidates equal to a positive or the query: a collision would exclude
+one more candidate, never admit a wrong one).
 
 >>> keys = Keys(); keys("Hello  World") == keys("hello world")
 True
